@@ -1,0 +1,31 @@
+# `make test` and `make venv` work on a fresh machine with python3.11.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test lint docs clean
+
+venv: $(STAMP)
+
+# torch first, so that pip takes the CPU wheel that lies on the machine instead of a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+test: venv
+	$(BIN)/ruff check .
+	$(BIN)/pytest -q
+
+lint: venv
+	$(BIN)/ruff check .
+
+# Regenerate the configuration reference embedded in README.md.
+docs: venv
+	$(BIN)/python -m slime_wf.config --write-readme README.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,54 @@
+"""The `slime-wf` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from slime_wf.config import CampaignConfig, ConfigError, config_reference_markdown
+
+
+def _check_config(ns: argparse.Namespace) -> int:
+    cfg = CampaignConfig.from_yaml(ns.config, ns.set)
+    print(cfg.to_yaml(), end="")
+    print(f"# config hash {cfg.config_hash()}", file=sys.stderr)
+    return 0
+
+
+def _config_reference(ns: argparse.Namespace) -> int:
+    if ns.json_schema:
+        print(json.dumps(CampaignConfig.model_json_schema(), indent=1))
+    else:
+        print(config_reference_markdown())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slime-wf", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("check-config", help="validate a campaign config and print it with every default filled in")
+    p.add_argument("--config", required=True, help="campaign YAML file (local or s3://)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
+    )
+    p.set_defaults(func=_check_config)
+
+    p = sub.add_parser("config-reference", help="print the configuration reference (markdown)")
+    p.add_argument("--json-schema", action="store_true", help="print the JSON schema instead")
+    p.set_defaults(func=_config_reference)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.func(ns)
+    except ConfigError as err:
+        print(f"slime-wf: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

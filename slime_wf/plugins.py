@@ -1,0 +1,94 @@
+"""Loading user functions by dotted path (`pkg.mod.func` or `pkg.mod:func`).
+
+Reward functions, filters, buffer filters and generate functions are plugins with small,
+stable signatures (slime's). A wrong path fails at load time with an error that names the
+path and says why, instead of deep inside a rollout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+
+class PluginError(ImportError):
+    """A plugin path that cannot be loaded or called as required."""
+
+
+def _import_module(path: str, module_name: str) -> Any:
+    try:
+        return importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        # Only "this module does not exist" is a path error; a module that exists but fails to
+        # import one of its own dependencies is reported as such.
+        if err.name is not None and (module_name == err.name or module_name.startswith(err.name + ".")):
+            raise PluginError(f"plugin {path!r}: module {module_name!r} not found ({err})") from err
+        raise PluginError(f"plugin {path!r}: importing module {module_name!r} failed: {err}") from err
+    except Exception as err:
+        raise PluginError(
+            f"plugin {path!r}: importing module {module_name!r} raised {type(err).__name__}: {err}"
+        ) from err
+
+
+def _resolve(path: str) -> Any:
+    if not isinstance(path, str) or not path.strip():
+        raise PluginError(f"plugin path must be a non-empty string like 'pkg.mod.func', got {path!r}")
+    path = path.strip()
+    if ":" in path:
+        module_name, _, attr_path = path.partition(":")
+        if not module_name or not attr_path:
+            raise PluginError(f"plugin {path!r}: expected 'pkg.mod:func'")
+        obj = _import_module(path, module_name)
+        attrs = attr_path.split(".")
+    else:
+        parts = path.split(".")
+        if len(parts) < 2:
+            raise PluginError(f"plugin {path!r}: expected a dotted path 'pkg.mod.func' or 'pkg.mod:func'")
+        # Import the longest prefix that is a module; the rest are attributes.
+        obj, attrs, deepest_missing = None, [], None
+        for cut in range(len(parts) - 1, 0, -1):
+            module_name = ".".join(parts[:cut])
+            try:
+                obj = _import_module(path, module_name)
+            except PluginError as err:
+                if "not found" in str(err) and cut > 1:
+                    deepest_missing = deepest_missing or err
+                    continue
+                raise
+            attrs = parts[cut:]
+            break
+    for i, attr in enumerate(attrs):
+        try:
+            obj = getattr(obj, attr)
+        except AttributeError:
+            if i == 0 and ":" not in path and deepest_missing is not None:
+                raise deepest_missing from None
+            owner = path.replace(":", ".").rsplit(".", len(attrs) - i)[0]
+            raise PluginError(f"plugin {path!r}: {owner!r} has no attribute {attr!r}") from None
+    return obj
+
+
+def load_function(path: str, *, num_positional: int | None = None, kind: str = "plugin") -> Callable[..., Any]:
+    """Import and return the callable at `path`.
+
+    `num_positional`, when given, is how many positional arguments the caller passes; a function
+    that cannot accept them is rejected here with its actual signature in the message.
+    """
+    obj = _resolve(path)
+    if not callable(obj):
+        raise PluginError(f"{kind} {path!r} is a {type(obj).__name__}, not a callable")
+    if num_positional is not None:
+        try:
+            sig = inspect.signature(obj)
+        except (TypeError, ValueError):
+            return obj  # builtins without a signature: nothing to check
+        try:
+            sig.bind(*([None] * num_positional))
+        except TypeError as err:
+            raise PluginError(
+                f"{kind} {path!r} has the wrong signature {obj.__name__}{sig}: it is called with "
+                f"{num_positional} positional argument(s) ({err})"
+            ) from None
+    return obj

@@ -1,0 +1,132 @@
+"""Samples and the batch types passed between rollout and training.
+
+`Sample` keeps slime's field names and `Sample.Status` values so that a slime user's
+plugins (reward functions, filters, generate functions) work unchanged. Unlike slime,
+samples are persisted as JSON, never pickled: `to_dict` / `from_dict` round-trip
+losslessly through `json.dumps` / `json.loads`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass, field, fields
+from enum import Enum
+from typing import Any
+
+
+class RewardKeyError(KeyError):
+    """A dict reward has no entry for the configured `reward_key`."""
+
+
+@dataclass
+class Sample:
+    """One prompt/response pair, as it moves from the data source to the trainer."""
+
+    group_index: int | None = None
+    index: int | None = None
+    prompt: str | list[dict[str, Any]] = ""
+    tokens: list[int] = field(default_factory=list)
+    response: str = ""
+    response_length: int = 0
+    label: Any = None
+    reward: float | dict[str, Any] | None = None
+    loss_mask: list[int] | None = None
+    rollout_log_probs: list[float] | None = None
+    weight_versions: list[str] = field(default_factory=list)
+
+    class Status(Enum):
+        PENDING = "pending"
+        COMPLETED = "completed"
+        TRUNCATED = "truncated"
+        ABORTED = "aborted"
+        # Recoverable failure (a request that timed out twice, a tool error): the sample may hold
+        # partial output and is accounted for rather than silently lost.
+        FAILED = "failed"
+
+    status: Status = Status.PENDING
+    metadata: dict[str, Any] = field(default_factory=dict)
+    remove_sample: bool = False
+    custom_rm_path: str | None = None
+    generate_function_path: str | None = None
+    train_metadata: dict[str, Any] | None = None
+
+    # ---- serialization -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serializable dict; `Sample.from_dict` inverts it exactly."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["status"] = self.status.value
+        return copy.deepcopy(out)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Sample:
+        data = dict(data)
+        status = data.pop("status", cls.Status.PENDING.value)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Sample.from_dict: unknown field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            status = cls.Status(status)
+        except ValueError:
+            allowed = [s.value for s in cls.Status]
+            raise ValueError(f"Sample.from_dict: status {status!r} is not one of {allowed}") from None
+        return cls(status=status, **copy.deepcopy(data))
+
+    def to_json(self) -> str:
+        try:
+            return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=True)
+        except TypeError as err:
+            raise TypeError(
+                f"sample group_index={self.group_index} index={self.index} cannot be stored as JSON: {err}. "
+                "Keep metadata, label and reward to JSON types (str, int, float, bool, None, list, dict)."
+            ) from err
+
+    @classmethod
+    def from_json(cls, text: str) -> Sample:
+        return cls.from_dict(json.loads(text))
+
+    # ---- slime's helpers -----------------------------------------------------------------
+
+    def get_reward_value(self, args: Any) -> float:
+        """The scalar reward: the whole reward, or `reward[args.reward_key]` when a key is set."""
+        reward_key = getattr(args, "reward_key", None)
+        if not reward_key:
+            if isinstance(self.reward, dict):
+                raise RewardKeyError(
+                    f"sample index={self.index} has a dict reward with keys {sorted(self.reward)}; "
+                    "set reward_key to the entry to train on (for rm_type dapo: reward_key=score)"
+                )
+            return self.reward
+        if not isinstance(self.reward, dict) or reward_key not in self.reward:
+            have = sorted(self.reward) if isinstance(self.reward, dict) else type(self.reward).__name__
+            raise RewardKeyError(
+                f"sample index={self.index}: reward_key={reward_key!r} not found in its reward ({have})"
+            )
+        return self.reward[reward_key]
+
+    @property
+    def effective_response_length(self) -> int:
+        """Tokens that count for the loss: masked tokens (e.g. off-policy partial-rollout ones) do not."""
+        return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
+
+    def update_from_meta_info(self, meta_info: dict[str, Any]) -> None:
+        """Record the weight version and finish status reported by an SGLang-API engine."""
+        if "weight_version" in meta_info:
+            self.weight_versions.append(str(meta_info["weight_version"]))
+        finish_type = (meta_info.get("finish_reason") or {}).get("type")
+        status = {
+            "length": Sample.Status.TRUNCATED,
+            "abort": Sample.Status.ABORTED,
+            "stop": Sample.Status.COMPLETED,
+        }.get(finish_type)
+        if status is not None:
+            self.status = status
+
+    def clone(self) -> Sample:
+        return copy.deepcopy(self)
+
+
+Group = list[Sample]
+"""The `n_samples_per_prompt` samples generated from one prompt (one GRPO group)."""
