@@ -6,7 +6,9 @@ import argparse
 import json
 import sys
 
+from slime_wf.checkpoint import commands as checkpoint_commands
 from slime_wf.config import CampaignConfig, ConfigError, config_reference_markdown
+from slime_wf.training import hf_parity
 
 
 def _check_config(ns: argparse.Namespace) -> int:
@@ -38,6 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     p.add_argument("--json-schema", action="store_true", help="print the JSON schema instead")
     p.set_defaults(func=_config_reference)
+
+    p = sub.add_parser("hf-parity", help="check the Megatron model against transformers on an HF checkpoint")
+    hf_parity.add_arguments(p)
+    p.set_defaults(func=hf_parity.main)
+
+    p = sub.add_parser("download", help="resolve a checkpoint (local, s3://, hub repo id) to a local folder")
+    checkpoint_commands.add_download_arguments(p)
+    p.set_defaults(func=checkpoint_commands.download)
+
+    p = sub.add_parser("convert-fp8", help="convert a BF16 Hugging Face checkpoint to FP8 (block / channel / tensor)")
+    checkpoint_commands.add_convert_fp8_arguments(p)
+    p.set_defaults(func=checkpoint_commands.convert_fp8)
     return parser
 
 
