@@ -1,0 +1,423 @@
+"""The local engine: a continuous-batching scheduler over a transformers causal LM on CPU.
+
+One background thread owns the model. Each iteration it applies control actions (weight swaps,
+pauses), drops aborted requests, prefills newly admitted requests one by one (batch of one, so no
+padded query rows), adds them to the running batch, and runs one batched decode step. Requests
+finish between steps and leave the batch; callers wait on a `concurrent.futures.Future` that
+resolves to the SGLang-shaped `/generate` response.
+
+Weight versions: a weight update is applied between two decode steps. Requests in flight keep
+their KV cache (computed with the old weights) and continue on the new weights. Like SGLang, a
+response reports `meta_info.weight_versions` (the spans of output tokens each version produced)
+and `meta_info.weight_version`, the version of the last span: the version current when the
+request finished, unless it was aborted before producing a token on the new weights (then the
+version that produced its last token).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import logging
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from slime_wf.rollout.local_model import (
+    BatchKV,
+    check_state_dict,
+    copy_weights_,
+    load_model,
+    new_cache,
+    read_state_dict,
+)
+from slime_wf.rollout.local_response import generate_response, waiting_abort_response
+from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams, sample
+
+logger = logging.getLogger(__name__)
+
+HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
+
+
+@dataclasses.dataclass
+class Request:
+    """A validated `/generate` request, as the scheduler sees it."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    return_text_in_logprobs: bool = False
+    arrival: float = dataclasses.field(default_factory=time.perf_counter)
+    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
+
+
+@dataclasses.dataclass
+class _Active:
+    req: Request
+    generator: torch.Generator | None
+    output_ids: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    version_events: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    abort_message: str | None = None
+    stop_tail: int = 0  # tokens to decode when looking for stop strings
+
+
+class LocalEngine:
+    def __init__(
+        self,
+        model_path: str,
+        tokenizer_path: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_running_requests: int = 64,
+        weight_version: str = "default",
+    ):
+        self.model_path = str(model_path)
+        self.tokenizer_path = str(tokenizer_path or model_path)
+        self.dtype = dtype
+        self.max_running_requests = max_running_requests
+        self.weight_version = weight_version
+        self.model = None
+        self.tokenizer = None
+        self.ready = threading.Event()
+        self.load_error: BaseException | None = None
+        self.last_step_time = 0.0
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._batch: list[_Active] = []  # row order of self._kv
+        self._admitting: list[_Active] = []
+        self._actions: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
+        self._active_rids: dict[str, Request] = {}
+        self._paused = False
+        self._stopping = False
+        self._default_generator = torch.Generator().manual_seed(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
+        self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
+
+    # ---- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the model and start the scheduler thread (returns at once; `ready` is set when serving)."""
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _load(self) -> None:
+        from transformers import AutoTokenizer, GenerationConfig
+
+        logger.info("loading %s (%s)", self.model_path, self.dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.model = load_model(self.model_path, self.dtype)
+        config = self.model.config.get_text_config()
+        self.vocab_size = int(config.vocab_size)
+        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
+        self.num_layers = int(config.num_hidden_layers)
+        eos: set[int] = set()
+        for source in [config.eos_token_id, self.tokenizer.eos_token_id]:
+            eos.update([source] if isinstance(source, int) else (source or []))
+        try:
+            gen_eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+            eos.update([gen_eos] if isinstance(gen_eos, int) else (gen_eos or []))
+        except OSError:
+            pass  # no generation_config.json
+        self.eos_token_ids = eos
+        self._kv = BatchKV(self.num_layers)
+        logger.info("model ready: vocab %d, context %d, eos %s", self.vocab_size, self.context_length, sorted(eos))
+
+    # ---- requests (any thread) -------------------------------------------------------------
+
+    def submit(self, req: Request) -> concurrent.futures.Future:
+        with self._cond:
+            if req.rid in self._active_rids:
+                raise InvalidRequest(f"Duplicate request ID detected: {req.rid}")
+            self._active_rids[req.rid] = req
+            self._waiting.append(req)
+            self._cond.notify_all()
+        return req.future
+
+    def abort(self, rid: str = "", abort_all: bool = False, only: Request | None = None) -> int:
+        """Abort requests whose rid starts with `rid` (SGLang's rule), all, or `only` that one request.
+
+        Queued ones finish at once; running ones finish at the next step boundary with their partial
+        output. Returns how many were hit.
+        """
+
+        def hit(req: Request) -> bool:
+            return req is only if only is not None else abort_all or req.rid.startswith(rid)
+
+        count = 0
+        with self._cond:
+            for req in [r for r in self._waiting if hit(r)]:
+                self._waiting.remove(req)
+                self._release_rid(req)
+                req.future.set_result(waiting_abort_response(req, self.weight_version))
+                count += 1
+            for active in self._batch + self._admitting:
+                if hit(active.req):
+                    active.abort_message = active.abort_message or "Aborted"
+                    count += 1
+            self._cond.notify_all()
+        return count
+
+    def _release_rid(self, req: Request) -> None:
+        if self._active_rids.get(req.rid) is req:
+            del self._active_rids[req.rid]
+
+    def pause(self, mode: str = "abort", timeout: float = 60.0) -> None:
+        """Stop scheduling: running requests keep their state (mode abort: all requests are aborted first)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise InvalidRequest(f"pause_generation mode {mode!r} is not one of 'abort', 'retract', 'in_place'")
+        with self._cond:
+            self._paused = True
+        if mode == "abort":
+            self.abort(abort_all=True)
+        self.run_in_loop(lambda: None, timeout)  # returns once no step is in progress
+
+    def resume(self) -> None:
+        with self._cond:
+            self._paused = False
+            self._cond.notify_all()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    def num_requests(self) -> tuple[int, int]:
+        """(running, waiting)."""
+        with self._cond:
+            return len(self._batch) + len(self._admitting), len(self._waiting)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing runs (and, unless paused, nothing waits), as SGLang's flush_cache requires."""
+        deadline = time.monotonic() + timeout
+        while True:
+            running, waiting = self.num_requests()
+            if running == 0 and (waiting == 0 or self._paused):
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+
+    def run_in_loop(self, fn: Callable[[], Any], timeout: float = 600.0) -> Any:
+        """Run `fn` on the scheduler thread between two steps and return its result."""
+        if not self._thread.is_alive():
+            raise RuntimeError("the engine's scheduler thread is not running")
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        with self._cond:
+            self._actions.append((fn, fut))
+            self._cond.notify_all()
+        return fut.result(timeout)
+
+    def update_weights_from_disk(
+        self, model_path: str, weight_version: str | None = None, abort_all_requests: bool = False
+    ) -> tuple[bool, str, int]:
+        """Load a checkpoint of the same architecture and swap it in between decode steps.
+
+        Reading and checking happen on the calling thread while generation goes on; a checkpoint
+        that does not fit leaves the old weights serving. Returns (success, message, num_paused_requests).
+        """
+        if not self.ready.is_set():
+            return False, "the model is still loading", 0
+        try:
+            if not Path(model_path).is_dir():
+                raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
+            checked = check_state_dict(self.model, read_state_dict(model_path))
+        except Exception as err:  # any failure to read leaves the old weights in place
+            logger.warning("weight update from %s failed: %s", model_path, err)
+            return False, f"Failed to update weights from {model_path}: {err}. The old weights keep serving.", 0
+        if abort_all_requests:
+            self.abort(abort_all=True)
+
+        def swap() -> int:
+            copy_weights_(self.model, checked)
+            running = self._batch + self._admitting
+            if weight_version is not None and weight_version != self.weight_version:
+                for active in running:
+                    if active.output_ids:
+                        active.version_events.append((self.weight_version, len(active.output_ids)))
+                self.weight_version = weight_version
+            self.model_path = str(model_path)
+            return len(running)
+
+        num_paused = self.run_in_loop(swap)
+        message = f"Succeeded to update model weights from {model_path}."
+        if weight_version is not None:
+            message += f" Weight version updated to {weight_version}."
+        logger.info(message)
+        return True, message, num_paused
+
+    # ---- scheduler thread ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except BaseException as err:
+            self.load_error = err
+            logger.error("failed to load %s: %s", self.model_path, err)
+            self.ready.set()
+            return
+        self.ready.set()
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._iteration()
+                except Exception as err:
+                    # A failed step must not kill the server: fail the requests it touched and go on.
+                    logger.error("engine step failed: %s\n%s", err, traceback.format_exc())
+                    self._fail_all(f"engine error: {err}")
+        with self._cond:
+            for _fn, fut in self._actions:
+                fut.set_exception(RuntimeError("the engine shut down"))
+            self._actions.clear()
+
+    def _iteration(self) -> None:
+        with self._cond:
+            while not self._stopping and not self._actions and not self._has_abort() and (
+                self._paused or not (self._waiting or self._batch)
+            ):
+                self._cond.wait(timeout=1.0)
+            actions, self._actions = self._actions, []
+            if not self._paused:
+                while self._waiting and len(self._batch) + len(self._admitting) < self.max_running_requests:
+                    req = self._waiting.popleft()
+                    self._admitting.append(_Active(req, req.params.make_generator()))
+        for fn, fut in actions:
+            try:
+                fut.set_result(fn())
+            except Exception as err:
+                fut.set_exception(err)
+        self._drop_aborted()
+        if self._admitting:
+            self._prefill_admitted()
+        if self._batch and not self._paused:
+            self._decode_step()
+
+    def _has_abort(self) -> bool:
+        return any(a.abort_message for a in self._batch + self._admitting)
+
+    def _drop_aborted(self) -> None:
+        for active in [a for a in self._admitting if a.abort_message]:
+            self._admitting.remove(active)
+            self._finish(active, {"type": "abort", "message": active.abort_message, "status_code": None, "err_type": None})
+        if any(a.abort_message for a in self._batch):
+            keep = []
+            for row, active in enumerate(self._batch):
+                if active.abort_message:
+                    self._finish(
+                        active, {"type": "abort", "message": active.abort_message, "status_code": None, "err_type": None}
+                    )
+                else:
+                    keep.append(row)
+            self._set_batch(keep)
+
+    def _prefill_admitted(self) -> None:
+        caches, lengths, joined = [], [], []
+        for active in list(self._admitting):
+            req = active.req
+            if req.params.max_new_tokens == 0:
+                self._admitting.remove(active)
+                self._finish(active, {"type": "length", "length": 0})
+                continue
+            if req.params.stop:
+                longest = max(len(s) for s in req.params.stop)
+                active.stop_tail = longest + 2
+            cache = new_cache(self.num_layers)
+            out = self.model(
+                input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1
+            )
+            self._append_tokens([active], out.logits[:, -1, :].float())
+            self._admitting.remove(active)
+            if not self._check_finished(active):
+                caches.append(cache)
+                lengths.append(len(req.input_ids))
+                joined.append(active)
+        if joined:
+            self._kv.add(caches, lengths)
+            with self._cond:
+                self._batch.extend(joined)
+
+    def _decode_step(self) -> None:
+        mask, positions = self._kv.step_inputs()
+        input_ids = torch.tensor([[a.output_ids[-1]] for a in self._batch])
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            cache=self._kv.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+        self._kv.advance()
+        self._append_tokens(self._batch, out.logits[:, -1, :].float())
+        keep = [row for row, active in enumerate(self._batch) if not self._check_finished(active)]
+        self._set_batch(keep)
+        self.last_step_time = time.monotonic()
+
+    def _append_tokens(self, actives: list[_Active], logits: torch.Tensor) -> None:
+        for row, active in enumerate(actives):
+            p = active.req.params
+            if len(active.output_ids) < p.min_new_tokens:
+                banned = list(p.stop_token_ids | self.eos_token_ids)
+                logits[row, banned] = float("-inf")
+        tokens, logprobs = sample(
+            logits, [a.req.params for a in actives], [a.generator for a in actives], self._default_generator
+        )
+        for active, tok, lp in zip(actives, tokens, logprobs, strict=True):
+            active.output_ids.append(tok)
+            active.logprobs.append(lp)
+
+    def _set_batch(self, keep: list[int]) -> None:
+        if len(keep) == len(self._batch):
+            return
+        self._kv.keep(keep)
+        with self._cond:
+            self._batch = [self._batch[i] for i in keep]
+
+    def _check_finished(self, active: _Active) -> bool:
+        """SGLang's order: stop string, then EOS / stop token (unless ignore_eos), then length."""
+        p, out = active.req.params, active.output_ids
+        reason = None
+        if p.stop:
+            tail = self.tokenizer.decode(out[-active.stop_tail :])
+            matched = next((s for s in p.stop if s in tail), None)
+            if matched is not None:
+                reason = {"type": "stop", "matched": matched}
+        if reason is None and not p.ignore_eos and (out[-1] in p.stop_token_ids or out[-1] in self.eos_token_ids):
+            reason = {"type": "stop", "matched": out[-1]}
+        if reason is None and len(out) >= p.max_new_tokens:
+            reason = {"type": "length", "length": p.max_new_tokens}
+        if reason is None:
+            return False
+        self._finish(active, reason)
+        return True
+
+    def _fail_all(self, message: str) -> None:
+        for active in self._batch + self._admitting:
+            self._finish(active, {"type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"})
+        with self._cond:
+            self._batch, self._admitting = [], []
+        self._kv = BatchKV(self.num_layers)
+
+    def _finish(self, active: _Active, finish_reason: dict) -> None:
+        response = generate_response(
+            active.req, self.tokenizer, active.output_ids, active.logprobs, finish_reason,
+            active.version_events, self.weight_version,
+        )
+        with self._cond:
+            self._release_rid(active.req)
+        if not active.req.future.done():
+            active.req.future.set_result(response)

@@ -1,0 +1,258 @@
+"""The local engine's model side: checkpoint loading (FP8 dequantized), in-place weight swaps,
+and a batched KV cache that requests join and leave between decode steps.
+
+Rows of the batch are right-aligned: every row's newest token sits in the last column, and a
+row that started later has padding columns (masked out) on its left. A decode step therefore
+appends exactly one column for all rows, and positions stay per row.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class WeightLoadError(ValueError):
+    """A checkpoint cannot be loaded into the served model (missing files, names or shapes that differ)."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """`auto` is float32: the CPU engine computes in full precision so its log-probs match the trainer's."""
+    if name == "auto":
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def read_config(model_path: str | Path) -> dict:
+    path = Path(model_path) / "config.json"
+    if not path.is_file():
+        raise WeightLoadError(f"{model_path} is not a Hugging Face checkpoint directory: {path} does not exist")
+    return json.loads(path.read_text())
+
+
+def read_state_dict(model_path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory (safetensors shards, else pytorch_model*.bin).
+
+    FP8 block-quantized checkpoints (`quantization_config` in config.json, `weight_scale_inv`
+    tensors) come back dequantized, so the engine computes with the FP8-rounded weights.
+    """
+    path = Path(model_path)
+    config = read_config(path)
+    shards = sorted(path.glob("*.safetensors"))
+    state: dict[str, torch.Tensor] = {}
+    if shards:
+        from safetensors.torch import load_file
+
+        for shard in shards:
+            state.update(load_file(str(shard)))
+    else:
+        bins = sorted(path.glob("pytorch_model*.bin"))
+        if not bins:
+            raise WeightLoadError(f"no *.safetensors or pytorch_model*.bin weight files in {path}")
+        for shard in bins:
+            state.update(torch.load(shard, map_location="cpu", weights_only=True))
+    quant = config.get("quantization_config")
+    if quant:
+        from slime_wf.checkpoint.fp8 import dequantize_state_dict
+
+        try:
+            state = dequantize_state_dict(state, quant, dtype=torch.float32)
+        except ValueError as err:
+            raise WeightLoadError(f"{path}: cannot dequantize the checkpoint: {err}") from err
+    return state
+
+
+def load_model(model_path: str | Path, dtype: torch.dtype):
+    """A causal LM from a checkpoint directory, in eval mode with SDPA attention."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = read_config(model_path)
+    if not config.get("quantization_config"):
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation="sdpa")
+    else:
+        # transformers' FP8 path targets GPUs: build the model plain and load the dequantized weights.
+        hf_config = AutoConfig.from_pretrained(model_path)
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+        copy_weights_(model, check_state_dict(model, read_state_dict(model_path)))
+    return model.eval()
+
+
+def check_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Match checkpoint tensors to the model's: every weight present (tied ones may be absent), shapes equal.
+
+    Returns the tensors to copy, cast to the model's dtype. Raises `WeightLoadError` before anything
+    is changed, so a bad checkpoint never leaves the model half-updated.
+    """
+    own = model.state_dict()
+    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
+    missing = sorted(k for k in own if k not in state and k not in tied)
+    unexpected = sorted(k for k in state if k not in own and not any(p.search(k) for p in ignore))
+    wrong_shape = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) missing, e.g. {missing[:3]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unknown weight(s), e.g. {unexpected[:3]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
+    if problems:
+        raise WeightLoadError(
+            "the checkpoint does not fit the served architecture: " + "; ".join(problems)
+            + ". A weight update must keep the model's architecture and sizes."
+        )
+    return {k: state[k].to(own[k].dtype) for k in own if k in state}
+
+
+@torch.no_grad()
+def copy_weights_(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy checked tensors into the model's own storage (tied weights follow their source)."""
+    own = model.state_dict()
+    for name, tensor in state.items():
+        own[name].copy_(tensor)
+
+
+class _RowLayer(DynamicLayer):
+    """A KV layer over a preallocated `[batch, heads, capacity, dim]` buffer.
+
+    Valid columns are `[start, end)`. Appending writes in place; the buffer only reallocates when
+    full, so a decode step does not copy the whole cache as `torch.cat` would.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.start = self.end = 0
+        self.k_buf = self.v_buf = None
+
+    def set_buffers(self, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, end: int) -> None:
+        self.k_buf, self.v_buf, self.start, self.end = k_buf, v_buf, start, end
+        self.is_initialized = True
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self.keys = self.k_buf[:, :, self.start : self.end]
+        self.values = self.v_buf[:, :, self.start : self.end]
+
+    def lazy_initialization(self, key_states, value_states) -> None:
+        self.device = key_states.device
+        b, h, n, d = key_states.shape
+        cap = n + 64
+        self.set_buffers(key_states.new_zeros(b, h, cap, d), value_states.new_zeros(b, h, cap, d), 0, 0)
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n = key_states.shape[-2]
+        if self.end + n > self.k_buf.shape[2]:
+            width = self.end - self.start
+            cap = max(2 * (width + n), 64)
+            b, h, _, d = self.k_buf.shape
+            k_new, v_new = self.k_buf.new_zeros(b, h, cap, d), self.v_buf.new_zeros(b, h, cap, d)
+            k_new[:, :, :width] = self.keys
+            v_new[:, :, :width] = self.values
+            self.k_buf, self.v_buf, self.start, self.end = k_new, v_new, 0, width
+        self.k_buf[:, :, self.end : self.end + n] = key_states
+        self.v_buf[:, :, self.end : self.end + n] = value_states
+        self.end += n
+        self._refresh()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.end - self.start if self.is_initialized else 0
+
+
+def new_cache(num_layers: int) -> Cache:
+    return Cache(layers=[_RowLayer() for _ in range(num_layers)])
+
+
+class BatchKV:
+    """The running batch's KV cache, padding mask and per-row positions."""
+
+    def __init__(self, num_layers: int):
+        self.num_layers = num_layers
+        self.cache = new_cache(num_layers)
+        self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows, width]: False on left padding
+        self.positions = torch.zeros(0, dtype=torch.long)  # next position of each row
+
+    @property
+    def rows(self) -> int:
+        return self.valid.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.valid.shape[1]
+
+    def add(self, caches: list[Cache], lengths: list[int]) -> None:
+        """Append prefilled single-row caches as new rows, right-aligned with the existing ones."""
+        if not caches:
+            return
+        old_rows, old_width = self.rows, self.width
+        width = max([old_width, *lengths])
+        rows = old_rows + len(caches)
+        cap = width + 64
+        valid = torch.zeros(rows, width, dtype=torch.bool)
+        valid[:old_rows, width - old_width :] = self.valid
+        for i, n in enumerate(lengths):
+            valid[old_rows + i, width - n :] = True
+        for li in range(self.num_layers):
+            sample = caches[0].layers[li]
+            _, heads, _, dim = sample.keys.shape
+            k_buf = sample.keys.new_zeros(rows, heads, cap, dim)
+            v_buf = sample.values.new_zeros(rows, heads, cap, dim)
+            if old_rows:
+                old = self.cache.layers[li]
+                k_buf[:old_rows, :, width - old_width : width] = old.keys
+                v_buf[:old_rows, :, width - old_width : width] = old.values
+            for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+                k_buf[old_rows + i, :, width - n : width] = cache.layers[li].keys[0]
+                v_buf[old_rows + i, :, width - n : width] = cache.layers[li].values[0]
+            layer = self.cache.layers[li] if old_rows else _RowLayer()
+            layer.set_buffers(k_buf, v_buf, 0, width)
+            self.cache.layers[li] = layer
+        self.valid = valid
+        self.positions = torch.cat([self.positions, torch.tensor(lengths, dtype=torch.long)])
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only `rows` (in that order) and drop columns that became padding for every row."""
+        if len(rows) == self.rows:
+            return
+        if not rows:
+            self.__init__(self.num_layers)
+            return
+        index = torch.tensor(rows, dtype=torch.long)
+        valid = self.valid.index_select(0, index)
+        first = int(valid.any(dim=0).float().argmax())
+        self.valid = valid[:, first:]
+        self.positions = self.positions.index_select(0, index)
+        for layer in self.cache.layers:
+            # One gather keeps the buffer's spare capacity; trimmed columns just move the start.
+            layer.set_buffers(
+                layer.k_buf.index_select(0, index), layer.v_buf.index_select(0, index), layer.start + first, layer.end
+            )
+
+    def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The 2D attention mask and position ids of a one-token decode step; call `advance` after it."""
+        mask = torch.cat([self.valid, torch.ones(self.rows, 1, dtype=torch.bool)], dim=1)
+        return mask.long(), self.positions[:, None].clone()
+
+    def advance(self) -> None:
+        self.valid = torch.cat([self.valid, torch.ones(self.rows, 1, dtype=torch.bool)], dim=1)
+        self.positions += 1

@@ -1,0 +1,194 @@
+"""Per-request sampling with SGLang's semantics, for the local engine.
+
+- temperature 0 means greedy, which SGLang rewrites to temperature 1 with top_k 1;
+- returned log-probs are log-softmax of logits / temperature (raw logits when greedy), taken
+  before top-k / top-p / min-p truncation (`srt/layers/sampler.py`);
+- truncation order is top-k, then top-p, then min-p on the sorted probabilities, as in SGLang's
+  torch-native sampler;
+- `sampling_seed` draws from a per-request `torch.Generator`, so a request is reproducible
+  whatever else is in the batch (given the same logits).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+TOP_K_ALL = 1 << 30
+
+# Parameters SGLang accepts that this engine does not implement: any value but the default is refused.
+_UNSUPPORTED_DEFAULTS = {
+    "frequency_penalty": 0.0,
+    "presence_penalty": 0.0,
+    "repetition_penalty": 1.0,
+    "json_schema": None,
+    "regex": None,
+    "ebnf": None,
+    "structural_tag": None,
+    "stop_regex": None,
+    "logit_bias": {},
+    "beam_width": None,
+    "watermark": None,
+    "choice": [],
+    "custom_params": None,
+}
+
+
+class InvalidRequest(ValueError):
+    """A request the engine refuses (HTTP 400); the text names the field and the fix."""
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = TOP_K_ALL
+    min_p: float = 0.0
+    min_new_tokens: int = 0
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: set[int] = field(default_factory=set)
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    no_stop_trim: bool = False
+    sampling_seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1
+
+    @classmethod
+    def from_request(cls, raw: dict[str, Any] | None, vocab_size: int) -> SamplingParams:
+        """Parse and check `sampling_params` as SGLang's `SamplingParams.verify` does."""
+        raw = dict(raw or {})
+        for key, default in _UNSUPPORTED_DEFAULTS.items():
+            value = raw.get(key)
+            if value is not None and value != default:
+                raise InvalidRequest(
+                    f"sampling_params.{key}={value!r} is not supported by the local engine; "
+                    f"leave it at its default ({default!r}) or use an SGLang server"
+                )
+        n = raw.get("n")
+        if n is not None and n != 1:
+            raise InvalidRequest(
+                f"sampling_params.n={n} is not supported: the local engine generates one sample per "
+                "request; send n separate requests (each with its own rid) instead"
+            )
+
+        def get(key, default):
+            value = raw.get(key)
+            if value is None:
+                return default
+            kind = type(default)
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind in (int, float):
+                ok = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, (str, list))
+            if not ok:
+                raise InvalidRequest(f"sampling_params.{key}={value!r} has the wrong type; expected {kind.__name__}")
+            return value
+
+        stop = get("stop", [])
+        stop = [stop] if isinstance(stop, str) else list(stop)
+        if len(stop) > 32:
+            raise InvalidRequest(f"at most 32 stop strings are allowed, got {len(stop)}")
+        if any(s == "" for s in stop):
+            raise InvalidRequest("sampling_params.stop contains an empty string; remove it")
+        params = cls(
+            max_new_tokens=int(get("max_new_tokens", 128)),
+            temperature=float(get("temperature", 1.0)),
+            top_p=float(get("top_p", 1.0)),
+            top_k=int(get("top_k", -1)),
+            min_p=float(get("min_p", 0.0)),
+            min_new_tokens=int(get("min_new_tokens", 0)),
+            stop=stop,
+            stop_token_ids={int(t) for t in get("stop_token_ids", [])},
+            ignore_eos=bool(get("ignore_eos", False)),
+            skip_special_tokens=bool(get("skip_special_tokens", True)),
+            spaces_between_special_tokens=bool(get("spaces_between_special_tokens", True)),
+            no_stop_trim=bool(get("no_stop_trim", False)),
+            sampling_seed=None if raw.get("sampling_seed") is None else int(get("sampling_seed", 0)),
+        )
+        params._verify(vocab_size)
+        if 0 <= params.temperature < 1e-6:
+            params.temperature, params.top_k = 1.0, 1
+        if params.top_k == -1:
+            params.top_k = TOP_K_ALL
+        return params
+
+    def _verify(self, vocab_size: int) -> None:
+        if not math.isfinite(self.temperature) or self.temperature < 0.0:
+            raise InvalidRequest(f"temperature must be a non-negative finite number, got {self.temperature}.")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}.")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise InvalidRequest(f"min_p must be in [0, 1], got {self.min_p}.")
+        if self.top_k < 1 and self.top_k != -1:
+            raise InvalidRequest(f"top_k must be -1 (disable) or at least 1, got {self.top_k}.")
+        if self.max_new_tokens < 0:
+            raise InvalidRequest(f"max_new_tokens must be at least 0, got {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise InvalidRequest(
+                f"min_new_tokens must be in [0, max_new_tokens({self.max_new_tokens})], got {self.min_new_tokens}."
+            )
+        bad = sorted(t for t in self.stop_token_ids if not 0 <= t < vocab_size)
+        if bad:
+            raise InvalidRequest(f"stop_token_ids {bad[:5]} are outside the vocabulary [0, {vocab_size})")
+        if self.sampling_seed is not None and not -(2**63) <= self.sampling_seed <= 2**63 - 1:
+            raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**63 - 1], got {self.sampling_seed}.")
+
+    def make_generator(self) -> torch.Generator | None:
+        if self.sampling_seed is None:
+            return None
+        # torch seeds are unsigned 64-bit; fold negative seeds into that range.
+        return torch.Generator().manual_seed(self.sampling_seed % (1 << 64))
+
+
+def _truncate_(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> None:
+    """Zero, in place, the probabilities that top-k, then top-p, then min-p drop (one row)."""
+    if top_k >= probs.numel() and top_p >= 1.0 and min_p <= 0.0:
+        return
+    sorted_probs, ids = torch.sort(probs, descending=True)
+    drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
+    drop[top_k:] = True
+    if top_p < 1.0:
+        drop |= torch.cumsum(sorted_probs, 0) - sorted_probs > top_p
+    if min_p > 0.0:
+        drop |= sorted_probs < sorted_probs[0] * min_p
+    probs[ids[drop]] = 0.0
+
+
+def sample(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+    default_generator: torch.Generator,
+) -> tuple[list[int], list[float]]:
+    """Next token and its log-prob for each row of `logits` ([rows, vocab], float32).
+
+    Sampled rows draw one uniform number from their own generator and invert the cumulative
+    distribution (batched), which costs far less than a `torch.multinomial` call per row.
+    """
+    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
+    logprobs = torch.log_softmax(logits / temps, dim=-1)
+    tokens = torch.argmax(logits, dim=-1)
+    sampled = [row for row, p in enumerate(params) if not p.greedy]
+    if sampled:
+        index = torch.tensor(sampled)
+        probs = logprobs.index_select(0, index).exp()
+        for i, row in enumerate(sampled):
+            p = params[row]
+            _truncate_(probs[i], p.top_k, p.top_p, p.min_p)
+        draws = torch.cat([torch.rand(1, generator=generators[row] or default_generator) for row in sampled])
+        cdf = probs.double().cumsum(-1)
+        target = (draws.double() * cdf[:, -1])[:, None]
+        picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
+        tokens[index] = picks
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=torch.finfo(logprobs.dtype).min)
+    return tokens.tolist(), chosen.tolist()

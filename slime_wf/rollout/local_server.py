@@ -1,0 +1,379 @@
+"""The local engine server: a CPU inference server that speaks SGLang's native HTTP API.
+
+    python -m slime_wf.rollout.local_server --model-path DIR [--host H] [--port P]
+        [--dtype auto|float32|bfloat16] [--max-running-requests N] [--num-threads N]
+
+Serves any Hugging Face causal-LM checkpoint directory (FP8 block-quantized ones are dequantized
+on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/abort_request`,
+`/pause_generation`, `/continue_generation`, `/flush_cache`, `/update_weights_from_disk`,
+`/health`, `/health_generate`, `/model_info`, `/server_info`. Every `/generate` body is checked
+against SGLang's own schema when it is installed (unknown `sampling_params` keys are a 400, as
+in SGLang). Differences from SGLang: one sample per request (`n` must be 1), no streaming, no
+batched (list) inputs, no prefix cache (`cached_tokens` is 0, `/flush_cache` has nothing to
+drop, but like SGLang it answers 400 while requests run), no input-token log-probs
+(`logprob_start_len` is accepted and ignored), `sampling_seed` always applies (SGLang needs
+`--enable-deterministic-inference`), and penalties / grammars / `stop_regex` / `logit_bias` are
+refused with a 400. `--dtype auto` computes in float32.
+
+Weight updates (`/update_weights_from_disk`) are swapped in between two decode steps: requests
+in flight continue on the new weights, and each response's `meta_info.weight_version` is the
+version current when it finished (`meta_info.weight_versions` gives the token spans per version).
+Without a `weight_version` in the body the version stays, as in SGLang. See `local_engine`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import time
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, Request
+from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams
+from slime_wf.rollout.sglang_schema import generate_request_error
+
+logger = logging.getLogger("slime_wf.local_server")
+
+ENGINE = web.AppKey("engine", LocalEngine)
+_UNSUPPORTED_TOP_LEVEL = ("image_data", "video_data", "audio_data", "lora_path", "session_params", "custom_logit_processor")
+
+
+def _error(message: str, status: int = 400) -> web.Response:
+    """SGLang's error body for a request its tokenizer manager refuses."""
+    return web.json_response({"error": {"message": message}}, status=status)
+
+
+async def _json_body(request: web.Request, require_object: bool = True) -> Any:
+    raw = await request.read()
+    if not raw:
+        return {}
+    try:
+        body = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise InvalidRequest(f"the request body of {request.path} is not valid JSON: {err}") from err
+    if require_object and not isinstance(body, dict):
+        raise InvalidRequest(f"the request body of {request.path} must be a JSON object")
+    return body
+
+
+def build_request(body: Any, engine: LocalEngine) -> Request:
+    """Check a `/generate` body (already past SGLang's schema) and turn it into an engine `Request`."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the /generate body must be a JSON object")
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise InvalidRequest("Either text or input_ids should be provided, not both or neither.")
+    if isinstance(text, list) or (isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)):
+        raise InvalidRequest("batched inputs (a list of prompts) are not supported: send one request per prompt")
+    if body.get("stream"):
+        raise InvalidRequest("stream=true is not supported by the local engine; send stream=false")
+    for key in _UNSUPPORTED_TOP_LEVEL:
+        if body.get(key) is not None:
+            raise InvalidRequest(f"{key} is not supported by the local engine")
+    if body.get("top_logprobs_num"):
+        raise InvalidRequest("top_logprobs_num is not supported by the local engine; leave it at 0")
+    rid = body.get("rid")
+    if isinstance(rid, list):
+        raise InvalidRequest("rid must be a string (batched requests are not supported)")
+    sampling = body.get("sampling_params")
+    if sampling is not None and not isinstance(sampling, dict):
+        raise InvalidRequest("sampling_params must be one object (batched requests are not supported)")
+    params = SamplingParams.from_request(sampling, engine.vocab_size)
+    if input_ids is None:
+        if not isinstance(text, str):
+            raise InvalidRequest("text must be a string")
+        input_ids = engine.tokenizer.encode(text)
+    if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+        raise InvalidRequest("input_ids must be a list of integers")
+    if not input_ids:
+        raise InvalidRequest("the prompt is empty: give at least one token")
+    bad = [t for t in input_ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"input_ids contain {len(bad)} token id(s) outside the vocabulary [0, {engine.vocab_size}), e.g. {bad[:5]}"
+        )
+    n, ctx = len(input_ids), engine.context_length
+    if n >= ctx:
+        raise InvalidRequest(f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens).")
+    if n + params.max_new_tokens > ctx:
+        raise InvalidRequest(
+            f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested "
+            f"a total of {n + params.max_new_tokens} tokens: {n} tokens from the input messages and "
+            f"{params.max_new_tokens} tokens for the completion. Reduce max_new_tokens or the prompt."
+        )
+    return Request(
+        rid=rid if rid is not None else uuid.uuid4().hex,
+        input_ids=list(input_ids),
+        params=params,
+        return_logprob=bool(body.get("return_logprob")),
+        return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
+    )
+
+
+def _not_ready(engine: LocalEngine) -> web.Response | None:
+    if not engine.ready.is_set():
+        return _error("the model is still loading", status=503)
+    if engine.load_error is not None:
+        return _error(f"the model failed to load: {engine.load_error}", status=503)
+    return None
+
+
+async def _await_generation(engine: LocalEngine, req: Request) -> dict:
+    try:
+        return await asyncio.wrap_future(engine.submit(req))
+    except asyncio.CancelledError:
+        # The client went away: free the slot, as SGLang aborts on disconnect.
+        engine.abort(only=req)
+        raise
+
+
+async def generate(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if (resp := _not_ready(engine)) is not None:
+        return resp
+    try:
+        body = await _json_body(request, require_object=False)
+    except InvalidRequest as err:
+        return _error(str(err))
+    contract_error = generate_request_error(body)
+    if contract_error is not None:
+        return web.json_response({"error": contract_error}, status=400)
+    try:
+        req = build_request(body, engine)
+        result = await _await_generation(engine, req)
+    except (ValueError, TypeError) as err:  # SGLang answers a request it cannot take with 400
+        return _error(str(err))
+    return web.json_response(result)
+
+
+async def abort_request(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        body = await _json_body(request)
+    except InvalidRequest as err:
+        return _error(str(err))
+    rid, abort_all = body.get("rid", ""), bool(body.get("abort_all", False))
+    if not isinstance(rid, str):
+        return _error("rid must be a string")
+    if engine.ready.is_set():
+        engine.abort(rid, abort_all)
+    return web.Response(status=200)
+
+
+async def pause_generation(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    if (resp := _not_ready(engine)) is not None:
+        return resp
+    try:
+        body = await _json_body(request)
+        await asyncio.to_thread(engine.pause, body.get("mode", "abort"))
+    except InvalidRequest as err:
+        return _error(str(err))
+    return web.json_response({"message": "Generation paused successfully.", "status": "ok"})
+
+
+async def continue_generation(request: web.Request) -> web.Response:
+    request.app[ENGINE].resume()
+    return web.json_response({"message": "Generation continued successfully.", "status": "ok"})
+
+
+async def flush_cache(request: web.Request) -> web.Response:
+    """There is no prefix cache to drop; like SGLang it refuses while requests run (or wait, unpaused)."""
+    engine = request.app[ENGINE]
+    try:
+        timeout = float(request.query.get("timeout", 0.0))
+    except ValueError:
+        return _error("timeout must be a number of seconds")
+    idle = await asyncio.to_thread(engine.wait_idle, timeout)
+    if not idle:
+        running, waiting = engine.num_requests()
+        return web.Response(
+            text=f"Cache not flushed: {running} running and {waiting} waiting requests. "
+            "Abort or pause them first, or pass ?timeout=SECONDS to wait.\n",
+            status=400,
+        )
+    return web.Response(text="Cache flushed.\n", status=200)
+
+
+async def update_weights_from_disk(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        body = await _json_body(request)
+    except InvalidRequest as err:
+        return web.json_response({"success": False, "message": str(err), "num_paused_requests": 0}, status=400)
+    model_path = body.get("model_path")
+    if not isinstance(model_path, str) or not model_path:
+        return web.json_response(
+            {"success": False, "message": "model_path (a checkpoint directory) is required", "num_paused_requests": 0},
+            status=400,
+        )
+    version = body.get("weight_version")
+    success, message, paused = await asyncio.to_thread(
+        engine.update_weights_from_disk,
+        model_path,
+        None if version is None else str(version),
+        bool(body.get("abort_all_requests", False)),
+    )
+    content = {"success": success, "message": message, "num_paused_requests": paused}
+    return web.json_response(content, status=200 if success else 400)
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    ok = engine.ready.is_set() and engine.load_error is None and engine.is_alive()
+    return web.Response(status=200 if ok else 503)
+
+
+async def health_generate(request: web.Request) -> web.Response:
+    """Healthy when the scheduler produces a token: a running batch that stepped lately counts, as in SGLang."""
+    engine = request.app[ENGINE]
+    if _not_ready(engine) is not None or not engine.is_alive():
+        return web.Response(status=503)
+    if engine.paused or time.monotonic() - engine.last_step_time < 5.0:
+        return web.Response(status=200)
+    req = Request(
+        rid=f"{HEALTH_CHECK_RID_PREFIX}_{uuid.uuid4().hex}",
+        input_ids=[0],
+        params=SamplingParams.from_request({"max_new_tokens": 1, "temperature": 0.0}, engine.vocab_size),
+    )
+    try:
+        await asyncio.wait_for(_await_generation(engine, req), timeout=20)
+    except (TimeoutError, InvalidRequest):
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def model_info(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    config = engine.model.config if engine.model is not None else None
+    return web.json_response(
+        {
+            "model_path": engine.model_path,
+            "served_model_name": engine.model_path,
+            "tokenizer_path": engine.tokenizer_path,
+            "is_generation": True,
+            "preferred_sampling_params": None,
+            "weight_version": engine.weight_version,
+            "load_format": "auto",
+            "reasoning_parser": None,
+            "tool_call_parser": None,
+            "model_type": getattr(config, "model_type", None),
+            "architectures": getattr(config, "architectures", None),
+        }
+    )
+
+
+async def server_info(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    args = request.app["args"]
+    running, waiting = engine.num_requests() if engine.ready.is_set() else (0, 0)
+    return web.json_response(
+        {
+            "model_path": engine.model_path,
+            "served_model_name": engine.model_path,
+            "tokenizer_path": engine.tokenizer_path,
+            "host": args.host,
+            "port": args.port,
+            "dtype": str(engine.dtype).removeprefix("torch."),
+            "max_running_requests": engine.max_running_requests,
+            "max_context_length": getattr(engine, "context_length", None),
+            "num_threads": args.num_threads,
+            "engine": "slime_wf.local",
+            "version": "local",
+            "internal_states": [{"num_running_reqs": running, "num_waiting_reqs": waiting, "paused": engine.paused}],
+        }
+    )
+
+
+def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[ENGINE] = engine
+    app["args"] = args
+    app.router.add_route("POST", "/generate", generate)
+    app.router.add_route("PUT", "/generate", generate)
+    app.router.add_post("/abort_request", abort_request)
+    app.router.add_post("/pause_generation", pause_generation)
+    app.router.add_post("/continue_generation", continue_generation)
+    app.router.add_route("*", "/flush_cache", flush_cache)
+    app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
+    app.router.add_get("/health", health)
+    app.router.add_get("/health_generate", health_generate)
+    for path in ("/model_info", "/get_model_info"):
+        app.router.add_get(path, model_info)
+    for path in ("/server_info", "/get_server_info"):
+        app.router.add_get(path, server_info)
+
+    async def on_shutdown(app: web.Application) -> None:
+        engine.abort(abort_all=True)
+        await asyncio.to_thread(engine.shutdown)
+
+    app.on_shutdown.append(on_shutdown)
+    return app
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m slime_wf.rollout.local_server",
+        description="Serve a Hugging Face causal LM on CPU with SGLang's native HTTP API.",
+    )
+    parser.add_argument("--model-path", required=True, help="Hugging Face checkpoint directory")
+    parser.add_argument("--tokenizer-path", default=None, help="tokenizer directory (default: --model-path)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=30000)
+    parser.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = float32 on CPU"
+    )
+    parser.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together at most")
+    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
+    parser.add_argument("--log-level", default="info")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from slime_wf.rollout.local_model import resolve_dtype
+
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.max_running_requests < 1:
+        raise SystemExit("--max-running-requests must be at least 1")
+    if args.num_threads is not None:
+        torch.set_num_threads(args.num_threads)
+    engine = LocalEngine(
+        args.model_path,
+        tokenizer_path=args.tokenizer_path,
+        dtype=resolve_dtype(args.dtype),
+        max_running_requests=args.max_running_requests,
+        weight_version=args.weight_version,
+    )
+    engine.start()
+    app = build_app(engine, args)
+
+    async def exit_on_load_failure(app: web.Application) -> None:
+        async def watch() -> None:
+            await asyncio.to_thread(engine.ready.wait)
+            if engine.load_error is not None:
+                logger.error("exiting: the model could not be loaded")
+                os.kill(os.getpid(), signal.SIGINT)  # run_app's own graceful shutdown
+
+        app["load_watch"] = asyncio.get_running_loop().create_task(watch())
+
+    app.on_startup.append(exit_on_load_failure)
+    logger.info("listening on http://%s:%d", args.host, args.port)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+    web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
+    if engine.load_error is not None:
+        raise SystemExit(1)
+
+
+if __name__ == "__main__":
+    main()

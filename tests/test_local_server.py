@@ -1,0 +1,531 @@
+"""The local engine server as a real subprocess, checked against SGLang's schema and transformers.
+
+Every request sent and every `/generate` response received goes through SGLang's own msgspec
+schema. Greedy tokens and log-probs are compared with a plain full forward pass of the same
+checkpoint (no cache, no padding), so batching, padding and cache bugs show up as mismatches.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import free_port
+from tiny_models import make_tiny_model, perturb_checkpoint
+
+from slime_wf.rollout.sglang_schema import (
+    schema_available,
+    validate_generate_request,
+    validate_generate_response,
+    validate_model_info,
+)
+
+REQUEST_TIMEOUT = 60
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+
+
+def call(url: str, path: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(
+        url + path, data=data, method=method or ("POST" if body is not None else "GET"),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as resp:
+            status, raw = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except json.JSONDecodeError:
+        return status, raw.decode()
+
+
+def generate(url: str, body: dict) -> dict:
+    """POST /generate with a schema-checked body; the 200 response is schema-checked too."""
+    if schema_available():
+        validate_generate_request(body)
+    status, out = call(url, "/generate", body)
+    assert status == 200, out
+    check_response(out)
+    return out
+
+
+def check_response(out: dict) -> None:
+    if schema_available():
+        decoded = validate_generate_response(out)
+        # The schema falls back to a plain dict for an unknown finish_reason shape: insist on a real one.
+        assert not isinstance(decoded.meta_info.finish_reason, dict), out["meta_info"]["finish_reason"]
+    meta = out["meta_info"]
+    assert meta["completion_tokens"] == len(out["output_ids"])
+    if "output_token_logprobs" in meta:
+        assert [e[1] for e in meta["output_token_logprobs"]] == out["output_ids"]
+
+
+def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", str(model_dir),
+           "--port", str(port), "--num-threads", "1", *extra]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"local server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if call(url, "/health_generate")[0] == 200:
+                return proc, url
+        except OSError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"local server did not become healthy:\n{log.read_text()[-3000:]}")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+def running_requests(url: str) -> int:
+    return call(url, "/server_info")[1]["internal_states"][0]["num_running_reqs"]
+
+
+def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while not predicate():
+        if time.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+class Reference:
+    """Full-forward log-probs from transformers, no cache and no padding."""
+
+    def __init__(self, model_dir: Path):
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    @torch.inference_mode()
+    def logprobs(self, prompt: list[int], output: list[int], temperature: float = 1.0) -> torch.Tensor:
+        """[len(output), vocab]: the distribution each output token was drawn from."""
+        ids = torch.tensor([prompt + output])
+        logits = self.model(input_ids=ids).logits[0, len(prompt) - 1 : len(prompt) + len(output) - 1]
+        return torch.log_softmax(logits.float() / temperature, dim=-1)
+
+    def assert_greedy(self, prompt: list[int], out: dict) -> None:
+        ref = self.logprobs(prompt, out["output_ids"])
+        assert out["output_ids"] == ref.argmax(-1).tolist()
+        served = torch.tensor([e[0] for e in out["meta_info"]["output_token_logprobs"]])
+        expected = ref.gather(1, torch.tensor(out["output_ids"])[:, None])[:, 0]
+        assert torch.allclose(served, expected, atol=1e-4, rtol=0), (served - expected).abs().max()
+
+
+def prompt_of(length: int, seed: int, vocab: int = 40) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(4, vocab, (length,), generator=g).tolist()
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("local-server-model"), max_positions=1024)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen3, tmp_path_factory):
+    proc, url = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs") / "server.log", "--max-running-requests", "8")
+    yield url
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_qwen3) -> Reference:
+    return Reference(tiny_qwen3)
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+def test_concurrent_greedy_equals_full_forward_reference(server, reference):
+    """Prompts of different lengths decoded together match a plain forward pass, tokens and log-probs."""
+    lengths = [1, 3, 7, 12, 20, 33, 5, 48, 2, 17]
+    bodies = [
+        {
+            "rid": f"greedy-{i}",
+            "input_ids": prompt_of(n, seed=i),
+            "sampling_params": {"max_new_tokens": 6 + 3 * (i % 5), "temperature": 0.0, "ignore_eos": True},
+            "return_logprob": True,
+        }
+        for i, n in enumerate(lengths)
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        outs = list(pool.map(lambda b: generate(server, b), bodies))
+    for body, out in zip(bodies, outs, strict=True):
+        assert out["meta_info"]["id"] == body["rid"]
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": body["sampling_params"]["max_new_tokens"]}
+        assert out["meta_info"]["prompt_tokens"] == len(body["input_ids"])
+        reference.assert_greedy(body["input_ids"], out)
+    # Greedy decoding is reproducible whatever runs beside it.
+    alone = generate(server, bodies[5])
+    assert alone["output_ids"] == outs[5]["output_ids"]
+
+
+def test_text_prompt_equals_its_token_ids(server, tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    text = "what is one plus two"
+    params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+    by_text = generate(server, {"text": text, "sampling_params": params})
+    by_ids = generate(server, {"input_ids": tok.encode(text), "sampling_params": params})
+    assert by_text["output_ids"] == by_ids["output_ids"]
+    assert by_text["text"] == tok.decode(by_text["output_ids"], skip_special_tokens=True)
+    assert by_text["meta_info"]["prompt_tokens"] == len(tok.encode(text))
+
+
+def test_sampling_seed_reproducible_and_logprobs_before_truncation(server, reference):
+    prompt = prompt_of(9, seed=100)
+    params = {"max_new_tokens": 24, "temperature": 0.7, "top_k": 6, "top_p": 0.9, "ignore_eos": True}
+    body = {"input_ids": prompt, "return_logprob": True, "sampling_params": {**params, "sampling_seed": 1234}}
+    first, second = generate(server, body), generate(server, body)
+    assert first["output_ids"] == second["output_ids"]
+    assert first["meta_info"]["output_token_logprobs"] == second["meta_info"]["output_token_logprobs"]
+    other = generate(server, {**body, "sampling_params": {**params, "sampling_seed": 99}})
+    assert other["output_ids"] != first["output_ids"]
+
+    # SGLang's definition: log-softmax(logits / T) over the whole vocabulary, before top-k/top-p.
+    ref = reference.logprobs(prompt, first["output_ids"], temperature=0.7)
+    served = torch.tensor([e[0] for e in first["meta_info"]["output_token_logprobs"]])
+    expected = ref.gather(1, torch.tensor(first["output_ids"])[:, None])[:, 0]
+    assert torch.allclose(served, expected, atol=1e-4, rtol=0)
+    top6 = ref.topk(6, dim=-1).indices
+    assert all(tok in row for tok, row in zip(first["output_ids"], top6.tolist(), strict=True))
+    assert first["output_ids"] != ref.argmax(-1).tolist()  # it did sample
+
+
+def test_stop_string_trimmed_unless_no_stop_trim(server, tiny_qwen3):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_qwen3)
+    prompt = prompt_of(6, seed=7)
+    params = {"max_new_tokens": 30, "temperature": 0, "ignore_eos": True}
+    base = generate(server, {"input_ids": prompt, "sampling_params": params})
+    words = [tok.decode([t]) for t in base["output_ids"]]
+    k = next(i for i in range(3, len(words)) if words[i] not in words[:i] and words[i].isalpha())
+    stop = words[k]
+
+    out = generate(server, {"input_ids": prompt, "sampling_params": {**params, "stop": [stop, "never-seen"]}})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": stop}
+    assert out["output_ids"] == base["output_ids"][: k + 1]
+    assert out["text"] == tok.decode(base["output_ids"][:k], skip_special_tokens=True) + " "
+    assert stop not in out["text"]
+
+    kept = generate(server, {"input_ids": prompt, "sampling_params": {**params, "stop": stop, "no_stop_trim": True}})
+    assert kept["output_ids"] == out["output_ids"]
+    assert kept["text"].endswith(stop)
+
+
+def test_stop_token_ids_and_max_new_tokens(server):
+    prompt = prompt_of(4, seed=8)
+    params = {"max_new_tokens": 20, "temperature": 0, "ignore_eos": True}
+    base = generate(server, {"input_ids": prompt, "sampling_params": params})
+    ids = base["output_ids"]
+    k = next(i for i in range(2, len(ids)) if ids[i] not in ids[:i])
+
+    stop_params = {"max_new_tokens": 20, "temperature": 0, "stop_token_ids": [ids[k]]}
+    out = generate(server, {"input_ids": prompt, "sampling_params": stop_params, "return_logprob": True})
+    assert out["meta_info"]["finish_reason"] == {"type": "stop", "matched": ids[k]}
+    assert out["output_ids"] == ids[: k + 1]  # the stop token is returned, its text is not
+    assert len(out["meta_info"]["output_token_logprobs"]) == k + 1
+
+    # ignore_eos disables stop tokens too (as in SGLang); max_new_tokens truncates.
+    ignored = generate(server, {"input_ids": prompt, "sampling_params": {**stop_params, "ignore_eos": True, "max_new_tokens": 5}})
+    assert ignored["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+    assert ignored["output_ids"] == ids[:5]
+
+    empty = generate(server, {"input_ids": prompt, "sampling_params": {"max_new_tokens": 0}})
+    assert empty["output_ids"] == [] and empty["meta_info"]["finish_reason"] == {"type": "length", "length": 0}
+
+
+def test_eight_concurrent_mixed_requests_complete(server):
+    bodies = []
+    for i in range(8):
+        params = {"max_new_tokens": 5 + 4 * i, "temperature": [0.0, 1.0, 0.5, 1.3][i % 4], "ignore_eos": i % 2 == 0}
+        if i % 3 == 0:
+            params |= {"top_p": 0.8, "min_p": 0.05, "sampling_seed": i}
+        bodies.append({"rid": f"mixed-{i}", "input_ids": prompt_of(3 + 5 * i, seed=50 + i), "sampling_params": params,
+                       "return_logprob": i % 2 == 1})
+    with ThreadPoolExecutor(8) as pool:
+        outs = list(pool.map(lambda b: generate(server, b), bodies))
+    for body, out in zip(bodies, outs, strict=True):
+        assert out["meta_info"]["id"] == body["rid"]
+        assert out["meta_info"]["finish_reason"]["type"] in ("length", "stop")
+        assert 1 <= len(out["output_ids"]) <= body["sampling_params"]["max_new_tokens"]
+        assert ("output_token_logprobs" in out["meta_info"]) == body["return_logprob"]
+
+
+# ---- abort and pause -------------------------------------------------------------------------
+
+
+def _generate_in_thread(url: str, body: dict) -> tuple[threading.Thread, dict]:
+    box: dict = {}
+
+    def run():
+        box["out"] = generate(url, body)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_abort_returns_partial_output(server):
+    long = {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    thread, box = _generate_in_thread(server, {"rid": "to-abort-1", "input_ids": prompt_of(5, 1), "sampling_params": long,
+                                               "return_logprob": True})
+    wait_until(lambda: running_requests(server) == 1, what="the request to run")
+    time.sleep(0.05)
+    # Paused mid-generation, the request cannot finish before the abort reaches it.
+    assert call(server, "/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        status, _ = call(server, "/abort_request", {"rid": "to-abort"})  # rids match by prefix, as in SGLang
+        assert status == 200
+        thread.join(REQUEST_TIMEOUT)
+    finally:
+        call(server, "/continue_generation", {})
+    out = box["out"]
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert 0 < out["meta_info"]["completion_tokens"] < 1000
+    assert len(out["meta_info"]["output_token_logprobs"]) == len(out["output_ids"])
+
+
+def test_client_disconnect_aborts_its_request(server):
+    body = {"rid": "gone", "input_ids": prompt_of(5, 9),
+            "sampling_params": {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}}
+    req = urllib.request.Request(server + "/generate", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    errors: list[Exception] = []
+
+    def give_up_after_a_second():
+        try:
+            urllib.request.urlopen(req, timeout=1.0)
+        except OSError as err:
+            errors.append(err)
+
+    client = threading.Thread(target=give_up_after_a_second, daemon=True)
+    client.start()
+    wait_until(lambda: running_requests(server) == 1, what="the request to run")
+    # Paused, the request cannot finish on its own: only the disconnect can end it.
+    assert call(server, "/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        client.join(10)
+        assert errors, "the client should have timed out"
+        wait_until(lambda: running_requests(server) == 0, timeout=10, what="the abandoned request to be aborted")
+    finally:
+        call(server, "/continue_generation", {})
+    # Its rid is free again.
+    assert generate(server, {**body, "sampling_params": {"max_new_tokens": 2}})["meta_info"]["id"] == "gone"
+
+
+def test_pause_keeps_requests_waiting_until_continue(server):
+    status, body = call(server, "/pause_generation", {"mode": "in_place"})
+    assert status == 200 and body["status"] == "ok"
+    try:
+        thread, box = _generate_in_thread(server, {"input_ids": prompt_of(4, 2), "sampling_params": {"max_new_tokens": 4}})
+        time.sleep(0.5)
+        assert "out" not in box  # queued while paused
+        assert call(server, "/health_generate")[0] == 200  # a paused server is healthy
+    finally:
+        assert call(server, "/continue_generation", {})[0] == 200
+    thread.join(REQUEST_TIMEOUT)
+    assert len(box["out"]["output_ids"]) >= 1
+
+
+def test_pause_abort_mode_aborts_in_flight_and_queued(server):
+    long = {"max_new_tokens": 1000, "temperature": 0, "ignore_eos": True}
+    running, running_box = _generate_in_thread(server, {"input_ids": prompt_of(5, 3), "sampling_params": long})
+    wait_until(lambda: running_requests(server) == 1, what="the request to run")
+    assert call(server, "/pause_generation", {"mode": "abort"})[0] == 200
+    try:
+        queued, queued_box = _generate_in_thread(server, {"rid": "queued", "input_ids": [5, 6], "sampling_params": long})
+        time.sleep(0.3)
+        assert call(server, "/abort_request", {"rid": "", "abort_all": True})[0] == 200
+        queued.join(REQUEST_TIMEOUT)
+        assert queued_box["out"]["meta_info"]["finish_reason"] == {"type": "abort", "message": "Abort in waiting queue"}
+    finally:
+        call(server, "/continue_generation", {})
+    running.join(REQUEST_TIMEOUT)
+    assert running_box["out"]["meta_info"]["finish_reason"]["type"] == "abort"
+    assert call(server, "/flush_cache", {})[0] == 200  # idle again
+
+
+# ---- bad requests and info -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, needle",
+    [
+        ({"input_ids": [5, 6], "sampling_params": {"max_new_token": 3}}, "unknown field `max_new_token`"),
+        ({"input_ids": [5, 6], "sampling_params": {"max_new_tokens": "3"}}, "invalid type"),
+        ({"input_ids": [5, 100000]}, "outside the vocabulary"),
+        ({"input_ids": [5, -1]}, "outside the vocabulary"),
+        ({"input_ids": [5, 6], "text": "the cat"}, "not both or neither"),
+        ({"sampling_params": {"max_new_tokens": 3}}, "not both or neither"),
+        ({"input_ids": [5], "sampling_params": {"max_new_tokens": -1}}, "max_new_tokens must be at least 0"),
+        ({"input_ids": [5] * 1024}, "longer than the model's context length"),
+        ({"input_ids": [5] * 1000, "sampling_params": {"max_new_tokens": 100}}, "maximum context length"),
+        ({"input_ids": [5], "sampling_params": {"n": 2}}, "one sample per request"),
+        ({"input_ids": [5], "sampling_params": {"top_p": 0.0}}, "top_p must be in (0, 1]"),
+        ({"input_ids": [5], "sampling_params": {"temperature": -1.0}}, "temperature must be"),
+        ({"input_ids": [5], "sampling_params": {"repetition_penalty": 1.2}}, "not supported by the local engine"),
+        ({"input_ids": [[5], [6]]}, "batched inputs"),
+        ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
+        ({"input_ids": []}, "prompt is empty"),
+    ],
+)
+def test_bad_requests_get_400(server, body, needle):
+    status, out = call(server, "/generate", body)
+    assert status == 400, out
+    message = out["error"] if isinstance(out["error"], str) else out["error"]["message"]
+    assert needle in message
+
+
+def test_health_and_info(server, tiny_qwen3):
+    assert call(server, "/health")[0] == 200
+    assert call(server, "/health_generate")[0] == 200
+    status, info = call(server, "/model_info")
+    assert status == 200 and info["model_path"] == str(tiny_qwen3) and info["is_generation"] is True
+    assert info["weight_version"] == "default"
+    if schema_available():
+        validate_model_info(info)
+    status, server_info = call(server, "/server_info")
+    assert status == 200 and server_info["max_running_requests"] == 8
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_engine_serves_other_architectures(arch, tmp_path):
+    """The engine in-process (no HTTP) on Qwen2 / Llama checkpoints: concurrent greedy equals the reference."""
+    from slime_wf.rollout.local_engine import LocalEngine, Request
+    from slime_wf.rollout.local_sampling import SamplingParams
+
+    model_dir = make_tiny_model(tmp_path / arch, arch=arch, seed=3)
+    engine = LocalEngine(str(model_dir))
+    engine.start()
+    try:
+        assert engine.ready.wait(60) and engine.load_error is None
+        prompts = [prompt_of(n, seed=n) for n in (2, 9, 25)]
+        params = {"max_new_tokens": 8, "temperature": 0, "ignore_eos": True}
+        futures = [
+            engine.submit(Request(rid=f"{arch}-{i}", input_ids=p, return_logprob=True,
+                                  params=SamplingParams.from_request(params, engine.vocab_size)))
+            for i, p in enumerate(prompts)
+        ]
+        reference = Reference(model_dir)
+        for prompt, fut in zip(prompts, futures, strict=True):
+            out = fut.result(timeout=REQUEST_TIMEOUT)
+            check_response(out)
+            reference.assert_greedy(prompt, out)
+    finally:
+        engine.shutdown()
+
+
+# ---- weight updates (own server: they change what is served) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def updatable(tiny_qwen3, tmp_path_factory):
+    proc, url = start_server(tiny_qwen3, tmp_path_factory.mktemp("logs") / "update.log", "--weight-version", "v1")
+    yield url
+    stop_server(proc)
+
+
+@pytest.mark.slow
+def test_update_weights_from_disk_changes_outputs_and_version(updatable, tiny_qwen3, tmp_path):
+    new_dir = perturb_checkpoint(tiny_qwen3, tmp_path / "v2")
+    body = {"input_ids": prompt_of(7, seed=3), "return_logprob": True,
+            "sampling_params": {"max_new_tokens": 12, "temperature": 0, "ignore_eos": True}}
+    before = generate(updatable, body)
+    assert before["meta_info"]["weight_version"] == "v1"
+
+    status, res = call(updatable, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "v2"})
+    assert status == 200 and res["success"] is True and res["num_paused_requests"] == 0, res
+    info = call(updatable, "/model_info")[1]
+    assert info["weight_version"] == "v2" and info["model_path"] == str(new_dir)
+    after = generate(updatable, body)
+    assert after["meta_info"]["weight_version"] == "v2"
+    assert after["output_ids"] != before["output_ids"]
+    Reference(new_dir).assert_greedy(body["input_ids"], after)
+
+    # A bad path or a checkpoint of another shape fails cleanly and v2 keeps serving.
+    status, res = call(updatable, "/update_weights_from_disk", {"model_path": str(tmp_path / "nope"), "weight_version": "v3"})
+    assert status == 400 and res["success"] is False and "nope" in res["message"]
+    wider = make_tiny_model(tmp_path / "wider", hidden=96)
+    status, res = call(updatable, "/update_weights_from_disk", {"model_path": str(wider), "weight_version": "v3"})
+    assert status == 400 and res["success"] is False and "shape" in res["message"]
+    assert call(updatable, "/model_info")[1]["weight_version"] == "v2"
+    again = generate(updatable, body)
+    assert again["output_ids"] == after["output_ids"] and again["meta_info"]["weight_version"] == "v2"
+
+
+@pytest.mark.slow
+def test_update_mid_generation_reports_version_spans(updatable, tiny_qwen3, tmp_path):
+    new_dir = perturb_checkpoint(tiny_qwen3, tmp_path / "v9", seed=9)
+    long = {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}
+    thread, box = _generate_in_thread(updatable, {"rid": "spanning", "input_ids": prompt_of(3, 4), "sampling_params": long})
+    wait_until(lambda: running_requests(updatable) == 1, what="the request to run")
+    time.sleep(0.05)
+    # Paused, the request is surely mid-generation when the new weights arrive.
+    assert call(updatable, "/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        status, res = call(updatable, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "v9"})
+        assert status == 200 and res["success"] and res["num_paused_requests"] == 1, res
+    finally:
+        call(updatable, "/continue_generation", {})
+    thread.join(REQUEST_TIMEOUT)
+    meta = box["out"]["meta_info"]
+    assert meta["finish_reason"] == {"type": "length", "length": 900}
+    assert meta["weight_version"] == "v9"  # the version current when it finished
+    old, new = meta["weight_versions"]
+    assert old["version"] != "v9" and new["version"] == "v9"
+    assert old["start"] == 0 < old["end"] == new["start"] < new["end"] == 900
+
+
+@pytest.mark.slow
+def test_fp8_checkpoint_is_served_with_fp8_rounded_weights(tiny_qwen3, tmp_path):
+    """The FP8 copy is dequantized on load: outputs match a reference built from the dequantized weights."""
+    from slime_wf.checkpoint.fp8_convert import convert_checkpoint
+    from slime_wf.rollout.local_model import check_state_dict, copy_weights_, read_state_dict
+
+    fp8_dir = tmp_path / "fp8"
+    convert_checkpoint(str(tiny_qwen3), str(fp8_dir), strategy="block", block_size=[32, 32], progress=False)
+    reference = Reference(tiny_qwen3)
+    exact = {k: v.clone() for k, v in reference.model.state_dict().items()}
+    copy_weights_(reference.model, check_state_dict(reference.model, read_state_dict(fp8_dir)))
+    assert any(not torch.equal(exact[k], v) for k, v in reference.model.state_dict().items())  # really rounded
+
+    proc, url = start_server(fp8_dir, tmp_path / "fp8.log")
+    try:
+        body = {"input_ids": prompt_of(11, seed=5), "return_logprob": True,
+                "sampling_params": {"max_new_tokens": 10, "temperature": 0, "ignore_eos": True}}
+        reference.assert_greedy(body["input_ids"], generate(url, body))
+    finally:
+        stop_server(proc)
