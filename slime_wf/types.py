@@ -112,8 +112,15 @@ class Sample:
         return sum(self.loss_mask) if self.loss_mask is not None else self.response_length
 
     def update_from_meta_info(self, meta_info: dict[str, Any]) -> None:
-        """Record the weight version and finish status reported by an SGLang-API engine."""
-        if "weight_version" in meta_info:
+        """Record the weight version(s) and finish status reported by an SGLang-API engine.
+
+        An engine whose weights changed mid-request may list the versions that produced its tokens
+        (`weight_versions` spans, oldest first); each is recorded, so a sample never hides a mix.
+        """
+        spans = meta_info.get("weight_versions")
+        if isinstance(spans, list) and spans and all(isinstance(s, dict) and "version" in s for s in spans):
+            self.weight_versions.extend(str(s["version"]) for s in spans)
+        elif "weight_version" in meta_info:
             self.weight_versions.append(str(meta_info["weight_version"]))
         finish_type = (meta_info.get("finish_reason") or {}).get("type")
         status = {

@@ -94,3 +94,12 @@ def test_update_from_meta_info():
 def test_effective_response_length():
     assert Sample(response_length=4).effective_response_length == 4
     assert Sample(response_length=4, loss_mask=[0, 0, 1, 1]).effective_response_length == 2
+
+
+def test_update_from_meta_info_records_every_version_of_a_mixed_request():
+    sample = Sample(weight_versions=["2"])
+    sample.update_from_meta_info(
+        {"weight_version": "4", "weight_versions": [{"version": "3", "start": 0, "end": 5}, {"version": "4", "start": 5, "end": 9}],
+         "finish_reason": {"type": "stop", "matched": 0}}
+    )
+    assert sample.weight_versions == ["2", "3", "4"]

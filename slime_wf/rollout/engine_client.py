@@ -1,0 +1,208 @@
+"""An async client for engines that speak SGLang's native HTTP API.
+
+Both engines (real SGLang on GPUs, the local CPU server) answer the same requests, so the rollout
+has one code path. `EngineSession` spreads `/generate` over the engines (or sends it to an
+sglang-router), bounds the requests in flight per engine, fails over when an engine dies, and
+sends control calls (abort, pause, weight updates, flush) to every engine directly: the router does
+not forward them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+
+logger = logging.getLogger(__name__)
+
+
+class EngineError(RuntimeError):
+    """An engine answered with an error."""
+
+
+class EngineUnavailable(EngineError):
+    """An engine could not be reached (refused, reset, dead)."""
+
+
+class EngineTimeout(EngineError):
+    """A request to an engine took longer than its timeout."""
+
+
+class EngineClient:
+    """One engine (or router) at `url`."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession):
+        self.url = url.rstrip("/")
+        self.session = session
+
+    async def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Any:
+        try:
+            async with self.session.request(
+                method, f"{self.url}{path}", json=json, timeout=aiohttp.ClientTimeout(total=timeout)
+            ) as resp:
+                body = await resp.read()
+                if resp.status >= 400:
+                    text = body.decode(errors="replace")[:500]
+                    raise EngineError(f"{method} {self.url}{path} -> HTTP {resp.status}: {text}")
+                if not body:
+                    return None
+                try:
+                    return await resp.json(content_type=None)
+                except ValueError:
+                    return body.decode(errors="replace")
+        except TimeoutError:
+            raise EngineTimeout(f"{method} {self.url}{path} timed out after {timeout} s") from None
+        except (aiohttp.ClientConnectionError, ConnectionError, OSError) as err:
+            raise EngineUnavailable(f"engine {self.url} is unreachable ({type(err).__name__}: {err})") from err
+
+    async def generate(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        return await self._request("POST", "/generate", json=payload, timeout=timeout)
+
+    async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
+        await self._request("POST", "/abort_request", json={"rid": rid or "", "abort_all": abort_all}, timeout=30)
+
+    async def pause_generation(self, mode: str = "abort") -> None:
+        await self._request("POST", "/pause_generation", json={"mode": mode}, timeout=60)
+
+    async def continue_generation(self) -> None:
+        await self._request("POST", "/continue_generation", json={}, timeout=60)
+
+    async def flush_cache(self) -> None:
+        await self._request("POST", "/flush_cache", timeout=60)
+
+    async def update_weights_from_disk(
+        self, model_path: str, weight_version: str, *, flush_cache: bool = True, abort_all_requests: bool = False,
+        timeout: float = 600,
+    ) -> dict[str, Any]:
+        body = {
+            "model_path": model_path,
+            "weight_version": str(weight_version),
+            "flush_cache": flush_cache,
+            "abort_all_requests": abort_all_requests,
+        }
+        return await self._request("POST", "/update_weights_from_disk", json=body, timeout=timeout)
+
+    async def model_info(self, timeout: float = 30) -> dict[str, Any]:
+        return await self._request("GET", "/model_info", timeout=timeout)
+
+    async def health_generate(self, timeout: float = 30) -> bool:
+        try:
+            await self._request("GET", "/health_generate", timeout=timeout)
+            return True
+        except EngineError:
+            return False
+
+
+class EngineSession:
+    """The engines of a fleet for the duration of one async job (a rollout, a weight sync).
+
+    `/generate` goes to the router when there is one, else to the engine with the fewest requests
+    in flight. An engine that cannot be reached is taken out of rotation and reported through
+    `on_engine_down(url)` (the fleet restarts it); `mark_up(url)` brings it back.
+    """
+
+    def __init__(
+        self,
+        worker_urls: list[str],
+        *,
+        router_url: str | None = None,
+        concurrency_per_engine: int = 64,
+        on_engine_down: Callable[[str], Any] | None = None,
+        validate: Callable[[str, dict[str, Any]], None] | None = None,
+    ):
+        if not worker_urls:
+            raise ValueError("an engine session needs at least one engine URL")
+        self.worker_urls = [u.rstrip("/") for u in worker_urls]
+        self.router_url = router_url.rstrip("/") if router_url else None
+        self.concurrency_per_engine = concurrency_per_engine
+        self.on_engine_down = on_engine_down
+        self.validate = validate  # contract checks: validate("request"|"response", body)
+        self.session: aiohttp.ClientSession | None = None
+        self.in_flight = dict.fromkeys(self.worker_urls, 0)
+        self.down: set[str] = set()
+        self._capacity: asyncio.Semaphore | None = None
+        self._up_event: asyncio.Event | None = None
+
+    async def __aenter__(self) -> EngineSession:
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+        self.session = aiohttp.ClientSession(connector=connector)
+        self._capacity = asyncio.Semaphore(self.concurrency_per_engine * len(self.worker_urls))
+        self._up_event = asyncio.Event()
+        self._up_event.set()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def client(self, url: str) -> EngineClient:
+        return EngineClient(url, self.session)
+
+    @property
+    def alive_urls(self) -> list[str]:
+        return [u for u in self.worker_urls if u not in self.down]
+
+    def mark_down(self, url: str) -> None:
+        if url in self.down or url not in self.in_flight:
+            return
+        self.down.add(url)
+        logger.warning("engine %s is down; its requests go to the other engines", url)
+        if not self.alive_urls:
+            self._up_event.clear()
+        if self.on_engine_down is not None:
+            self.on_engine_down(url)
+
+    def mark_up(self, url: str) -> None:
+        self.down.discard(url)
+        self._up_event.set()
+
+    async def _pick(self) -> str:
+        while not self.alive_urls:
+            await self._up_event.wait()
+        return min(self.alive_urls, key=lambda u: self.in_flight[u])
+
+    async def generate(self, payload: dict[str, Any], *, timeout: float | None = None) -> tuple[dict[str, Any], str]:
+        """Send one request; returns (response, url of the engine that served it).
+
+        Raises EngineUnavailable only when the chosen engine is unreachable (it is marked down
+        first, so a retry goes elsewhere); EngineTimeout when the request took too long.
+        """
+        if self.validate is not None:
+            self.validate("request", payload)
+        async with self._capacity:
+            if self.router_url is not None:
+                url, target = self.router_url, self.router_url
+            else:
+                url = await self._pick()
+                target = url
+            if url in self.in_flight:
+                self.in_flight[url] += 1
+            try:
+                response = await self.client(target).generate(payload, timeout=timeout)
+            except EngineUnavailable:
+                if url in self.in_flight:
+                    self.mark_down(url)
+                raise
+            finally:
+                if url in self.in_flight:
+                    self.in_flight[url] -= 1
+        if self.validate is not None:
+            self.validate("response", response)
+        return response, url
+
+    async def for_each_engine(self, action: Callable[[EngineClient], Any], *, skip_down: bool = True) -> list[Any]:
+        """Run a control call on every engine concurrently (the router does not forward them)."""
+        urls = self.alive_urls if skip_down else self.worker_urls
+        return await asyncio.gather(*(action(self.client(u)) for u in urls))
+
+    async def abort_all(self) -> None:
+        async def _abort(client: EngineClient) -> None:
+            try:
+                await client.abort(abort_all=True)
+            except EngineUnavailable:
+                self.mark_down(client.url)
+
+        await self.for_each_engine(_abort)

@@ -1,0 +1,191 @@
+"""Generating one sample, or one group, on the engines; continuing partial samples.
+
+`generate(args, sample, sampling_params)` keeps slime's signature so a user's
+`custom_generate_function_path` can wrap it. The engines it talks to come from the rollout
+context (`current_context()`), which the rollout loop sets for the tasks it starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import logging
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from slime_wf.plugins import load_function
+from slime_wf.rollout.engine_client import EngineError, EngineSession, EngineTimeout, EngineUnavailable
+from slime_wf.types import Group, Sample
+
+logger = logging.getLogger(__name__)
+
+_MAX_UNAVAILABLE_RETRIES = 8  # reconnects to other (or restarted) engines before a sample is FAILED
+
+
+@dataclass
+class RolloutContext:
+    """What the generation of one rollout (or evaluation) shares: engines, tokenizer, counters."""
+
+    args: Any
+    session: EngineSession
+    tokenizer: Any
+    rollout_id: int
+    reward_kwargs: dict[str, Any] = field(default_factory=dict)
+    aborted: bool = False
+    counters: Counter = field(default_factory=Counter)
+    generated_tokens: int = 0
+
+
+_context: contextvars.ContextVar[RolloutContext] = contextvars.ContextVar("slime_wf_rollout_context")
+
+
+def current_context() -> RolloutContext:
+    try:
+        return _context.get()
+    except LookupError:
+        raise RuntimeError("generate() runs only inside a rollout (no engine context is set)") from None
+
+
+def set_context(ctx: RolloutContext) -> contextvars.Token:
+    return _context.set(ctx)
+
+
+def sampling_params_from_args(args: Any) -> dict[str, Any]:
+    """The campaign's sampling parameters in SGLang's `sampling_params` shape."""
+    params: dict[str, Any] = {
+        "temperature": args.rollout_temperature,
+        "top_p": args.rollout_top_p,
+        "top_k": args.rollout_top_k,
+        "max_new_tokens": args.rollout_max_response_len,
+        "skip_special_tokens": args.rollout_skip_special_tokens,
+        # keep the stop string/token in the response, so the trained tokens are what was sampled
+        "no_stop_trim": True,
+        "spaces_between_special_tokens": False,
+    }
+    if args.rollout_stop:
+        params["stop"] = list(args.rollout_stop)
+    if args.rollout_stop_token_ids:
+        params["stop_token_ids"] = list(args.rollout_stop_token_ids)
+    return params
+
+
+def prompt_token_ids(tokenizer: Any, prompt: Any) -> list[int]:
+    if isinstance(prompt, list):  # chat messages that were not rendered when the dataset was loaded
+        prompt = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    return tokenizer.encode(prompt, add_special_tokens=False)
+
+
+def _append_response(sample: Sample, output: dict[str, Any]) -> int:
+    meta = output.get("meta_info") or {}
+    pairs = meta.get("output_token_logprobs") or []
+    tokens = [int(p[1]) for p in pairs]
+    if not tokens and output.get("output_ids"):
+        raise EngineError("engine returned output_ids without output_token_logprobs; return_logprob is required")
+    sample.tokens = sample.tokens + tokens
+    sample.response = (sample.response or "") + (output.get("text") or "")
+    sample.response_length += len(tokens)
+    sample.loss_mask = (sample.loss_mask or []) + [1] * len(tokens)
+    sample.rollout_log_probs = (sample.rollout_log_probs or []) + [float(p[0]) for p in pairs]
+    sample.update_from_meta_info(meta)
+    return len(tokens)
+
+
+async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
+    """Generate (or continue) one sample's response in place; returns the sample."""
+    ctx = current_context()
+    if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
+        raise ValueError(f"sample {sample.index} has status {sample.status.value}; only pending or aborted ones generate")
+    if not sample.tokens:
+        sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
+    params = dict(sampling_params)
+    params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
+    if params["max_new_tokens"] <= 0:
+        sample.status = Sample.Status.TRUNCATED
+        return sample
+    if params.get("temperature", 1.0) > 0 and "sampling_seed" not in params:
+        # reproducible given the weights; a continuation gets a fresh seed
+        params["sampling_seed"] = (args.rollout_seed * 1_000_003 + (sample.index or 0) * 7919 + sample.response_length) % (2**31)
+
+    timeouts = unavailable = 0
+    while True:
+        if ctx.aborted:
+            sample.status = Sample.Status.ABORTED
+            return sample
+        payload = {
+            "input_ids": sample.tokens,
+            "sampling_params": params,
+            "return_logprob": True,
+            "rid": f"r{ctx.rollout_id}-s{sample.index}-{uuid.uuid4().hex[:8]}",
+        }
+        try:
+            output, _url = await ctx.session.generate(payload, timeout=args.rollout_request_timeout)
+        except EngineTimeout as err:
+            timeouts += 1
+            ctx.counters["request_timeouts"] += 1
+            if timeouts >= 2:
+                logger.warning("sample %s: %s (twice); marking it FAILED", sample.index, err)
+                sample.status = Sample.Status.FAILED
+                sample.metadata["failure"] = str(err)
+                return sample
+            continue
+        except EngineUnavailable as err:
+            unavailable += 1
+            ctx.counters["request_retries_engine_down"] += 1
+            if unavailable > _MAX_UNAVAILABLE_RETRIES:
+                sample.status = Sample.Status.FAILED
+                sample.metadata["failure"] = str(err)
+                return sample
+            await asyncio.sleep(min(0.1 * unavailable, 1.0))
+            continue
+        ctx.generated_tokens += _append_response(sample, output)
+        return sample
+
+
+async def _generate_one(ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]) -> Sample | list[Sample]:
+    args = ctx.args
+    if args.partial_rollout and args.mask_offpolicy_in_partial_rollout and sample.response_length > 0:
+        # tokens from an earlier policy do not count for the loss
+        sample.loss_mask = [0] * sample.response_length
+    if sample.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED):
+        return sample  # finished in an earlier rollout (kept in the buffer with its reward)
+    custom_path = sample.generate_function_path or args.custom_generate_function_path
+    if custom_path is None:
+        return await generate(args, sample, dict(sampling_params))
+    fn = load_function(custom_path, num_positional=3, kind="generate function")
+    kwargs = {"evaluation": False} if "evaluation" in inspect.signature(fn).parameters else {}
+    result = await fn(args, sample, dict(sampling_params), **kwargs)
+    if not isinstance(result, (Sample, list)):
+        raise TypeError(f"generate function {custom_path} returned {type(result).__name__}, not Sample | list[Sample]")
+    return result
+
+
+async def reward_samples(ctx: RolloutContext, samples: list[Sample], *, whole_group: bool) -> None:
+    """Fill `reward` for the samples that have none (all of them with group_rm)."""
+    from slime_wf.rollout import rm_hub
+
+    args = ctx.args
+    if whole_group:
+        rewards = await rm_hub.batched_async_rm(args, samples, **ctx.reward_kwargs)
+        for sample, reward in zip(samples, rewards, strict=True):
+            sample.reward = reward
+        return
+    todo = [s for s in samples if s.reward is None]
+    if todo:
+        rewards = await rm_hub.batched_async_rm(args, todo, **ctx.reward_kwargs)
+        for sample, reward in zip(todo, rewards, strict=True):
+            sample.reward = reward
+
+
+async def generate_and_reward_group(ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]) -> Group:
+    """Generate every sample of a group concurrently, then reward them (unless the rollout aborted)."""
+    results = await asyncio.gather(*(_generate_one(ctx, s, sampling_params) for s in group))
+    flat: Group = []
+    for r in results:
+        flat.extend(r if isinstance(r, list) else [r])
+    if ctx.aborted or any(s.status in (Sample.Status.ABORTED, Sample.Status.FAILED) for s in flat):
+        return flat
+    await reward_samples(ctx, flat, whole_group=ctx.args.group_rm)
+    return flat

@@ -1,0 +1,208 @@
+"""The rollout loop against real local engine servers: dynamic sampling, partial rollout, faults, router."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from slime_wf.config import CampaignConfig
+from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
+from slime_wf.rollout.engine_client import EngineSession
+from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port
+from slime_wf.rollout.generate import RolloutContext, generate, sampling_params_from_args, set_context
+from slime_wf.rollout.rollout import check_ledger, generate_rollout
+from slime_wf.rollout.sglang_schema import schema_available, validate_generate_request, validate_generate_response
+from slime_wf.types import Sample
+from tiny_models import make_tiny_model
+
+pytestmark = pytest.mark.slow
+
+FILTER = "slime_wf.rollout.filter_hub.dynamic_sampling_filters.check_reward_nonzero_std"
+
+
+async def word_reward(args, sample):
+    """A toy reward with spread: the share of response words that are numbers words."""
+    words = sample.response.split()
+    return sum(w in {"one", "two", "three", "yes"} for w in words) / max(1, len(words))
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return str(make_tiny_model(tmp_path_factory.mktemp("rollout-model"), layers=2, hidden=64))
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rollout-data") / "prompts.jsonl"
+    words = "one two three four five six seven eight nine ten".split()
+    path.write_text("".join(json.dumps({"prompt": f"what is {w} plus {w}", "label": i}) + "\n" for i, w in enumerate(words)))
+    return str(path)
+
+
+def make_args(model_dir, prompts, *overrides):
+    return CampaignConfig.from_dict(
+        {
+            "model": {"hf_checkpoint": model_dir},
+            "data": {"prompt_data": prompts},
+            "rollout": {
+                "rollout_batch_size": 3,
+                "n_samples_per_prompt": 4,
+                "rollout_max_response_len": 24,
+                "rollout_temperature": 1.0,
+            },
+            "reward": {"custom_rm_path": f"{__name__}.word_reward"},
+            "engine": {"num_engines": 2, "local_engine_threads": 1},
+        },
+        list(overrides),
+    ).args()
+
+
+@pytest.fixture(scope="module")
+def fleet(model_dir, prompts, tmp_path_factory):
+    args = make_args(model_dir, prompts)
+    with EngineFleet(args, model_dir, log_dir=str(tmp_path_factory.mktemp("logs"))) as fleet:
+        yield fleet
+
+
+def contract_validator():
+    if not schema_available():
+        pytest.skip("SGLang's schema (sglang --no-deps) is not installed")
+
+    def validate(kind, body):
+        (validate_generate_request if kind == "request" else validate_generate_response)(body)
+
+    return validate
+
+
+def test_rollout_with_dynamic_sampling(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts, "over_sampling_batch_size=5", f"dynamic_sampling_filter_path={FILTER}")
+    ds = RolloutDataSourceWithBuffer(args)
+    out = generate_rollout(args, 0, ds, fleet, validate=contract_validator())
+    assert len(out.groups) == 3 and all(len(g) == 4 for g in out.groups)
+    check_ledger(out.ledger)
+    assert out.ledger["trained"] == sorted(g[0].group_index for g in out.groups)
+    for group in out.groups:
+        rewards = [s.reward for s in group]
+        assert max(rewards) - min(rewards) > 1e-6  # the filter kept only groups with spread
+        for s in group:
+            assert s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED)
+            assert len(s.tokens) > s.response_length == len(s.loss_mask) == len(s.rollout_log_probs)
+            assert s.weight_versions == ["0"] and all(lp <= 0 for lp in s.rollout_log_probs)
+            if s.status == Sample.Status.TRUNCATED:
+                assert s.response_length == 24
+    # without partial rollout, whatever was still running is dropped as aborted
+    assert out.ledger["to_buffer"] == [] and ds.get_buffer_length() == 0
+    assert out.metrics["rollout/groups_drawn"] == len(out.ledger["drawn_new"]) >= 3
+    assert 0 <= out.metrics["rollout/raw_reward"] <= 1 and out.metrics["rollout/tokens_per_s"] > 0
+
+
+def test_partial_rollout_buffers_and_continues(fleet, model_dir, prompts):
+    args = make_args(
+        model_dir, prompts, "partial_rollout=true", "mask_offpolicy_in_partial_rollout=true",
+        "over_sampling_batch_size=8", "rollout_batch_size=2", "rollout_max_response_len=40",
+    )
+    ds = RolloutDataSourceWithBuffer(args)
+    first = generate_rollout(args, 0, ds, fleet)
+    check_ledger(first.ledger)
+    assert first.ledger["to_buffer"], "over-sampling 8 groups for 2 must leave groups to continue"
+    assert ds.get_buffer_length() == len(first.ledger["to_buffer"])
+    buffered = {g[0].group_index: [s.clone() for s in g] for g in ds.buffer}
+    partial = [s for g in buffered.values() for s in g if s.status == Sample.Status.ABORTED]
+    for s in partial:
+        assert s.metadata["start_rollout_id"] == 0 and len(s.rollout_log_probs) == s.response_length
+
+    second = generate_rollout(args, 1, ds, fleet)
+    check_ledger(second.ledger)
+    assert second.ledger["from_buffer"] == sorted(buffered)[: len(second.ledger["from_buffer"])]
+    continued = 0
+    for group in second.groups:
+        before = buffered.get(group[0].group_index)
+        if before is None:
+            continue
+        for old, new in zip(before, group, strict=True):
+            # continued, not restarted: the old tokens and log-probs are a prefix of the new ones
+            assert new.tokens[: len(old.tokens)] == old.tokens
+            assert new.rollout_log_probs[: old.response_length] == old.rollout_log_probs
+            if old.status == Sample.Status.ABORTED and old.response_length:
+                continued += 1
+                assert new.loss_mask[: old.response_length] == [0] * old.response_length  # off-policy masked
+                assert new.response_length <= 40 and len(new.weight_versions) == 2
+    if continued:
+        assert second.metrics["rollout/offpolicy_token_fraction"] > 0
+
+
+def test_filter_that_keeps_nothing_fails_clearly(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts, "rollout_temperature=0", f"dynamic_sampling_filter_path={FILTER}",
+                     "max_groups_drawn_per_rollout=6", "rollout_max_response_len=4")
+    with pytest.raises(RuntimeError, match=r"drew 6 groups but kept only 0 of 3 .*zero_std"):
+        generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+
+
+def test_request_timeout_is_retried_once_then_failed(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts, "rollout_request_timeout=0.001", "rollout_max_response_len=200")
+    from transformers import AutoTokenizer
+
+    async def run():
+        async with fleet.session() as session:
+            ctx = RolloutContext(args=args, session=session, tokenizer=AutoTokenizer.from_pretrained(model_dir), rollout_id=0)
+            set_context(ctx)
+            sample = await generate(args, Sample(index=0, prompt="what is one plus one"), sampling_params_from_args(args))
+            return sample, ctx
+
+    sample, ctx = asyncio.run(run())
+    assert sample.status == Sample.Status.FAILED and "timed out" in sample.metadata["failure"]
+    assert ctx.counters["request_timeouts"] == 2
+
+
+def test_unreachable_engine_is_named(model_dir, prompts, tmp_path):
+    url = f"http://127.0.0.1:{free_port()}"
+    args = make_args(model_dir, prompts, f"engine_urls=['{url}']")
+    with pytest.raises(EngineStartError, match=f"engine {url} .* unreachable"):
+        EngineFleet(args, model_dir, log_dir=str(tmp_path)).start()
+
+
+def test_engine_that_fails_to_start_shows_its_log(prompts, tmp_path):
+    args = make_args(str(tmp_path / "no-model"), prompts, "num_engines=1", "engine_startup_timeout=60")
+    with pytest.raises(EngineStartError, match="exited with code"):
+        EngineFleet(args, str(tmp_path / "no-model"), log_dir=str(tmp_path)).start()
+
+
+def test_router_in_front_of_two_engines(fleet, model_dir, prompts, tmp_path):
+    args = make_args(model_dir, prompts, f"engine_urls={fleet.urls}", "use_router=true")
+    with EngineFleet(args, model_dir, log_dir=str(tmp_path)) as routed:
+        assert routed.router_url is not None
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), routed, validate=contract_validator())
+        assert len(out.groups) == 3
+        check_ledger(out.ledger)
+
+        async def control():
+            async with routed.session() as session:
+                await session.abort_all()  # control calls go to each engine, not the router
+                infos = await session.for_each_engine(lambda c: c.model_info())
+                return infos
+
+        assert len(asyncio.run(control())) == 2
+
+
+def test_dead_engine_is_restarted_and_the_rollout_completes(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts, "rollout_max_response_len=200", "over_sampling_batch_size=6")
+    victim = fleet.engines[0]
+    ds = RolloutDataSourceWithBuffer(args)
+
+    def killer():
+        time.sleep(0.5)  # mid-rollout: generating 6 groups of 4 x up to 200 tokens takes seconds
+        os.killpg(victim.process.pid, signal.SIGKILL)
+
+    import threading
+
+    threading.Thread(target=killer, daemon=True).start()
+    out = generate_rollout(args, 0, ds, fleet)
+    check_ledger(out.ledger)
+    assert len(out.groups) == 3
+    assert victim.restarts == 1 and fleet.check_health()[victim.url]
+    assert out.metrics.get("rollout/request_retries_engine_down", 0) >= 1
