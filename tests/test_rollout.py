@@ -9,16 +9,19 @@ import signal
 import time
 
 import pytest
+from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
-from slime_wf.rollout.engine_client import EngineSession
 from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port
 from slime_wf.rollout.generate import RolloutContext, generate, sampling_params_from_args, set_context
 from slime_wf.rollout.rollout import check_ledger, generate_rollout
-from slime_wf.rollout.sglang_schema import schema_available, validate_generate_request, validate_generate_response
+from slime_wf.rollout.sglang_schema import (
+    schema_available,
+    validate_generate_request,
+    validate_generate_response,
+)
 from slime_wf.types import Sample
-from tiny_models import make_tiny_model
 
 pytestmark = pytest.mark.slow
 
