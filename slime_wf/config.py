@@ -45,6 +45,19 @@ class ModelConfig(Section):
         description="Hugging Face checkpoint of the policy: a local directory, a hub repo id, or s3://bucket/prefix. "
         "Its tokenizer is used by apply_chat_template and rollout_max_prompt_len.",
     )
+    hf_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin. null: main.")
+    rollout_fp8: bool = Field(
+        False,
+        description="Serve rollouts from an FP8 copy of the checkpoint (made by prepare) and cast every weight sync "
+        "to FP8; training stays in BF16/FP32.",
+    )
+    fp8_strategy: Literal["block", "channel", "tensor"] = Field(
+        "block", description="FP8 scaling: 128x128 blocks with weight_scale_inv (SGLang's format), per channel or per tensor."
+    )
+    fp8_block_size: list[int] = Field([128, 128], min_length=2, max_length=2, description="FP8 block shape [rows, cols].")
+    cache_dir: str = Field(
+        ".cache/slime-wf", description="Local folder for downloaded checkpoints and the FP8 rollout copy."
+    )
 
 
 class DataConfig(Section):
@@ -254,6 +267,17 @@ class StorageConfig(Section):
         None, description="S3 endpoint (e.g. a local S3 server). null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS."
     )
     s3_region: str | None = Field(None, description="S3 region. null: AWS_DEFAULT_REGION or the SDK default.")
+    scratch_dir: str = Field(
+        ".cache/slime-wf/scratch",
+        description="Local folder for weight exports the engines load (/update_weights_from_disk) and for trainer "
+        "checkpoints of an s3:// store before upload. Engines on other hosts need it on a shared filesystem.",
+    )
+    keep_weight_exports: int = Field(2, ge=1, description="Weight exports kept in scratch_dir (older ones are removed).")
+    check_weight_update_equal: bool = Field(
+        False,
+        description="After each weight sync, check that every engine serves exactly the exported weights (greedy "
+        "tokens and log-probs against a reference forward pass). Debug mode; costs a model load per sync.",
+    )
 
 
 class TrainConfig(Section):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterable
 from typing import Any
@@ -137,6 +138,36 @@ class RunStore:
         path = self._path(rel)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def put_dir(self, local_dir: str, rel: str) -> None:
+        """Copy a local folder to `rel` (replacing it). Locally a rename into place; on S3 an upload.
+
+        Callers make the copy visible through a later atomic write (the manifest), so a folder
+        that is half uploaded is never referenced.
+        """
+        target = self._path(rel)
+        try:
+            if self.is_local:
+                if os.path.abspath(local_dir) == os.path.abspath(target):
+                    return
+                self.delete(rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copytree(local_dir, target)
+            else:
+                self.delete(rel)
+                self.fs.put(local_dir.rstrip("/") + "/", target + "/", recursive=True)
+        except Exception as err:
+            raise StoreError(_describe_write_error(self.url(rel), err)) from err
+
+    def get_dir(self, rel: str, local_dir: str) -> str:
+        """A local copy of the folder `rel` (the folder itself for a local store)."""
+        if self.is_local:
+            return self._path(rel)
+        if os.path.exists(local_dir):
+            shutil.rmtree(local_dir)
+        os.makedirs(local_dir, exist_ok=True)
+        self.fs.get(self._path(rel).rstrip("/") + "/", local_dir.rstrip("/") + "/", recursive=True)
+        return local_dir
 
     # ---- typed helpers -------------------------------------------------------------------
 

@@ -1,0 +1,156 @@
+"""Weight sync: trainer weights -> HF checkpoint on disk (cast to FP8 when the rollout runs in FP8) -> engines.
+
+`disk` mode, the one mode that works between processes on CPU and with SGLang servers on other
+hosts that share a filesystem: the trainer writes a complete HF checkpoint into the scratch folder,
+then every engine loads it with `/update_weights_from_disk`, tagged with `weight_version` = the
+rollout id. Engines swap weights between decode steps; each response reports the versions that
+produced its tokens, and the rollout records them in `Sample.weight_versions`.
+
+`verify_served_weights` (the `check_weight_update_equal` debug mode) compares what each engine
+serves with a reference forward pass over the exported weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import time
+from typing import Any
+
+from slime_wf.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+
+def dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
+
+
+def export_weights(trainer: Any, out_dir: str, *, fp8: dict[str, Any] | None = None) -> str:
+    """Write the trainer's current weights as an HF checkpoint at `out_dir`.
+
+    With `fp8` ({"strategy", "block_size"}), the weights are cast by the same quantizer that made the
+    FP8 rollout checkpoint, so the engines receive the format they serve.
+    """
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    if fp8 is None:
+        return trainer.export_hf(out_dir)
+    from slime_wf.checkpoint.fp8_convert import convert_checkpoint
+
+    staging = out_dir.rstrip("/") + ".bf16"
+    if os.path.exists(staging):
+        shutil.rmtree(staging)
+    trainer.export_hf(staging)
+    try:
+        convert_checkpoint(
+            staging, out_dir, strategy=fp8["strategy"], block_size=tuple(fp8["block_size"]), progress=False
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir
+
+
+async def push_weights(session: Any, model_path: str, weight_version: str) -> list[dict[str, Any]]:
+    """`/update_weights_from_disk` on every engine; raises naming each engine that refused."""
+
+    async def one(client):
+        return client.url, await client.update_weights_from_disk(model_path, str(weight_version), flush_cache=True)
+
+    results = await session.for_each_engine(one, skip_down=False)
+    failed = [(url, r) for url, r in results if not (isinstance(r, dict) and r.get("success"))]
+    if failed:
+        details = "; ".join(f"{url}: {r.get('message') if isinstance(r, dict) else r}" for url, r in failed)
+        raise CheckpointError(f"weight sync of {model_path} (version {weight_version}) failed on: {details}")
+    return [r for _, r in results]
+
+
+def sync_weights(fleet: Any, trainer: Any, out_dir: str, weight_version: str, *, fp8=None, verify=False) -> dict:
+    """Export, push to every engine of `fleet`, and record the new weights for engine restarts."""
+    t0 = time.perf_counter()
+    export_weights(trainer, out_dir, fp8=fp8)
+    t1 = time.perf_counter()
+
+    async def _push():
+        async with fleet.session() as session:
+            await push_weights(session, out_dir, weight_version)
+            if verify:
+                return await verify_served_weights(session, out_dir)
+            return None
+
+    max_diff = asyncio.run(_push())
+    t2 = time.perf_counter()
+    fleet.set_weights(out_dir, weight_version)
+    nbytes = dir_size(out_dir)
+    out = {
+        "sync/export_s": t1 - t0,
+        "sync/push_s": t2 - t1,
+        "sync/bytes": float(nbytes),
+        "sync/s_per_gb": (t2 - t0) / max(nbytes / 2**30, 1e-9),
+    }
+    if max_diff is not None:
+        out["sync/max_logprob_diff"] = max_diff
+    logger.info("weights %s synced to %d engine(s) in %.2f s", weight_version, len(fleet.urls), t2 - t0)
+    return out
+
+
+def reference_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+    """Greedy tokens and their log-probs from a plain forward pass over `model_path` (FP8 dequantized)."""
+    import torch
+
+    from slime_wf.rollout.local_model import load_model
+
+    model = load_model(model_path, torch.float32)
+    ids = list(prompt_ids)
+    out_ids, out_lps = [], []
+    with torch.inference_mode():
+        for _ in range(max_new_tokens):
+            logits = model(torch.tensor([ids])).logits[0, -1].float()
+            lp = torch.log_softmax(logits, dim=-1)
+            tok = int(torch.argmax(logits))
+            out_ids.append(tok)
+            out_lps.append(float(lp[tok]))
+            ids.append(tok)
+    return out_ids, out_lps
+
+
+async def verify_served_weights(
+    session: Any, model_path: str, prompt_ids: list[int] | None = None, max_new_tokens: int = 8, tol: float = 1e-3
+) -> float:
+    """Check that every engine serves `model_path`: same greedy tokens, log-probs within `tol`."""
+    prompt_ids = prompt_ids or [2, 5, 7, 11, 13]
+    want_ids, want_lps = await asyncio.to_thread(reference_greedy, model_path, prompt_ids, max_new_tokens)
+    payload = {
+        "input_ids": prompt_ids,
+        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
+        "return_logprob": True,
+    }
+    worst = 0.0
+    for url in session.worker_urls:
+        out = await session.client(url).generate(payload, timeout=300)
+        got = out["meta_info"]["output_token_logprobs"]
+        got_ids = [int(t) for _, t, _ in got]
+        if got_ids != want_ids:
+            raise CheckpointError(
+                f"engine {url} does not serve {model_path}: greedy tokens {got_ids} != reference {want_ids}"
+            )
+        diff = max(abs(float(lp) - w) for (lp, _, _), w in zip(got, want_lps, strict=True))
+        if diff > tol:
+            raise CheckpointError(f"engine {url} does not serve {model_path}: log-probs differ by {diff:.2e} > {tol}")
+        worst = max(worst, diff)
+    return worst
+
+
+def prune_exports(folder: str, keep: int, current: str) -> None:
+    """Remove all but the newest `keep` weight exports in `folder` (never `current`)."""
+    if not os.path.isdir(folder):
+        return
+    exports = sorted(
+        (os.path.join(folder, d) for d in os.listdir(folder) if not d.startswith(".")),
+        key=os.path.getmtime,
+    )
+    for path in exports[:-keep]:
+        if os.path.abspath(path) != os.path.abspath(current):
+            shutil.rmtree(path, ignore_errors=True)
