@@ -95,7 +95,6 @@ class Campaign:
         from slime_wf.rollout import rm_hub
         from slime_wf.rollout.dataset import load_tokenizer
         from slime_wf.rollout.engines import EngineFleet
-        from slime_wf.training.trainer import Trainer
 
         if self.paths is None:
             self.prepare()
@@ -114,10 +113,7 @@ class Campaign:
         if last is not None:
             self.data_source.load_state_dict(self.store.read_json(RunStore.rollout_file(last, "data_source.json")))
 
-        trainer_args = self.cfg.args()
-        trainer_args.hf_checkpoint = self.paths["hf_dir"]
-        trainer_args.load = self._local_checkpoint(manifest.get("last_checkpoint")) if last is not None else self.args.load
-        self.trainer = Trainer(trainer_args, self.paths["hf_dir"])
+        self.restart_trainer()
 
         if last is None and not self.args.load:
             weights, version = self.paths["rollout_dir"], INITIAL_WEIGHT_VERSION
@@ -160,8 +156,14 @@ class Campaign:
             logger.info("rollout %d: reusing the stored samples", rid)
             return summary
         t0 = time.perf_counter()
-        out = generate_rollout(self.args, rid, self.data_source, self.fleet, tokenizer=self.tokenizer,
-                               reward_hub=self.reward_hub)
+        before = self.data_source.state_dict()
+        try:
+            out = generate_rollout(self.args, rid, self.data_source, self.fleet, tokenizer=self.tokenizer,
+                                   reward_hub=self.reward_hub)
+        except BaseException:
+            # a retried rollout must draw the same groups, or the failed attempt's groups would be lost
+            self.data_source.load_state_dict(before)
+            raise
         self._time(rid, "rollout", time.perf_counter() - t0)
         st = self.store
         samples = [s for g in out.groups for s in g]
@@ -185,6 +187,24 @@ class Campaign:
         metrics = self.trainer.train([Sample.from_dict(r) for r in rows], rid)
         self._time(rid, "train", time.perf_counter() - t0)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+
+    def can_restart_trainer_for(self, rid: int) -> bool:
+        """Whether the committed checkpoint is the state right before training `rid`."""
+        last = self.last_committed()
+        return (last is None and not self.args.load) or last == rid - 1
+
+    def restart_trainer(self) -> None:
+        """Rebuild the trainer from the committed checkpoint (after a failure mid-step)."""
+        from slime_wf.training.trainer import Trainer
+
+        if self.trainer is not None:
+            self.trainer.shutdown()
+        manifest = self.manifest()
+        trainer_args = self.cfg.args()
+        trainer_args.hf_checkpoint = self.paths["hf_dir"]
+        if manifest.get("last_checkpoint"):
+            trainer_args.load = self._local_checkpoint(manifest["last_checkpoint"])
+        self.trainer = Trainer(trainer_args, self.paths["hf_dir"])
 
     def sync_weights(self, rid: int) -> dict[str, float]:
         from slime_wf.checkpoint.sync import prune_exports, sync_weights

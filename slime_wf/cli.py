@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from slime_wf.checkpoint import commands as checkpoint_commands
 from slime_wf.config import CampaignConfig, ConfigError, config_reference_markdown
+from slime_wf.store import RunStore
 from slime_wf.training import hf_parity
 
 
@@ -26,6 +28,45 @@ def _config_reference(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _run_flow(name: str):
+    def run(ns: argparse.Namespace) -> int:
+        cfg = CampaignConfig.from_yaml(ns.config, ns.set)
+        # flows/ is the Prefect layer above this library: imported only when a flow runs
+        import flows.campaign
+
+        result = getattr(flows.campaign, name)(cfg)
+        print(json.dumps(result, indent=1, default=str))
+        if name == "train":
+            print(f"run store: {RunStore.for_campaign(cfg).uri}", file=sys.stderr)
+            api = os.environ.get("PREFECT_API_URL")
+            print(
+                f"Prefect UI: {api.removesuffix('/api')}" if api else
+                "Prefect UI: start `prefect server start` and set PREFECT_API_URL to keep flow runs and artifacts "
+                "(this run used a temporary server)",
+                file=sys.stderr,
+            )
+        return 0
+
+    return run
+
+
+def _add_flow_command(sub, name: str, help_text: str) -> None:
+    p = sub.add_parser(name, help=help_text)
+    p.add_argument("--config", required=True, help="campaign YAML file (local or s3://)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a setting (repeatable), e.g. --set campaign=exp2 --set num_rollout=20",
+    )
+    p.set_defaults(func=_run_flow(name))
+
+
+def _serve(ns: argparse.Namespace) -> int:
+    from deployments.serve import serve
+
+    serve(ns.config, ns.set, cron=ns.cron)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slime-wf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -36,6 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
     )
     p.set_defaults(func=_check_config)
+
+    _add_flow_command(sub, "train", "run or resume a campaign (the Prefect `train` flow)")
+    _add_flow_command(sub, "prepare", "download the checkpoint and make its FP8 rollout copy (the `prepare` flow)")
+    _add_flow_command(sub, "evaluate", "evaluate the last committed policy on eval.eval_datasets (the `evaluate` flow)")
+
+    p = sub.add_parser("serve-deployments", help="register the train/prepare/evaluate deployments and serve them")
+    p.add_argument("--config", required=True, help="campaign YAML file: the deployments' default parameters")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument("--cron", default=None, help="cron schedule of the train deployment (default: none)")
+    p.set_defaults(func=_serve)
 
     p = sub.add_parser("config-reference", help="print the configuration reference (markdown)")
     p.add_argument("--json-schema", action="store_true", help="print the JSON schema instead")

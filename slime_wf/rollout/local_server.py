@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import threading
 import time
 import uuid
 from typing import Any
@@ -334,7 +335,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument(
+        "--exit-with-parent", action="store_true",
+        help="exit when the launching process dies (even by kill -9), so no engine outlives its campaign",
+    )
     return parser.parse_args(argv)
+
+
+def _exit_with_parent() -> None:
+    """Poll the parent pid: once the launcher is gone (reparented), shut down gracefully."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        logger.warning("the launching process (pid %d) is gone; exiting", parent)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -356,6 +374,8 @@ def main(argv: list[str] | None = None) -> None:
         weight_version=args.weight_version,
     )
     engine.start()
+    if args.exit_with_parent:
+        _exit_with_parent()
     app = build_app(engine, args)
 
     async def exit_on_load_failure(app: web.Application) -> None:

@@ -1,0 +1,90 @@
+"""The Prefect flows: `train` (the campaign loop), `prepare` (download and FP8 conversion), `evaluate`.
+
+Each flow's parameters are one pydantic model, the campaign config, so the Prefect UI renders it
+as a validated form. Task results are persisted as JSON per rollout id in the run store (a folder
+locally, a saved RemoteFileSystem block for s3://).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.artifacts import progress, rollout_artifacts
+from slime_wf.campaign import Campaign
+from slime_wf.config import CampaignConfig
+from tasks import campaign_tasks as t
+
+
+def result_storage(cfg: CampaignConfig) -> Any:
+    """Where task results go: the run store's root (keys start with the campaign's name)."""
+    store = cfg.storage.store.rstrip("/")
+    if not store.startswith("s3://"):
+        return Path(os.path.abspath(store))
+    from prefect.filesystems import RemoteFileSystem
+
+    settings: dict[str, Any] = {}
+    endpoint = cfg.storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if endpoint:
+        settings["client_kwargs"] = {"endpoint_url": endpoint}
+    name = f"slime-wf-{cfg.campaign}".replace("_", "-")
+    RemoteFileSystem(basepath=store, settings=settings).save(name, overwrite=True)
+    return f"remote-file-system/{name}"
+
+
+def _with_storage(task_obj, storage):
+    return task_obj.with_options(result_storage=storage)
+
+
+@flow(name="train", log_prints=True)
+def train(config: CampaignConfig) -> dict[str, Any]:
+    """Run (or resume) a campaign from its next rollout id to `num_rollout`."""
+    logger = get_run_logger()
+    storage = result_storage(config)
+    rollout, train_step, sync, evaluate, save = (
+        _with_storage(x, storage) for x in (t.generate_rollout, t.train_step, t.sync_weights, t.evaluate,
+                                            t.save_checkpoint)
+    )
+    name, total = config.campaign, config.rollout.num_rollout
+    with Campaign(config) as campaign:
+        t.prepare_checkpoint(campaign)
+        first = t.start_campaign(campaign)
+        if first:
+            logger.info("campaign %s resumes at rollout %d of %d", name, first, total)
+        progress(name, first, total)
+        for rid in range(first, total):
+            rollout(campaign, name, rid)
+            metrics = dict(train_step(campaign, name, rid))
+            metrics.update(sync(campaign, name, rid))
+            if campaign.should_evaluate(rid):
+                metrics.update(evaluate(campaign, name, rid))
+            merged = save(campaign, name, rid, metrics)
+            rollout_artifacts(name, campaign.store, rid, merged)
+            progress(name, rid + 1, total)
+        manifest = campaign.manifest()
+    logger.info("campaign %s done: run store %s", name, campaign.store.uri)
+    return manifest
+
+
+@flow(name="prepare", log_prints=True)
+def prepare(config: CampaignConfig) -> dict[str, str]:
+    """Download the policy checkpoint and, with model.rollout_fp8, make its FP8 rollout copy."""
+    campaign = Campaign(config)
+    return t.prepare_checkpoint(campaign)
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(config: CampaignConfig) -> dict[str, float]:
+    """Evaluate the campaign's last committed policy on `eval.eval_datasets`."""
+    if not config.eval.eval_datasets:
+        raise ValueError("eval.eval_datasets is empty: name at least one evaluation set")
+    storage = result_storage(config)
+    with Campaign(config) as campaign:
+        t.prepare_checkpoint(campaign)
+        t.start_campaign(campaign)
+        rid = campaign.last_committed()
+        rid = -1 if rid is None else rid
+        return _with_storage(t.evaluate, storage)(campaign, config.campaign, rid)

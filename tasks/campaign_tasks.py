@@ -1,0 +1,100 @@
+"""The Prefect tasks of a campaign: each reads from the run store, calls slime_wf, writes back, and
+returns a small JSON manifest that Prefect persists per rollout id.
+
+Retries follow what is safe to repeat: a rollout restores its data-source state before a retry,
+and a weight sync is idempotent, so both retry on engine faults. Training never retries blindly:
+a failed step may have half-applied an optimizer update, so the trainer is rebuilt from the
+committed checkpoint first (possible when that checkpoint is the state right before this id).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import get_run_logger, task
+
+from slime_wf.campaign import Campaign
+from slime_wf.rollout.engine_client import EngineError
+from slime_wf.rollout.engines import EngineStartError
+
+ENGINE_FAULTS = (EngineError, EngineStartError, ConnectionError, TimeoutError)
+
+
+def _retry_on_engine_fault(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except ENGINE_FAULTS:
+        return True
+    except Exception:
+        return False
+    return False
+
+
+def _persisted(fn, name: str, **options):
+    """A task whose result is stored as JSON under `<campaign>/prefect/<id>-<name>.json`; its body
+    always runs (the campaign itself skips completed work), so a re-run never restores stale state."""
+    return task(
+        fn,
+        name=name,
+        persist_result=True,
+        result_serializer="json",
+        refresh_cache=True,
+        result_storage_key="{parameters[campaign_name]}/prefect/rollout-{parameters[rollout_id]:06d}-" + name + ".json",
+        **options,
+    )
+
+
+def _prepare(campaign: Campaign) -> dict[str, str]:
+    return campaign.prepare()
+
+
+def _start(campaign: Campaign) -> int:
+    return campaign.start()
+
+
+def _generate_rollout(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, Any]:
+    summary = campaign.rollout(rollout_id)
+    get_run_logger().info(
+        "rollout %d: %d groups, raw reward %.3f, %d groups in the buffer",
+        rollout_id, summary["num_groups"], summary["raw_reward"], summary["buffer"],
+    )
+    return summary
+
+
+def _train_step(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+    try:
+        return campaign.train(rollout_id)
+    except Exception as err:
+        if not campaign.can_restart_trainer_for(rollout_id):
+            raise
+        get_run_logger().warning(
+            "training rollout %d failed (%s); rebuilding the trainer from the committed checkpoint and retrying once",
+            rollout_id, err,
+        )
+        campaign.restart_trainer()
+        return campaign.train(rollout_id)
+
+
+def _sync_weights(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+    return campaign.sync_weights(rollout_id)
+
+
+def _evaluate(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+    return campaign.evaluate(rollout_id)
+
+
+def _save_checkpoint(campaign: Campaign, campaign_name: str, rollout_id: int, metrics: dict) -> dict[str, Any]:
+    return campaign.finish(rollout_id, metrics)
+
+
+prepare_checkpoint = task(_prepare, name="prepare_checkpoint", retries=2, retry_delay_seconds=10,
+                          retry_condition_fn=_retry_on_engine_fault)
+start_campaign = task(_start, name="start_campaign", retries=1, retry_delay_seconds=5,
+                      retry_condition_fn=_retry_on_engine_fault)
+generate_rollout = _persisted(_generate_rollout, "generate_rollout", retries=2, retry_delay_seconds=5,
+                              retry_condition_fn=_retry_on_engine_fault)
+train_step = _persisted(_train_step, "train_step")
+sync_weights = _persisted(_sync_weights, "sync_weights", retries=2, retry_delay_seconds=5,
+                          retry_condition_fn=_retry_on_engine_fault)
+evaluate = _persisted(_evaluate, "evaluate", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_engine_fault)
+save_checkpoint = _persisted(_save_checkpoint, "save_checkpoint")
