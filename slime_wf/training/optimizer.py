@@ -5,8 +5,13 @@ optimizer reads; the two therefore come as a pair. One optimizer step:
 
     ddp_model.zero_grad_buffer(); optimizer.zero_grad()
     loss = ...(forward_logits(ddp_model, ...)); loss.backward()
-    ddp_model.finish_grad_sync()
+    megatron.core.distributed.finalize_model_grads([ddp_model])
     update_successful, grad_norm, _ = optimizer.step()
+
+`finalize_model_grads` does DDP's `finish_grad_sync()` (the data-parallel all-reduce) and also
+sums the q/k layernorm gradients over the tensor-parallel group: with `qk_layernorm` (Qwen3)
+each tensor-parallel rank sees only its own heads' share of those replicated weights'
+gradients, so `finish_grad_sync()` alone trains them wrongly at TP > 1.
 """
 
 from __future__ import annotations

@@ -1,0 +1,280 @@
+"""One rollout of RL training on a Megatron model: score, advantages, optimizer steps, metrics.
+
+`train_rollout` is the whole algorithm for one rollout id, written top to bottom:
+
+1. the rollout's samples become `TrainItem`s and are split into `num_steps_per_rollout`
+   optimizer steps of `global_batch_size` samples (`batching`);
+2. the reference model scores the responses when a KL term needs it, and the policy scores
+   them before its first step when there is more than one step (the "old" policy; with one
+   step the current log-probs, detached, are the old ones, as in slime);
+3. advantages from the raw rewards (`objectives.compute_advantages_and_returns`, which does
+   the group normalization);
+4. per step: forward/backward of every micro-batch with `objectives.loss_function` (normalized
+   so that the micro-batch losses add up to the step's mean), gradient all-reduce (Megatron
+   DDP), clipping and Adam (Megatron's optimizer), then the learning-rate schedule.
+
+Every function takes the models and the optimizer as arguments; `trainer.Trainer` owns them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from slime_wf.training.batching import (
+    PaddedBatch,
+    TrainItem,
+    make_micro_batches,
+    pad_micro_batch,
+    shard_for_data_parallel,
+    split_steps,
+)
+from slime_wf.training.model import forward_logits
+from slime_wf.training.objectives import (
+    compute_advantages_and_returns,
+    loss_function,
+    response_log_probs_and_entropy,
+    step_normalizer,
+)
+from slime_wf.training.train_args import needs_old_log_probs, needs_reference_model
+
+logger = logging.getLogger(__name__)
+
+
+def build_scheduler(optimizer, args: Any):
+    """Megatron's OptimizerParamScheduler: linear warmup from 0 over `lr_warmup_iters` steps, then
+    `lr_decay_style` (constant, or cosine down to `min_lr` at `lr_decay_iters`). The current
+    settings win over a checkpoint's; only the step count is restored from it."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(int(args.lr_decay_iters), int(args.lr_warmup_iters) + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=float(args.lr),
+        min_lr=float(args.min_lr),
+        lr_warmup_steps=int(args.lr_warmup_iters),
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=float(args.weight_decay),
+        end_wd=float(args.weight_decay),
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )
+
+
+@dataclass
+class DataParallel:
+    """This rank's place among the data-parallel replicas."""
+
+    rank: int = 0
+    size: int = 1
+    group: Any = None
+
+
+def _forward(model, batch: PaddedBatch) -> torch.Tensor:
+    return forward_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids)
+
+
+def _chunk_size(args: Any) -> int | None:
+    chunk = getattr(args, "log_probs_chunk_size", -1)
+    return chunk if chunk and chunk > 0 else None
+
+
+@torch.no_grad()
+def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key: str) -> None:
+    """Store the model's log-probs of each response token as `item.per_token[key]` (CPU, float32)."""
+    was_training = model.training
+    model.eval()
+    try:
+        for mb in micro_batches:
+            logits = _forward(model, mb)
+            log_probs, _ = response_log_probs_and_entropy(
+                logits, [it.tokens for it in mb.items], [it.total_length for it in mb.items],
+                [it.response_length for it in mb.items], temperature=args.rollout_temperature,
+                with_entropy=False, chunk_size=_chunk_size(args), layout="padded",
+            )
+            for item, lp in zip(mb.items, log_probs, strict=True):
+                item.per_token[key] = lp.float().cpu()
+    finally:
+        model.train(was_training)
+
+
+def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
+    """`item.per_token["advantages"]` for every item of the rollout (rewards are raw)."""
+    def optional(key):
+        if all(key in it.per_token for it in items):
+            return [it.per_token[key] for it in items]
+        return None
+
+    advantages, _ = compute_advantages_and_returns(
+        args,
+        [it.reward for it in items],
+        log_probs=optional("log_probs"),
+        ref_log_probs=optional("ref_log_probs"),
+        loss_masks=[it.loss_mask for it in items],
+        response_lengths=[it.response_length for it in items],
+        n_samples_per_prompt=args.n_samples_per_prompt,
+        rollout_log_probs=[it.rollout_log_probs for it in items] if items[0].rollout_log_probs is not None else None,
+    )
+    for item, adv in zip(items, advantages, strict=True):
+        item.per_token["advantages"] = adv.float().cpu()
+
+
+def _share_per_token(items: Sequence[TrainItem], keys: Sequence[str], dp: DataParallel) -> None:
+    """Give every data-parallel rank the per-token values the other ranks computed for their shares."""
+    if dp.size == 1 or not keys:
+        return
+    local = {it.index: {k: it.per_token[k] for k in keys if k in it.per_token} for it in items}
+    local = {i: v for i, v in local.items() if v}
+    gathered: list[Any] = [None] * dp.size
+    dist.all_gather_object(gathered, local, group=dp.group)
+    by_index = {it.index: it for it in items}
+    for part in gathered:
+        for index, values in part.items():
+            by_index[index].per_token.update(values)
+
+
+def _reduce_metrics(sums: dict[str, float], dp: DataParallel) -> dict[str, float]:
+    if dp.size == 1:
+        return sums
+    gathered: list[Any] = [None] * dp.size
+    dist.all_gather_object(gathered, sums, group=dp.group)
+    total: dict[str, float] = {}
+    for part in gathered:
+        for key, value in part.items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def optimizer_step(
+    ddp_model, optimizer, micro_batches: Sequence[PaddedBatch], args: Any, *, normalizer: float,
+    dp: DataParallel, device: torch.device,
+) -> dict[str, float]:
+    """Forward/backward every micro-batch of this rank, all-reduce the gradients, clip, Adam.
+
+    Each micro-batch's loss is its share of the step's mean (`normalizer` counts the samples or
+    tokens of the whole step, every rank included), so the step's metrics are the sums of the
+    shares. Megatron DDP averages gradients over the data-parallel ranks; scaling the loss by
+    their number turns that average into the sum of the shares.
+    """
+    from megatron.core.distributed import finalize_model_grads
+
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    sums: dict[str, torch.Tensor] = {}
+    for mb in micro_batches:
+        logits = _forward(ddp_model, mb)
+        loss, metrics = loss_function(args, mb.loss_batch(device), logits, normalizer=normalizer)
+        (loss * dp.size).backward()
+        del logits, loss  # free the micro-batch's logits before the next forward
+        for key, value in metrics.items():
+            sums[key] = sums.get(key, 0.0) + value.detach().float()
+    # Not just ddp_model.finish_grad_sync(): at tensor-parallel size > 1 the replicated q/k
+    # layernorm weights (Qwen3) get only their own heads' share of the gradient on each rank,
+    # and finalize_model_grads sums those shares over the tensor-parallel group.
+    finalize_model_grads([ddp_model])
+    lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else float("nan")
+    update_successful, grad_norm, _ = optimizer.step()
+    out = _reduce_metrics({k: float(v) for k, v in sums.items()}, dp)
+    if "entropy_loss" in out:
+        out["entropy"] = out.pop("entropy_loss")
+    out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    out["lr"] = lr
+    out["update_skipped"] = float(not update_successful)
+    return out
+
+
+def train_rollout(
+    *,
+    ddp_model,
+    optimizer,
+    scheduler,
+    ref_model,
+    items: Sequence[TrainItem],
+    args: Any,
+    dp: DataParallel,
+    device: torch.device,
+    pad_to_multiple_of: int = 1,
+) -> dict[str, Any]:
+    """Train on one rollout's items; returns the rollout's metrics (means over its steps) and
+    `steps`, the list of each step's metrics."""
+    started = time.perf_counter()
+    for flag in ("use_rollout_logprobs", "use_tis"):
+        if getattr(args, flag) and items and items[0].rollout_log_probs is None:
+            raise ValueError(f"{flag} needs the engine's log-probs: the samples carry no rollout_log_probs "
+                             "(ask the engine for them, e.g. return_logprob)")
+    steps = split_steps(items, args.global_batch_size)
+    if args.global_batch_size < dp.size:
+        raise ValueError(
+            f"global_batch_size={args.global_batch_size} is smaller than the data-parallel size {dp.size}: "
+            "every replica needs samples in every step"
+        )
+    plan = [
+        [pad_micro_batch(mb, pad_to_multiple_of=pad_to_multiple_of, device=device)
+         for mb in make_micro_batches(shard_for_data_parallel(step, dp.rank, dp.size),
+                                      micro_batch_size=args.micro_batch_size,
+                                      max_tokens_per_gpu=args.max_tokens_per_gpu)]
+        for step in steps
+    ]
+    local_batches = [mb for step_batches in plan for mb in step_batches]
+
+    shared_keys = []
+    if needs_reference_model(args):
+        if ref_model is None:
+            raise RuntimeError("a KL term needs the reference model, but the trainer was built without one")
+        score_log_probs(ref_model, local_batches, args, "ref_log_probs")
+        shared_keys.append("ref_log_probs")
+    if needs_old_log_probs(args, len(steps)):
+        score_log_probs(ddp_model, local_batches, args, "log_probs")
+        shared_keys.append("log_probs")
+    # Advantages normalize over the whole rollout: every rank needs every sample's log-probs.
+    _share_per_token(items, shared_keys, dp)
+    set_advantages(items, args)
+    scored = time.perf_counter()
+
+    step_metrics = []
+    for step_items, micro_batches in zip(steps, plan, strict=True):
+        step_start = time.perf_counter()
+        normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
+        metrics = optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer, dp=dp, device=device)
+        scheduler.step(1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        metrics["step_time_s"] = time.perf_counter() - step_start
+        metrics["tokens"] = float(sum(it.total_length for it in step_items))
+        step_metrics.append(metrics)
+        logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g (%.2fs)", len(step_metrics), len(steps),
+                    metrics.get("loss", float("nan")), metrics["grad_norm"], metrics["lr"], metrics["step_time_s"])
+    finished = time.perf_counter()
+
+    summary: dict[str, Any] = {}
+    for key in step_metrics[0]:
+        values = [m[key] for m in step_metrics if key in m]
+        summary[key] = sum(values) / len(values)
+    summary["lr"] = step_metrics[-1]["lr"]
+    train_time = finished - scored
+    tokens = sum(it.total_length for it in items)
+    padded_local = sum(mb.padded_tokens for mb in local_batches)
+    real_local = sum(mb.num_tokens for mb in local_batches)
+    summary.update(
+        tokens=float(tokens),
+        samples=float(len(items)),
+        num_steps=float(len(steps)),
+        tokens_per_s=tokens / train_time if train_time > 0 else float("nan"),
+        train_time_s=train_time,
+        score_time_s=scored - started,
+        rollout_train_time_s=finished - started,
+        padding_fraction=1.0 - real_local / padded_local if padded_local else 0.0,
+        mean_reward=sum(it.reward for it in items) / len(items),
+        steps=step_metrics,
+    )
+    return summary

@@ -1,0 +1,337 @@
+"""Clients of the trainer: `LocalTrainer` (world size one, in this process) and `RemoteTrainer`
+(a torchrun group running `slime_wf.training.service`), with the same methods; `make_trainer`
+picks one. The wire protocol and the service side are described in `service.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from multiprocessing.connection import Client
+from pathlib import Path
+from typing import Any
+
+from slime_wf.types import Sample
+
+logger = logging.getLogger(__name__)
+
+AUTHKEY_ENV = "SLIME_WF_TRAINER_AUTHKEY"
+_LOG_TAIL_LINES = 40
+
+
+class TrainerServiceError(RuntimeError):
+    """The trainer service failed a command, or is gone."""
+
+
+def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike) -> Path:
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for sample in samples:
+            f.write(sample.to_json() + "\n")
+    tmp.rename(path)
+    return path
+
+
+def read_samples_jsonl(path: str | os.PathLike) -> list[Sample]:
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    samples.append(Sample.from_json(line))
+                except ValueError as err:
+                    raise ValueError(f"{path}:{line_no}: not a sample: {err}") from None
+    return samples
+
+
+def _with_load(args: Any, load: str | None) -> dict[str, Any]:
+    values = dict(args) if isinstance(args, dict) else dict(vars(args))
+    if load is not None:
+        values["load"] = str(load)
+    return values
+
+
+class LocalTrainer:
+    """A `Trainer` of world size one in this process, with the service's methods."""
+
+    def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike):
+        from slime_wf.training.trainer import Trainer
+
+        self._args = _with_load(args, None)
+        self._hf_dir = str(hf_checkpoint_dir)
+        self.trainer = Trainer(self._args, self._hf_dir)
+
+    def train(self, samples: list[Sample], rollout_id: int) -> dict[str, Any]:
+        return self.trainer.train(samples, rollout_id)
+
+    def save(self, path: str | os.PathLike, rollout_id: int | None = None) -> str:
+        return self.trainer.save(path, rollout_id)
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        return self.trainer.load(path)
+
+    def export_hf(self, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
+        return self.trainer.export_hf(out_dir, dtype)
+
+    def ping(self) -> dict[str, Any]:
+        return {"step": self.trainer.step, "rollout_id": self.trainer.rollout_id}
+
+    def restart(self, from_checkpoint: str | os.PathLike | None = None) -> None:
+        from slime_wf.training.trainer import Trainer
+
+        self.trainer.shutdown()
+        self.trainer = Trainer(_with_load(self._args, from_checkpoint), self._hf_dir)
+
+    def shutdown(self) -> None:
+        self.trainer.shutdown()
+
+    def __enter__(self) -> LocalTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class RemoteTrainer:
+    """Client of a torchrun trainer service (protocol: `slime_wf.training.service`).
+
+    `command_timeout` bounds each command (None: wait as long as the service lives); a command
+    that runs past it stops the service, since its state is then unknown: restart it from a
+    checkpoint. `threads_per_rank` sets OMP_NUM_THREADS of the ranks (default 1 on CPU).
+    """
+
+    def __init__(
+        self,
+        args: Any,
+        hf_checkpoint_dir: str | os.PathLike,
+        *,
+        nproc_per_node: int,
+        work_dir: str | os.PathLike | None = None,
+        startup_timeout: float = 600.0,
+        command_timeout: float | None = None,
+        heartbeat_s: float = 60.0,
+        threads_per_rank: int | None = None,
+    ):
+        if nproc_per_node < 1:
+            raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+        self._args = _with_load(args, None)
+        try:
+            json.dumps(self._args)
+        except TypeError as err:
+            raise TypeError(f"RemoteTrainer: args must be JSON-serializable to reach the service ({err})") from None
+        self._hf_dir = str(hf_checkpoint_dir)
+        self.nproc_per_node = nproc_per_node
+        self._own_work_dir = work_dir is None
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="slime-wf-trainer-"))
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.startup_timeout, self.command_timeout = startup_timeout, command_timeout
+        self.heartbeat_s = heartbeat_s
+        self.threads_per_rank = threads_per_rank
+        self._proc: subprocess.Popen | None = None
+        self._conn = None
+        self.pids: list[int] = []
+        self._start(load=None)
+
+    # ---- lifecycle ------------------------------------------------------------------------
+
+    @property
+    def log_path(self) -> Path:
+        return self.work_dir / "service.log"
+
+    def _start(self, load: str | None) -> None:
+        args_file = self.work_dir / "args.json"
+        args_file.write_text(json.dumps(_with_load(self._args, load)))
+        address_file = self.work_dir / "address.json"
+        address_file.unlink(missing_ok=True)
+        authkey = secrets.token_bytes(32)
+        threads = self.threads_per_rank or int(os.environ.get("OMP_NUM_THREADS", "1"))
+        env = {**os.environ, AUTHKEY_ENV: authkey.hex(), "OMP_NUM_THREADS": str(threads)}
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc_per_node}",
+            "-m", "slime_wf.training.service",
+            "--args-json", str(args_file), "--hf-checkpoint", self._hf_dir, "--address-file", str(address_file),
+            "--client-pid", str(os.getpid()), "--heartbeat-s", str(self.heartbeat_s),
+        ]
+        with open(self.log_path, "ab") as log:
+            log.write(f"\n==== starting: {' '.join(cmd)}\n".encode())
+            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        while not address_file.is_file():
+            self._raise_if_dead("while starting")
+            if time.monotonic() > deadline:
+                self._stop(force=True)
+                raise TrainerServiceError(f"trainer service did not listen within {self.startup_timeout}s; "
+                                          f"log {self.log_path}:\n{self._log_tail()}")
+            time.sleep(0.1)
+        address = json.loads(address_file.read_text())
+        try:
+            self._conn = Client((address["host"], address["port"]), authkey=authkey)
+            ready = self._receive("startup", max(deadline - time.monotonic(), 1.0))
+        except BaseException:
+            self._stop(force=True)
+            raise
+        self.pids = list(ready["pids"])
+        logger.info("trainer service up: %d ranks (pids %s), step %s", len(self.pids), self.pids, ready["step"])
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return "(no log)"
+        return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+    def _failure_summary(self) -> str:
+        """torchrun's own account of which rank failed and how (its "exitcode" lines)."""
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        start = max((i for i, line in enumerate(lines) if line.startswith("==== starting")), default=0)
+        found = [line.strip() for line in lines[start:] if "exitcode" in line or "Signal" in line]
+        return "; ".join(dict.fromkeys(found))
+
+    def _raise_if_dead(self, doing: str) -> None:
+        if self._proc is None:
+            raise TrainerServiceError("trainer service is not running (shut down); call restart()")
+        code = self._proc.poll()
+        if code is not None:
+            self._close_conn()
+            raise TrainerServiceError(
+                f"trainer service died {doing}: torchrun exited with code {code} (a rank failed or was killed: "
+                f"{self._failure_summary() or 'see the log'}); restart it with restart(from_checkpoint=...). "
+                f"Last lines of {self.log_path}:\n{self._log_tail()}"
+            )
+
+    def _connection_lost(self, doing: str, grace_s: float = 60.0) -> None:
+        """Rank 0 closed the connection: torchrun is (or soon will be) tearing the group down.
+        Wait for its exit to report how it ended; a group that lingers is stopped."""
+        try:
+            self._proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+        self._raise_if_dead(doing)
+        self._stop(force=True)
+        raise TrainerServiceError(
+            f"trainer service closed the connection {doing} and did not exit within {grace_s}s; it was stopped. "
+            f"Last lines of {self.log_path}:\n{self._log_tail()}"
+        )
+
+    def _close_conn(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.close()
+            except OSError:
+                pass
+            self._conn = None
+
+    def _stop(self, force: bool, timeout: float = 60.0) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if not force and self._conn is not None and proc.poll() is None:
+            try:
+                self._conn.send_bytes(json.dumps({"cmd": "shutdown"}).encode())
+                proc.wait(timeout=timeout)
+            except (OSError, EOFError, subprocess.TimeoutExpired):
+                pass
+        self._close_conn()
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+
+    def restart(self, from_checkpoint: str | os.PathLike | None = None) -> None:
+        """Stop the service (whatever its state) and start a fresh one, resuming from
+        `from_checkpoint` (a checkpoint or a folder of them) when given."""
+        self._stop(force=True)
+        self._start(load=None if from_checkpoint is None else str(from_checkpoint))
+
+    def shutdown(self) -> None:
+        self._stop(force=False)
+        if self._own_work_dir:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def __enter__(self) -> RemoteTrainer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def __del__(self):
+        if getattr(self, "_proc", None) is not None:
+            try:
+                self._stop(force=True)
+            except Exception:  # interpreter shutdown: best effort only
+                pass
+
+    # ---- commands -------------------------------------------------------------------------
+
+    def _receive(self, what: str, timeout: float | None) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            try:
+                if self._conn.poll(0.2):
+                    message = json.loads(self._conn.recv_bytes())
+                    if not message["ok"]:
+                        raise TrainerServiceError(f"trainer service failed {what}:\n{message['error']}")
+                    return message["result"]
+            except (EOFError, OSError):
+                self._connection_lost(f"during {what}")
+            self._raise_if_dead(f"during {what}")
+            if deadline is not None and time.monotonic() > deadline:
+                self._stop(force=True)
+                raise TrainerServiceError(f"trainer service gave no answer to {what} within {timeout}s and was "
+                                          f"stopped; restart it from a checkpoint. Log {self.log_path}")
+
+    def _call(self, command: dict[str, Any]) -> Any:
+        self._raise_if_dead(f"before {command['cmd']}")
+        try:
+            self._conn.send_bytes(json.dumps(command).encode())
+        except (OSError, EOFError):
+            self._connection_lost(f"sending {command['cmd']}")
+        return self._receive(command["cmd"], self.command_timeout)
+
+    def train(self, samples: list[Sample | dict], rollout_id: int) -> dict[str, Any]:
+        samples = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
+        path = write_samples_jsonl(samples, self.work_dir / f"samples-{int(rollout_id):06d}.jsonl")
+        try:
+            return self._call({"cmd": "train", "samples_path": str(path), "rollout_id": int(rollout_id)})
+        finally:
+            path.unlink(missing_ok=True)
+
+    def save(self, path: str | os.PathLike, rollout_id: int | None = None) -> str:
+        return self._call({"cmd": "save", "path": str(path), "rollout_id": rollout_id})
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any]:
+        return self._call({"cmd": "load", "path": str(path)})
+
+    def export_hf(self, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
+        return self._call({"cmd": "export_hf", "out_dir": str(out_dir), "dtype": dtype})
+
+    def ping(self) -> dict[str, Any]:
+        return self._call({"cmd": "ping"})
+
+
+def make_trainer(
+    args: Any, hf_checkpoint_dir: str | os.PathLike, *, nproc_per_node: int | None = None, **remote_options
+):
+    """A `LocalTrainer` for one process, a `RemoteTrainer` (torchrun) for more. `nproc_per_node`
+    defaults to the tensor-parallel size (one data-parallel replica)."""
+    if nproc_per_node is None:
+        values = args if isinstance(args, dict) else vars(args)
+        nproc_per_node = int(values.get("tensor_model_parallel_size") or 1)
+    if nproc_per_node == 1:
+        return LocalTrainer(args, hf_checkpoint_dir)
+    return RemoteTrainer(args, hf_checkpoint_dir, nproc_per_node=nproc_per_node, **remote_options)
