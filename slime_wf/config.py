@@ -215,8 +215,8 @@ class RewardConfig(Section):
     )
     rm_on_error: Literal["raise", "failure_reward"] = Field(
         "raise",
-        description="When a custom reward function raises: raise names the sample and function; failure_reward "
-        "gives rm_failure_reward and counts the event.",
+        description="When a reward raises (custom function, rule grader or remote_rm): raise names the sample and "
+        "function; failure_reward gives rm_failure_reward and counts the event.",
     )
     rm_workers: int | None = Field(
         None, gt=0, description="Worker processes for rule-based grading. null: the number of CPU cores."
