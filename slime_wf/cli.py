@@ -37,7 +37,9 @@ def _run_flow(name: str):
         result = getattr(flows.campaign, name)(cfg)
         print(json.dumps(result, indent=1, default=str))
         if name == "train":
-            print(f"run store: {RunStore.for_campaign(cfg).uri}", file=sys.stderr)
+            store = RunStore.for_campaign(cfg)
+            print(reward_curve(store), file=sys.stderr)
+            print(f"run store: {store.uri}", file=sys.stderr)
             api = os.environ.get("PREFECT_API_URL")
             print(
                 f"Prefect UI: {api.removesuffix('/api')}" if api else
@@ -48,6 +50,23 @@ def _run_flow(name: str):
         return 0
 
     return run
+
+
+def reward_curve(store: RunStore) -> str:
+    """The campaign's raw reward per rollout id, and the first 3 against the last 3."""
+    rewards = []
+    for rid in store.rollout_ids():
+        metrics = store.read_json(RunStore.rollout_file(rid, "metrics.json"), default=None)
+        if metrics and "rollout/raw_reward" in metrics:
+            rewards.append((rid, metrics["rollout/raw_reward"]))
+    if not rewards:
+        return "no rollout metrics yet"
+    lines = ["rollout  raw_reward"] + [f"{rid:7d}  {r:.3f}" for rid, r in rewards]
+    if len(rewards) >= 6:
+        first = sum(r for _, r in rewards[:3]) / 3
+        last = sum(r for _, r in rewards[-3:]) / 3
+        lines.append(f"mean of the first 3: {first:.3f}; of the last 3: {last:.3f} ({last - first:+.3f})")
+    return "\n".join(lines)
 
 
 def _add_flow_command(sub, name: str, help_text: str) -> None:

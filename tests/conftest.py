@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from prefect_fixtures import prefect_server  # noqa: F401  (a session fixture: one real Prefect server)
 
 # Tests never reach the network: no hub, no analytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

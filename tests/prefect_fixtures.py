@@ -1,6 +1,6 @@
 """A real Prefect server for the tests that need one (deployments, schedules, run history).
 
-    from prefect_fixtures import prefect_server  # then take `prefect_server` as an argument
+    conftest.py imports `prefect_server`: take it as an argument
 
 The fixture yields the API URL. Subprocesses get it through `prefect_env(prefect_server)`; in-process
 clients through `prefect.settings.temporary_settings({PREFECT_API_URL: prefect_server})`.

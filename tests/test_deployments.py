@@ -14,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from prefect_fixtures import prefect_env, prefect_server  # noqa: F401  (a fixture)
+from prefect_fixtures import prefect_env
 from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig, ConfigError
@@ -172,7 +172,7 @@ def _deployment(client, name: str):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_served_train_deployment_runs_an_override_to_completion(prefect_server, campaign_file, tmp_path):  # noqa: F811
+def test_served_train_deployment_runs_an_override_to_completion(prefect_server, campaign_file, tmp_path):
     env = prefect_env(prefect_server, tmp_path / "prefect-home")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -250,7 +250,7 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server, tmp_path):  # noqa: F811
+def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server, tmp_path):
     env = prefect_env(prefect_server, tmp_path / "prefect-home")
 
     def prefect(*args: str) -> str:
