@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test lint docs clean
+.PHONY: venv demo test lint docs clean
 
 venv: $(STAMP)
 
@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	# SGLang's own request/response schema for contract tests; its runtime needs a GPU, so no deps.
 	$(BIN)/pip install -q --no-deps sglang==0.5.23
 	touch $(STAMP)
+
+# The main job on the embedded default: tiny-math GRPO on CPU, written to runs/demo.
+demo: venv
+	$(BIN)/python examples/tiny-math/make_assets.py --out examples/tiny-math/assets
+	$(BIN)/slime-wf train --config examples/tiny-math/campaign.yaml
 
 test: venv
 	$(BIN)/ruff check .

@@ -94,7 +94,7 @@ class EngineFleet:
             return [
                 sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", self.model_path,
                 "--host", host, "--port", str(port), "--dtype", a.local_engine_dtype,
-                "--num-threads", str(threads), "--weight-version", self.weight_version, "--exit-with-parent",
+                "--num-threads", str(threads), "--weight-version", self.weight_version, "--parent-pid", str(os.getpid()),
             ]
         cmd = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,

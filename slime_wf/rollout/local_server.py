@@ -336,21 +336,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
-        "--exit-with-parent", action="store_true",
-        help="exit when the launching process dies (even by kill -9), so no engine outlives its campaign",
+        "--parent-pid", type=int, default=None,
+        help="exit when this process (the launcher) is gone, even after kill -9, so no engine outlives its campaign",
     )
     return parser.parse_args(argv)
 
 
-def _exit_with_parent() -> None:
-    """Poll the parent pid: once the launcher is gone (reparented), shut down gracefully."""
-    parent = os.getppid()
+def _exit_with_parent(parent: int) -> None:
+    """Once the launcher is gone (this process was reparented), shut down: gracefully when serving,
+    at once when it died before the server was up."""
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1.0)
         logger.warning("the launching process (pid %d) is gone; exiting", parent)
         os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(30)
+        os._exit(1)  # the graceful path did not finish (e.g. still loading the model)
 
     threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
@@ -361,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     from slime_wf.rollout.local_model import resolve_dtype
 
     args = parse_args(argv)
+    if args.parent_pid is not None:
+        _exit_with_parent(args.parent_pid)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.max_running_requests < 1:
         raise SystemExit("--max-running-requests must be at least 1")
@@ -374,8 +378,6 @@ def main(argv: list[str] | None = None) -> None:
         weight_version=args.weight_version,
     )
     engine.start()
-    if args.exit_with_parent:
-        _exit_with_parent()
     app = build_app(engine, args)
 
     async def exit_on_load_failure(app: web.Application) -> None:
