@@ -265,10 +265,7 @@ def main() -> None:
         print(f"{impl}: output {'identical to' if ok else 'DIFFERS from'} {args.impls[0]} ({n} tensors compared)")
     if not all(ok for ok, _ in identical.values()):
         raise SystemExit(1)
-
-    # ---- weight sync (seconds per GB) ----
-    # Measured here once weight export / sync into engines exists: same generated checkpoint,
-    # bf16 and fp8 paths, seconds per GB against a naive per-tensor sync.
+    # Weight sync seconds per GB (trainer -> disk -> engines) is measured by benchmarks/weight_sync.py.
 
 
 if __name__ == "__main__":
