@@ -1,0 +1,62 @@
+"""The Prefect `train` flow with the run store and Prefect's result storage on s3:// (a moto_server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from tiny_models import make_tiny_model
+
+from slime_wf.campaign import check_campaign_invariant
+from slime_wf.store import RunStore
+
+pytestmark = pytest.mark.slow
+
+REWARD_MODULE = '''
+async def word_reward(args, sample):
+    words = sample.response.split()
+    return sum(w in {"one", "two", "three", "yes"} for w in words) / max(1, len(words))
+'''
+
+
+def test_train_flow_on_s3(tmp_path, s3_server, s3_bucket, prefect_server):
+    make_tiny_model(tmp_path / "model", layers=2, hidden=64)
+    words = "one two three four five six".split()
+    (tmp_path / "prompts.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"what is {w} plus {w}", "label": "2"}) + "\n" for w in words)
+    )
+    (tmp_path / "s3_rewards.py").write_text(REWARD_MODULE)
+    store = f"s3://{s3_bucket}/runs"
+    cfg = {
+        "campaign": "on-s3",
+        "model": {"hf_checkpoint": str(tmp_path / "model"), "cache_dir": str(tmp_path / "cache")},
+        "data": {"prompt_data": str(tmp_path / "prompts.jsonl")},
+        "rollout": {"num_rollout": 2, "rollout_batch_size": 2, "n_samples_per_prompt": 2,
+                    "rollout_max_response_len": 8, "partial_rollout": True, "over_sampling_batch_size": 3},
+        "reward": {"custom_rm_path": "s3_rewards.word_reward"},
+        "engine": {"num_engines": 1, "local_engine_threads": 1},
+        "train": {"micro_batch_size": 2},
+        "storage": {"store": store, "scratch_dir": str(tmp_path / "scratch")},
+    }
+    config = tmp_path / "campaign.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=str(tmp_path))
+    done = subprocess.run(
+        [sys.executable, "-m", "slime_wf.cli", "train", "--config", str(config)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    runs = RunStore(f"{store}/on-s3")
+    assert runs.read_manifest()["last_completed_rollout_id"] == 1
+    assert runs.exists(RunStore.checkpoint_dir(1) + "/trainer_state.json")  # checkpoints uploaded
+    check_campaign_invariant(runs)
+    # Prefect's task results went to the same bucket, through the saved RemoteFileSystem block
+    results = runs.listdir("prefect")
+    assert "rollout-000001-save_checkpoint.json" in results and "rollout-000000-generate_rollout.json" in results
+    stored = json.loads(runs.read_text("prefect/rollout-000000-generate_rollout.json"))
+    assert json.loads(stored["result"])["rollout_id"] == 0
