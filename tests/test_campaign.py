@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from tiny_models import make_tiny_model
+from tiny_campaign import campaign_dict, make_assets
 
 from slime_wf.campaign import Campaign, check_campaign_invariant
 from slime_wf.config import CampaignConfig
@@ -14,38 +12,20 @@ from slime_wf.store import RunStore
 pytestmark = pytest.mark.slow
 
 
-async def word_reward(args, sample):
-    words = sample.response.split()
-    return sum(w in {"one", "two", "three", "yes"} for w in words) / max(1, len(words))
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("campaign-assets")
-    model = make_tiny_model(root / "model", layers=2, hidden=64)
-    data = root / "prompts.jsonl"
-    words = "one two three four five six seven eight nine ten".split()
-    data.write_text("".join(json.dumps({"prompt": f"what is {w} plus {w}", "label": "2"}) + "\n" for w in words))
-    return {"model": str(model), "data": str(data), "root": root}
+    return make_assets(tmp_path_factory.mktemp("campaign-assets"))
+
+
+@pytest.fixture(autouse=True)
+def _reward_module_importable(assets, monkeypatch):
+    monkeypatch.syspath_prepend(str(assets))
 
 
 def campaign_config(assets, store, tmp_path, *overrides):
-    return CampaignConfig.from_dict(
-        {
-            "campaign": "t",
-            "model": {"hf_checkpoint": assets["model"], "cache_dir": str(tmp_path / "cache")},
-            "data": {"prompt_data": assets["data"]},
-            "rollout": {
-                "num_rollout": 2, "rollout_batch_size": 2, "n_samples_per_prompt": 2, "over_sampling_batch_size": 3,
-                "rollout_max_response_len": 12, "partial_rollout": True,
-            },
-            "reward": {"custom_rm_path": f"{__name__}.word_reward"},
-            "engine": {"num_engines": 1, "local_engine_threads": 1},
-            "train": {"lr": 1e-3, "micro_batch_size": 2},
-            "storage": {"store": store, "scratch_dir": str(tmp_path / "scratch")},
-        },
-        list(overrides),
-    )
+    cfg = campaign_dict(assets, store, "t")
+    cfg["storage"]["scratch_dir"] = str(tmp_path / "scratch")
+    return CampaignConfig.from_dict(cfg, list(overrides))
 
 
 def test_campaign_runs_resumes_and_accounts_for_every_group(assets, store_root, tmp_path):

@@ -9,39 +9,18 @@ import sys
 
 import pytest
 import yaml
-from tiny_models import make_tiny_model
+from tiny_campaign import campaign_dict, make_assets
 
 from slime_wf.campaign import check_campaign_invariant
 from slime_wf.store import RunStore
 
 pytestmark = pytest.mark.slow
 
-REWARD_MODULE = '''
-async def word_reward(args, sample):
-    words = sample.response.split()
-    return sum(w in {"one", "two", "three", "yes"} for w in words) / max(1, len(words))
-'''
-
 
 def test_train_flow_on_s3(tmp_path, s3_server, s3_bucket, prefect_server):
-    make_tiny_model(tmp_path / "model", layers=2, hidden=64)
-    words = "one two three four five six".split()
-    (tmp_path / "prompts.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"what is {w} plus {w}", "label": "2"}) + "\n" for w in words)
-    )
-    (tmp_path / "s3_rewards.py").write_text(REWARD_MODULE)
+    make_assets(tmp_path)
     store = f"s3://{s3_bucket}/runs"
-    cfg = {
-        "campaign": "on-s3",
-        "model": {"hf_checkpoint": str(tmp_path / "model"), "cache_dir": str(tmp_path / "cache")},
-        "data": {"prompt_data": str(tmp_path / "prompts.jsonl")},
-        "rollout": {"num_rollout": 2, "rollout_batch_size": 2, "n_samples_per_prompt": 2,
-                    "rollout_max_response_len": 8, "partial_rollout": True, "over_sampling_batch_size": 3},
-        "reward": {"custom_rm_path": "s3_rewards.word_reward"},
-        "engine": {"num_engines": 1, "local_engine_threads": 1},
-        "train": {"micro_batch_size": 2},
-        "storage": {"store": store, "scratch_dir": str(tmp_path / "scratch")},
-    }
+    cfg = campaign_dict(tmp_path, store, "on-s3", rollout_max_response_len=8)
     config = tmp_path / "campaign.yaml"
     config.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=str(tmp_path))

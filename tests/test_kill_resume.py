@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from tiny_models import make_tiny_model
+from tiny_campaign import campaign_dict, make_assets
 
 from slime_wf.campaign import check_campaign_invariant
 from slime_wf.store import RunStore
@@ -21,33 +21,12 @@ from slime_wf.store import RunStore
 pytestmark = pytest.mark.slow
 
 NUM_ROLLOUT = 4
-REWARD_MODULE = '''
-async def word_reward(args, sample):
-    words = sample.response.split()
-    return sum(w in {"one", "two", "three", "yes"} for w in words) / max(1, len(words))
-'''
 
 
 def _config(tmp_path: Path) -> Path:
-    make_tiny_model(tmp_path / "model", layers=2, hidden=64)
-    words = "one two three four five six seven eight nine ten".split()
-    (tmp_path / "prompts.jsonl").write_text(
-        "".join(json.dumps({"prompt": f"what is {w} plus {w}", "label": "2"}) + "\n" for w in words)
-    )
-    (tmp_path / "kill_rewards.py").write_text(REWARD_MODULE)
-    cfg = {
-        "campaign": "killed",
-        "model": {"hf_checkpoint": str(tmp_path / "model"), "cache_dir": str(tmp_path / "cache")},
-        "data": {"prompt_data": str(tmp_path / "prompts.jsonl")},
-        "rollout": {
-            "num_rollout": NUM_ROLLOUT, "rollout_batch_size": 2, "n_samples_per_prompt": 2,
-            "over_sampling_batch_size": 4, "rollout_max_response_len": 16, "partial_rollout": True,
-        },
-        "reward": {"custom_rm_path": "kill_rewards.word_reward"},
-        "engine": {"num_engines": 1, "local_engine_threads": 1},
-        "train": {"lr": 1e-3, "micro_batch_size": 2},
-        "storage": {"store": str(tmp_path / "store"), "scratch_dir": str(tmp_path / "scratch")},
-    }
+    make_assets(tmp_path)
+    cfg = campaign_dict(tmp_path, str(tmp_path / "store"), "killed", num_rollout=NUM_ROLLOUT,
+                        over_sampling_batch_size=4, rollout_max_response_len=16)
     path = tmp_path / "campaign.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
