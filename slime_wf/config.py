@@ -285,7 +285,8 @@ class TrainConfig(Section):
     # meaning; a test keeps them in sync). rollout_temperature, which the objectives also read, is in `rollout`.
     advantage_estimator: Literal[
         "grpo", "gspo", "cispo", "reinforce_plus_plus", "reinforce_plus_plus_baseline", "ppo"
-    ] = Field("grpo", description="Advantage estimator (ppo needs a critic, which this trainer does not build).")
+    ] = Field("grpo", description="Advantage estimator. ppo: GAE over the values of a critic the trainer builds "
+            "(a value-head copy of the policy, trained with the clipped value loss; see critic_*).")
     rewards_normalization: bool = Field(
         True, description="Subtract each group's mean reward (grpo, gspo, cispo, reinforce_plus_plus_baseline)."
     )
@@ -326,7 +327,7 @@ class TrainConfig(Section):
         False, description="Use the engine's log-probs as the old policy in the ratio and the KL."
     )
     loss_type: Literal["policy_loss", "value_loss", "sft_loss", "custom_loss"] = Field(
-        "policy_loss", description="Loss (value_loss needs a critic, which this trainer does not build)."
+        "policy_loss", description="The policy's loss. value_loss is the critic's, which ppo trains on its own."
     )
     custom_loss_function_path: str | None = Field(
         None,
@@ -380,6 +381,18 @@ class TrainConfig(Section):
         None,
         description="Reference model for KL terms: an HF checkpoint directory or a trainer checkpoint. "
         "null: the initial hf_checkpoint.",
+    )
+    # The critic (advantage_estimator: ppo).
+    critic_load: str | None = Field(
+        None,
+        description="ppo: initial critic, a trainer checkpoint with a critic/ folder (or the latest under this folder, "
+        "or that critic/ folder itself). null: the body of hf_checkpoint with a zero value head. A checkpoint the "
+        "campaign resumes from gives its own critic.",
+    )
+    critic_lr: float | None = Field(None, gt=0, description="ppo: the critic's peak learning rate. null: lr.")
+    critic_lr_warmup_iters: int = Field(0, ge=0, description="ppo: optimizer steps of the critic's linear warmup.")
+    num_critic_only_steps: int = Field(
+        0, ge=0, description="ppo: the first this many rollout ids train the critic alone (the policy stays fixed)."
     )
 
 
@@ -442,11 +455,15 @@ def check_train_settings(train: Any, rollout_batch_size: int, n_samples_per_prom
             f"train.lr_warmup_iters={train.lr_warmup_iters} must be below the decay length {decay_iters} "
             "(train.lr_decay_iters, or num_rollout x num_steps_per_rollout)"
         )
-    if train.advantage_estimator == "ppo" or train.loss_type == "value_loss":
+    if train.loss_type == "value_loss":
         raise ValueError(
-            f"train.advantage_estimator={train.advantage_estimator!r} / train.loss_type={train.loss_type!r}: "
-            "ppo and value_loss need a critic model, which this trainer does not build; use grpo, gspo, cispo, "
-            "reinforce_plus_plus or reinforce_plus_plus_baseline with policy_loss"
+            "train.loss_type=value_loss: the value loss is the critic's, not the policy's; with "
+            "advantage_estimator: ppo the trainer builds a critic and trains it on the value loss itself"
+        )
+    if train.num_critic_only_steps and train.advantage_estimator != "ppo":
+        raise ValueError(
+            f"train.num_critic_only_steps={train.num_critic_only_steps} needs advantage_estimator: ppo (only ppo has "
+            "a critic)"
         )
     if train.advantage_estimator.startswith("reinforce_plus_plus") and not train.normalize_advantages:
         raise ValueError(f"train.advantage_estimator={train.advantage_estimator} requires train.normalize_advantages: true")

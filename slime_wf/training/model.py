@@ -181,9 +181,13 @@ def build_gpt_model(
     *,
     params_dtype: torch.dtype = torch.float32,
     make_vocab_size_divisible_by: int = 128,
+    value_head: bool = False,
     **config_overrides,
 ):
     """A Megatron `GPTModel` with the architecture of `hf_config` (random weights).
+
+    With `value_head`, the output layer is a zero hidden -> 1 head (a critic, see `critic.py`):
+    the model's "logits" are then values `[b, s, 1]`.
 
     Call after `init_parallel`: the tensor-parallel size comes from Megatron's parallel state.
     `config_overrides` go to `TransformerConfig` (e.g. `recompute_granularity`).
@@ -243,7 +247,7 @@ def build_gpt_model(
         pre_process=True,
         post_process=True,
         parallel_output=True,
-        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings and not value_head,
         position_embedding_type="rope",
         rotary_base=arch.rope_theta,
         rope_scaling=arch.rope_scaling_factor is not None,
@@ -256,6 +260,10 @@ def build_gpt_model(
             module.to(params_dtype)
     model.hf_arch = arch
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
+    if value_head:
+        from slime_wf.training.critic import attach_value_head
+
+        attach_value_head(model)
     return model
 
 

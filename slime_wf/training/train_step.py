@@ -6,12 +6,15 @@
    optimizer steps of `global_batch_size` samples (`batching`);
 2. the reference model scores the responses when a KL term needs it, and the policy scores
    them before its first step when there is more than one step (the "old" policy; with one
-   step the current log-probs, detached, are the old ones, as in slime);
+   step the current log-probs, detached, are the old ones, as in slime); with ppo the critic
+   scores them too (its values, for GAE and the value clip);
 3. advantages from the raw rewards (`objectives.compute_advantages_and_returns`, which does
-   the group normalization);
+   the group normalization, or GAE with ppo);
 4. per step: forward/backward of every micro-batch with `objectives.loss_function` (normalized
    so that the micro-batch losses add up to the step's mean), gradient all-reduce (Megatron
-   DDP), clipping and Adam (Megatron's optimizer), then the learning-rate schedule.
+   DDP), clipping and Adam (Megatron's optimizer), then the learning-rate schedule; with ppo
+   the critic takes the same step on the value loss (metrics under `critic/`), alone during
+   the first `num_critic_only_steps` rollouts.
 
 Every function takes the models and the optimizer as arguments; `trainer.Trainer` owns them.
 """
@@ -35,6 +38,7 @@ from slime_wf.training.batching import (
     shard_for_data_parallel,
     split_steps,
 )
+from slime_wf.training.critic import Critic, needs_critic, score_values
 from slime_wf.training.model import forward_logits
 from slime_wf.training.objectives import (
     compute_advantages_and_returns,
@@ -109,13 +113,15 @@ def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key:
 
 
 def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
-    """`item.per_token["advantages"]` for every item of the rollout (rewards are raw)."""
+    """`item.per_token["advantages"]` for every item of the rollout (rewards are raw), and
+    `returns` when the critic's `values` are there (the value loss's targets)."""
     def optional(key):
         if all(key in it.per_token for it in items):
             return [it.per_token[key] for it in items]
         return None
 
-    advantages, _ = compute_advantages_and_returns(
+    values = optional("values")
+    advantages, returns = compute_advantages_and_returns(
         args,
         [it.reward for it in items],
         log_probs=optional("log_probs"),
@@ -124,9 +130,12 @@ def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
         response_lengths=[it.response_length for it in items],
         n_samples_per_prompt=args.n_samples_per_prompt,
         rollout_log_probs=[it.rollout_log_probs for it in items] if items[0].rollout_log_probs is not None else None,
+        values=values,
     )
-    for item, adv in zip(items, advantages, strict=True):
+    for item, adv, ret in zip(items, advantages, returns, strict=True):
         item.per_token["advantages"] = adv.float().cpu()
+        if values is not None:
+            item.per_token["returns"] = ret.float().cpu()
 
 
 def _share_per_token(items: Sequence[TrainItem], keys: Sequence[str], dp: DataParallel) -> None:
@@ -204,9 +213,12 @@ def train_rollout(
     dp: DataParallel,
     device: torch.device,
     pad_to_multiple_of: int = 1,
+    critic: Critic | None = None,
+    train_actor: bool = True,
 ) -> dict[str, Any]:
     """Train on one rollout's items; returns the rollout's metrics (means over its steps) and
-    `steps`, the list of each step's metrics."""
+    `steps`, the list of each step's metrics. `critic`: ppo's (see critic.py); `train_actor`
+    False trains the critic alone."""
     started = time.perf_counter()
     for flag in ("use_rollout_logprobs", "use_tis"):
         if getattr(args, flag) and items and items[0].rollout_log_probs is None:
@@ -236,6 +248,13 @@ def train_rollout(
     if needs_old_log_probs(args, len(steps)):
         score_log_probs(ddp_model, local_batches, args, "log_probs")
         shared_keys.append("log_probs")
+    if needs_critic(args):
+        if critic is None:
+            raise RuntimeError("advantage_estimator ppo needs the critic, but the trainer was built without one")
+        score_values(critic.ddp_model, local_batches)
+        shared_keys.append("values")
+    elif not train_actor:
+        raise ValueError("train_actor=False trains the critic alone; only advantage_estimator ppo has one")
     # Advantages normalize over the whole rollout: every rank needs every sample's log-probs.
     _share_per_token(items, shared_keys, dp)
     set_advantages(items, args)
@@ -245,22 +264,35 @@ def train_rollout(
     for step_items, micro_batches in zip(steps, plan, strict=True):
         step_start = time.perf_counter()
         normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
-        metrics = optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer, dp=dp, device=device)
-        scheduler.step(1)
+        metrics = {}
+        if critic is not None:
+            critic_metrics = optimizer_step(critic.ddp_model, critic.optimizer, micro_batches, critic.args,
+                                            normalizer=normalizer, dp=dp, device=device)
+            critic.scheduler.step(1)
+            critic.step += 1
+            metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
+        if train_actor:
+            metrics.update(optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer, dp=dp,
+                                          device=device))
+            scheduler.step(1)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         metrics["step_time_s"] = time.perf_counter() - step_start
         metrics["tokens"] = float(sum(it.total_length for it in step_items))
         step_metrics.append(metrics)
-        logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g (%.2fs)", len(step_metrics), len(steps),
-                    metrics.get("loss", float("nan")), metrics["grad_norm"], metrics["lr"], metrics["step_time_s"])
+        logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g value_loss %.4g (%.2fs)", len(step_metrics),
+                    len(steps), metrics.get("loss", float("nan")), metrics.get("grad_norm", float("nan")),
+                    metrics.get("lr", float("nan")), metrics.get("critic/value_loss", float("nan")),
+                    metrics["step_time_s"])
     finished = time.perf_counter()
 
     summary: dict[str, Any] = {}
     for key in step_metrics[0]:
         values = [m[key] for m in step_metrics if key in m]
         summary[key] = sum(values) / len(values)
-    summary["lr"] = step_metrics[-1]["lr"]
+    for key in ("lr", "critic/lr"):
+        if key in step_metrics[-1]:
+            summary[key] = step_metrics[-1][key]
     train_time = finished - scored
     tokens = sum(it.total_length for it in items)
     padded_local = sum(mb.padded_tokens for mb in local_batches)

@@ -13,7 +13,10 @@ collective and must be called on every rank with the same arguments.
 Where the weights come from (slime's semantics): from `load` when it holds a checkpoint (the
 checkpoint itself, or the latest under that folder: model, optimizer, schedule, step); else
 from the HF checkpoint. The reference model, built only when a KL term needs it, comes from
-`ref_load` (an HF directory or a trainer checkpoint) or else the same HF checkpoint.
+`ref_load` (an HF directory or a trainer checkpoint) or else the same HF checkpoint. With
+`advantage_estimator: ppo` the trainer also owns a critic (`critic.py`): from the `critic/`
+folder of the checkpoint it resumes from, else from `critic_load`, else the HF checkpoint's body
+with a zero value head; `save` writes it into the checkpoint's `critic/` folder.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch.distributed as dist
 from slime_wf.training import cpu_shim
 from slime_wf.training.batching import items_from_samples
 from slime_wf.training.checkpointing import load_checkpoint, read_trainer_state, save_checkpoint
+from slime_wf.training.critic import CRITIC_DIR, Critic, critic_source, needs_critic
 from slime_wf.training.model import build_gpt_model, check_tp_size, describe_hf_config
 from slime_wf.training.optimizer import build_optimizer
 from slime_wf.training.parallel import destroy_parallel, init_parallel
@@ -107,6 +111,12 @@ class Trainer:
             adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         )
         self.scheduler = build_scheduler(self.optimizer, args)
+        self.critic = None
+        if needs_critic(args):
+            # a checkpoint to resume from that has a critic gives its weights in load() below
+            resumes = resume is not None and (resume / CRITIC_DIR).is_dir()
+            self.critic = Critic.build(args, self.hf_checkpoint_dir, self.dtype, initialize=not resumes,
+                                       source=None if resumes else critic_source(args.critic_load))
         self.dp = DataParallel(
             rank=self.info.dp_rank, size=self.info.dp_size,
             group=parallel_state.get_data_parallel_group() if self.info.dp_size > 1 else None,
@@ -145,11 +155,15 @@ class Trainer:
         self._check_alive()
         samples = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
         items = items_from_samples(samples, self.args)
+        # slime's num_critic_only_steps: the first rollouts train the critic alone
+        train_actor = self.critic is None or int(rollout_id) >= self.args.num_critic_only_steps
         metrics = train_rollout(
             ddp_model=self.ddp_model, optimizer=self.optimizer, scheduler=self.scheduler, ref_model=self.ref,
-            items=items, args=self.args, dp=self.dp, device=self.info.device,
+            items=items, args=self.args, dp=self.dp, device=self.info.device, critic=self.critic,
+            train_actor=train_actor,
         )
-        self.step += int(metrics["num_steps"])
+        if train_actor:
+            self.step += int(metrics["num_steps"])
         self.rollout_id = int(rollout_id)
         metrics.update(rollout_id=self.rollout_id, step=self.step)
         logger.info("rollout %d trained: %d steps, loss %.4g, %.0f tokens/s", rollout_id, metrics["num_steps"],
@@ -164,6 +178,8 @@ class Trainer:
             _local_path(path, "save path"), self.ddp_model, self.optimizer, self.scheduler.state_dict(),
             {"rollout_id": rollout_id, "hf_checkpoint": self.hf_checkpoint_dir}, step=self.step,
         )
+        if self.critic is not None:
+            self.critic.save(Path(path) / CRITIC_DIR, rollout_id)
         return str(path)
 
     def load(self, path: str | os.PathLike) -> dict[str, Any]:
@@ -178,6 +194,12 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler_state"])
         self.step = int(state.get("step") or 0)
         self.rollout_id = state.get("extra", {}).get("rollout_id")
+        if self.critic is not None:
+            if (found / CRITIC_DIR).is_dir():
+                self.critic.load(found / CRITIC_DIR)
+            else:
+                logger.warning("checkpoint %s has no critic (saved without ppo): the critic keeps its current "
+                               "weights", found)
         logger.info("resumed from %s (rollout %s, step %d)", found, self.rollout_id, self.step)
         return {"path": str(found), "rollout_id": self.rollout_id, "step": self.step}
 
@@ -205,7 +227,7 @@ class Trainer:
         if not getattr(self, "_alive", False):
             return
         self._alive = False
-        for name in ("ddp_model", "optimizer", "scheduler", "actor", "ref"):
+        for name in ("ddp_model", "optimizer", "scheduler", "actor", "ref", "critic"):
             if hasattr(self, name):
                 setattr(self, name, None)
         destroy_parallel()

@@ -272,6 +272,9 @@ def load_hf_checkpoint_into(model, hf_dir: str | os.PathLike) -> None:
         make_vocab_size_divisible_by=gpt.make_vocab_size_divisible_by,
     )
     params = dict(gpt.named_parameters())
+    if getattr(gpt, "is_critic", False):  # the value head is the critic's own; the body comes from HF
+        converted.pop("output_layer.weight", None)
+        params.pop("output_layer.weight")
     if set(params) != set(converted):
         raise ValueError(
             f"converted HF weights do not match the model: missing {sorted(set(params) - set(converted))}, "
