@@ -10,7 +10,7 @@ prompt, with long reasoning before the answer and answers that repeat inside a g
 - guarded: `batched_async_rm` with the cache, kept for the whole corpus (one rollout).
 
 The three take turns on blocks of whole groups (--block), so that all three see the same load
-from other processes, until the corpus or the time budget (--budget) runs out. Their rewards
+from other processes, until the corpus (or the optional time budget, --budget) runs out. Their rewards
 are compared block by block, so a speed-up cannot come from grading differently.
 
 Then an adversarial set (sympy bombs, a 1 MB response, regex-heavy strings) goes through
@@ -197,7 +197,7 @@ async def measure(opts, rm_type: str, hub: RewardHub, nocache: RewardHub) -> Tot
             hint = f" ({timeouts:.0f} gradings timed out: a larger --rm-timeout?)" if timeouts else ""
             raise SystemExit(f"{rm_type}: guarded rewards differ from plain rewards{hint}: {diff[:5]}")
         totals.samples += len(samples)
-        if totals.plain_s + totals.nocache_s + totals.guarded_s > opts.budget:
+        if opts.budget is not None and totals.plain_s + totals.nocache_s + totals.guarded_s > opts.budget:
             break
     return totals
 
@@ -236,7 +236,7 @@ async def adversarial(hub: RewardHub, timeout: float) -> float:
 async def main_async(opts: argparse.Namespace) -> int:
     rm_types = [t for t in opts.rm_types.split(",") if t]
     print(f"{opts.n} samples per rm_type in groups of {opts.group_size}; workers: {opts.workers or 'one per core'}; "
-          f"turns of {opts.block} groups, up to {opts.budget:g} s per rm_type; "
+          f"turns of {opts.block} groups" + (f", up to {opts.budget:g} s per rm_type" if opts.budget else "") + "; "
           f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     hub = RewardHub(num_workers=opts.workers)
     nocache = RewardHub(num_workers=opts.workers, cache=False)
@@ -287,8 +287,9 @@ def main() -> int:
     parser.add_argument("--adversarial-timeout", type=float, default=2.0,
                         help="rm_timeout for the adversarial set (default 2)")
     parser.add_argument("--block", type=int, default=32, help="groups per turn (default 32)")
-    parser.add_argument("--budget", type=float, default=12.0,
-                        help="seconds per rm_type, all three sides together; the rest of the corpus is skipped")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="stop an rm_type after this many seconds, all three sides together, skipping the rest of "
+                        "its corpus (default: grade the whole corpus)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-adversarial", action="store_true")
     opts = parser.parse_args()

@@ -77,3 +77,26 @@ def test_uncommitted_rollout_is_reused_after_a_crash(assets, tmp_path):
         assert store.read_text(RunStore.rollout_file(1, "samples.jsonl")) == samples_before
         campaign.finish(1, campaign.train(1) | campaign.sync_weights(1))
     check_campaign_invariant(store)
+
+
+def test_ppo_campaign_keeps_its_critic_across_a_restart(assets, s3_bucket, tmp_path):
+    """With ppo the committed checkpoints in the run store (on S3 here) carry the critic, and a
+    restarted campaign trains on from it: the critic's step count goes on where it stopped."""
+    store_uri = f"s3://{s3_bucket}/store"
+    cfg = campaign_config(assets, store_uri, tmp_path, "advantage_estimator=ppo", "num_critic_only_steps=1")
+    with Campaign(cfg) as campaign:
+        campaign.run()
+    store = RunStore.for_campaign(cfg)
+    assert store.exists(RunStore.checkpoint_dir(1) + "/critic/trainer_state.json")
+    first = store.read_json(RunStore.rollout_file(0, "metrics.json"))
+    assert "critic/value_loss" in first and "pg_loss" not in first  # rollout 0 trains the critic alone
+    assert {"critic/value_loss", "pg_loss"} <= set(store.read_json(RunStore.rollout_file(1, "metrics.json")))
+
+    more = campaign_config(assets, store_uri, tmp_path / "again", "advantage_estimator=ppo", "num_rollout=3",
+                           "num_critic_only_steps=1")
+    with Campaign(more) as campaign:
+        assert campaign.start() == 2
+        assert campaign.trainer.critic.step == 2  # one step per rollout, rollouts 0 and 1
+        campaign.rollout(2)
+        campaign.finish(2, campaign.train(2) | campaign.sync_weights(2))
+    check_campaign_invariant(store)
