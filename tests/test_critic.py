@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from megatron_helpers import make_hf_checkpoint
-from test_train_step import BASE, _logits, _sample_rollout, random_samples
+from test_train_step import BASE, _logits, _sample_rollout, random_samples, train_save_and_go_on
 from tiny_models import make_tiny_model
 
 from slime_wf.training.batching import items_from_samples, pad_micro_batch
@@ -112,15 +112,9 @@ def test_critic_only_steps_leave_the_policy_alone(tiny_dir):
 def test_critic_checkpoint_resumes_exactly(tiny_dir, tmp_path):
     rollouts = [random_samples(8, seed=20 + k) for k in range(3)]
     settings = {**PPO, "num_steps_per_rollout": 2, "critic_lr": 5e-3}
-    trainer = Trainer(settings, tiny_dir)
-    try:
-        trainer.train(rollouts[0], 0)
-        trainer.train(rollouts[1], 1)
-        trainer.save(tmp_path / "ckpts" / "000001", rollout_id=1)
-        values_at_save = _values(trainer, rollouts[2])
-        expected = trainer.train(rollouts[2], 2)
-    finally:
-        trainer.shutdown()
+    values_at_save, expected, _ = train_save_and_go_on(
+        Trainer(settings, tiny_dir), rollouts, tmp_path / "ckpts" / "000001", lambda t: _values(t, rollouts[2])
+    )
     assert (tmp_path / "ckpts" / "000001" / CRITIC_DIR / "trainer_state.json").is_file()
 
     trainer = Trainer({**settings, "load": str(tmp_path / "ckpts")}, tiny_dir)

@@ -291,20 +291,27 @@ def test_reference_model_only_when_a_kl_term_needs_it(tiny_dir, monkeypatch):
         trainer.shutdown()
 
 
+def train_save_and_go_on(trainer, rollouts, path, observe):
+    """Train on rollouts 0 and 1, save at `path` as rollout 1, train on rollout 2, shut down; returns
+    (observe(trainer) at the save, rollout 2's metrics, observe(trainer) after it)."""
+    try:
+        trainer.train(rollouts[0], 0)
+        trainer.train(rollouts[1], 1)
+        trainer.save(path, rollout_id=1)
+        at_save = observe(trainer)
+        metrics = trainer.train(rollouts[2], 2)
+        return at_save, metrics, observe(trainer)
+    finally:
+        trainer.shutdown()
+
+
 def test_resume_from_a_checkpoint_is_exact(tiny_dir, tmp_path):
     settings = {**BASE, "num_steps_per_rollout": 2, "micro_batch_size": 2, "lr_decay_style": "cosine",
                 "lr_warmup_iters": 1, "num_rollout": 3}
     rollouts = [random_samples(8, seed=10 + k) for k in range(3)]
-    trainer = Trainer(settings, tiny_dir)
-    try:
-        trainer.train(rollouts[0], 0)
-        trainer.train(rollouts[1], 1)
-        trainer.save(tmp_path / "ckpts" / "000001", rollout_id=1)
-        logits_at_save = _logits(trainer, rollouts[2])
-        expected = trainer.train(rollouts[2], 2)
-        logits_after = _logits(trainer, rollouts[2])
-    finally:
-        trainer.shutdown()
+    logits_at_save, expected, logits_after = train_save_and_go_on(
+        Trainer(settings, tiny_dir), rollouts, tmp_path / "ckpts" / "000001", lambda t: _logits(t, rollouts[2])
+    )
 
     # load names the folder of checkpoints: the latest one is taken; a different seed changes nothing
     trainer = Trainer({**settings, "load": str(tmp_path / "ckpts"), "seed": 99}, tiny_dir)
