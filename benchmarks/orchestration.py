@@ -1,24 +1,34 @@
 """What Prefect costs per rollout id: the `train` flow against the same library calls in a plain loop.
 
-    .venv/bin/python benchmarks/orchestration.py [--rollouts 6] [--sizes 4x4x16 16x8x32]
+    .venv/bin/python benchmarks/orchestration.py [--rollouts 6] [--sizes 4x4x16 16x8x32] [--storage-lookup]
 
 A small campaign (tiny Qwen3, 2 layers, hidden 64; one local engine with one thread; math
 reward) runs at each `--sizes` twice in this process, with fresh campaign names and run stores:
 
 - plain: `Campaign(cfg).run()`, the library loop without Prefect;
 - prefect: the `train` flow (`flows.campaign.train`), its tasks persisting JSON results and the
-  flow writing its artifacts (metrics table, curves, progress), against a real `prefect server
-  start` (started here when PREFECT_API_URL is unset, so the temporary server's start-up is not
-  counted; against a running server, runs and artifacts stay there).
+  flow publishing its artifacts (metrics table, curves, progress) from a background thread,
+  against a real `prefect server start` (started here when PREFECT_API_URL is unset, so the
+  temporary server's start-up is not counted; against a running server, runs and artifacts stay
+  there).
 
 Start-up (engines, trainer, Prefect client) is excluded: a rollout id's wall time runs from the
 start of its rollout to the start of the next one (for the last id, to the campaign's close), and
 its step time is the sum of the `time/*` phases the library records in the id's metrics.json
 (rollout, train, sync, save, eval). The rest is what neither phase timer sees: in the plain loop,
 store writes between phases; in the flow, those plus Prefect's task runs, result files and
-artifacts. Prefect's overhead per id is the flow's rest minus the plain loop's rest for that id,
-shown in seconds and as a share of the flow's step time (goal: at most 1 s and 5 %). Prefect's
-cost per id is about fixed, so its share falls as the step grows: the sizes show two points.
+queueing the artifacts. Prefect's overhead per id is the flow's rest minus the plain loop's rest
+for that id, shown in seconds and as a share of the flow's step time (goal: at most 1 s and 5 %).
+Prefect's cost per id is about fixed, so its share falls as the step grows: the sizes show two
+points.
+
+The artifacts column is what the flow's thread spends on them (queueing, in ms); the API calls
+happen in the publisher's thread. Below each table: how many artifacts the publisher sent, how
+many queued snapshots a newer one replaced, the wait for the last ones at the flow's end (after
+the campaign closed), and what the Prefect API holds for the campaign, read back at the end, so
+that nothing dropped goes unseen. `--storage-lookup` adds one persisted task run timed with its
+result storage given as a saved block's name (loaded from the API on every task run) against the
+saved block itself.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ class Clock:
     def __init__(self) -> None:
         self.marks: dict[str, list[tuple[int | None, float]]] = defaultdict(list)
         self.artifacts: dict[tuple[str, int], float] = defaultdict(float)
+        self.flushes: dict[str, tuple[float, dict[str, int]]] = {}
         self._current: dict[str, int] = {}
 
     def install(self) -> None:
@@ -71,21 +82,32 @@ class Clock:
 
         Campaign.rollout, Campaign.close = timed_rollout, timed_close
 
-    def time_artifacts(self, module) -> None:
-        """Wrap the artifact writers the flow looks up in `module` (flows.campaign)."""
-        for name in ("rollout_artifacts", "progress"):
-            original = getattr(module, name)
+    def time_artifacts(self, publisher_class) -> None:
+        """Time what the flow's thread spends in the publisher (queueing), per rollout id, and its
+        flush at the flow's end; keep the publisher's counts."""
+        clock = self
+        for name in ("rollout", "progress"):
+            original = getattr(publisher_class, name)
 
-            def timed(campaign, *args, _original=original, **kwargs):
+            def timed(publisher, *args, _original=original, **kwargs):
                 t0 = time.perf_counter()
                 try:
-                    return _original(campaign, *args, **kwargs)
+                    return _original(publisher, *args, **kwargs)
                 finally:
-                    rid = self._current.get(campaign)
+                    rid = clock._current.get(publisher.campaign)
                     if rid is not None:
-                        self.artifacts[(campaign, rid)] += time.perf_counter() - t0
+                        clock.artifacts[(publisher.campaign, rid)] += time.perf_counter() - t0
 
-            setattr(module, name, timed)
+            setattr(publisher_class, name, timed)
+        close = publisher_class.close
+
+        def timed_close(publisher, *args, **kwargs):
+            t0 = time.perf_counter()
+            counts = close(publisher, *args, **kwargs)
+            clock.flushes.setdefault(publisher.campaign, (time.perf_counter() - t0, counts))
+            return counts
+
+        publisher_class.close = timed_close
 
     def walls(self, campaign: str) -> dict[int, float]:
         marks = self.marks[campaign]
@@ -173,6 +195,11 @@ def main() -> int:
         "--sizes", type=parse_size, nargs="+", default=[(4, 4, 16), (16, 8, 32)], metavar="PxSxT",
         help="campaign sizes: prompts per rollout x samples per prompt x max response tokens (default 4x4x16 16x8x32)",
     )
+    parser.add_argument(
+        "--storage-lookup", action="store_true",
+        help="also time one persisted task run with its result storage given as a saved block's name "
+             "against the saved block itself (what the flow passes for s3:// stores)",
+    )
     ns = parser.parse_args()
 
     clock = Clock()
@@ -187,9 +214,9 @@ def main() -> int:
                   flush=True)
             from prefect.logging.handlers import APILogHandler
 
-            import flows.campaign
+            from flows.artifacts import ArtifactPublisher
 
-            clock.time_artifacts(flows.campaign)
+            clock.time_artifacts(ArtifactPublisher)
             for i, size in enumerate(ns.sizes):
                 tag = "x".join(map(str, size))
                 plain = campaign_config(assets, root, f"bench-plain-{tag}-{stamp}", ns.rollouts, size)
@@ -202,12 +229,93 @@ def main() -> int:
                     run(cfg)
                     print(f"{tag} {name}: {ns.rollouts} rollout ids in {time.perf_counter() - t0:.1f} s "
                           "(with start-up)", flush=True)
-                results.append((size, plain, flow))
+                results.append((size, plain, flow, stored_artifacts(flow.campaign)))
+            lookup = storage_lookup(root / "lookup") if ns.storage_lookup else None
             APILogHandler().flush()  # the flow's last log lines, before the server goes
 
-        for size, plain, flow in results:
+        for size, plain, flow, stored in results:
             print_table(clock, plain, flow, ns.rollouts, size)
+            print_artifacts(clock, flow.campaign, ns.rollouts, stored)
+        if lookup:
+            print_storage_lookup(lookup)
     return 0
+
+
+def storage_lookup(folder: Path, runs: int = 30) -> dict[str, float]:
+    """Median seconds per persisted task run (a trivial body) with the result storage given as a
+    saved block's name, which Prefect loads from the API on every task run, or as the block itself."""
+    from prefect import flow
+    from prefect.filesystems import LocalFileSystem
+
+    from tasks.campaign_tasks import _persisted
+
+    def noop(campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+        return {"rollout_id": float(rollout_id)}
+
+    step = _persisted(noop, "lookup")
+    out: dict[str, list[float]] = defaultdict(list)
+
+    @flow(name="storage-lookup")
+    def measure(by: str) -> None:
+        block = LocalFileSystem(basepath=str(folder))
+        block.save("slime-wf-bench-lookup", overwrite=True)
+        timed = step.with_options(result_storage=block if by == "block" else "local-file-system/slime-wf-bench-lookup")
+        for rid in range(runs):
+            t0 = time.perf_counter()
+            timed(None, "lookup", rid)
+            out[by].append(time.perf_counter() - t0)
+
+    for by in ("name", "block", "name", "block"):
+        measure(by)
+    return {by: statistics.median(times) for by, times in out.items()}
+
+
+def print_storage_lookup(lookup: dict[str, float]) -> None:
+    print()
+    print("one persisted task run (trivial body), by how its result storage is given:")
+    print("| result storage | ms per task run | ratio |")
+    print("|----------------|-----------------|-------|")
+    for by, label in (("name", "block name"), ("block", "saved block")):
+        print(f"| {label:>14} | {1e3 * lookup[by]:15.1f} | {lookup[by] / lookup['block']:5.1f} |")
+
+
+def stored_artifacts(campaign: str) -> list:
+    """Every version of every artifact of `campaign` that the Prefect API holds."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    from flows.artifacts import artifact_key
+
+    prefix, found, page = artifact_key(campaign) + "-", [], 200
+    with get_client(sync_client=True) as client:
+        while True:
+            batch = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=prefix)),
+                                          limit=page, offset=len(found))
+            found += batch
+            if len(batch) < page:
+                break
+    return sorted((a for a in found if a.key and a.key.startswith(prefix)), key=lambda a: a.created)
+
+
+def print_artifacts(clock: Clock, campaign: str, rollouts: int, stored: list) -> None:
+    from flows.artifacts import artifact_key
+
+    flush, counts = clock.flushes.get(campaign, (float("nan"), {}))
+    tables = {artifact_key(campaign, "rollout", f"{rid:06d}", "metrics") for rid in range(rollouts)}
+    by_key: dict[str, list] = defaultdict(list)
+    for artifact in stored:
+        by_key[artifact.key].append(artifact)
+    curves, progress = by_key.get(artifact_key(campaign, "curves"), []), by_key.get(artifact_key(campaign, "progress"), [])
+    last_row = f"| {rollouts - 1} |"
+    complete = (tables <= set(by_key) and bool(curves) and last_row in str(curves[-1].data)
+                and bool(progress) and progress[-1].data == 100.0)
+    print(f"artifacts: publisher queued {counts.get('queued')}, sent {counts.get('sent')}, replaced by a newer "
+          f"snapshot {counts.get('replaced')}, failed {counts.get('failed')}, unsent {counts.get('unsent')}; "
+          f"flush at the flow's end {flush:.3f} s")
+    print(f"artifacts in the Prefect API: metrics tables for {len(tables & set(by_key))}/{rollouts} ids, "
+          f"{len(curves)} curves versions (latest up to id {rollouts - 1}: "
+          f"{'yes' if curves and last_row in str(curves[-1].data) else 'NO'}), {len(progress)} progress versions "
+          f"(latest {progress[-1].data if progress else None} %): {'all arrived' if complete else 'INCOMPLETE'}")
 
 
 def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfig, rollouts: int, size) -> None:
@@ -218,7 +326,7 @@ def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfi
     print(f"campaign {batch}x{samples}x{length}: {rollouts} rollout ids x {batch} prompts x {samples} samples, "
           f"responses up to {length} tokens; tiny Qwen3 (2 layers, hidden 64), 1 local engine, 1 thread")
     header = ("rollout id", "plain wall s", "plain step s", "flow wall s", "flow step s", "overhead s",
-              "% of step", "artifacts s")
+              "% of step", "artifacts queue ms")
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("-" * (len(h) + 2) for h in header) + "|")
     rows = []
@@ -244,7 +352,8 @@ def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfi
 
 
 def _row(label: str, values: tuple, header: tuple) -> None:
-    cells = [label] + [f"{100 * v:.1f}" if i == 5 else f"{v:.3f}" for i, v in enumerate(values)]
+    cells = [label] + [f"{100 * v:.1f}" if i == 5 else f"{1e3 * v:.2f}" if i == 6 else f"{v:.3f}"
+                       for i, v in enumerate(values)]
     print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, header, strict=True)) + " |")
 
 

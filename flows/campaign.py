@@ -2,7 +2,8 @@
 
 Each flow's parameters are one pydantic model, the campaign config, so the Prefect UI renders it
 as a validated form. Task results are persisted as JSON per rollout id in the run store (a folder
-locally, a saved RemoteFileSystem block for s3://).
+locally, a saved RemoteFileSystem block for s3://). Artifacts go out from a background thread
+(`flows.artifacts.ArtifactPublisher`), so the API round trips stay off the rollout loop.
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from typing import Any
 
 from prefect import flow, get_run_logger
 
-from flows.artifacts import progress, rollout_artifacts
+from flows.artifacts import ArtifactPublisher
 from slime_wf.campaign import Campaign
 from slime_wf.config import CampaignConfig
 from tasks import campaign_tasks as t
 
 
 def result_storage(cfg: CampaignConfig) -> Any:
-    """Where task results go: the run store's root (keys start with the campaign's name)."""
+    """Where task results go: the run store's root (keys start with the campaign's name).
+
+    For s3:// the saved block itself, not its name: Prefect resolves a task's storage on every
+    task run, and a name costs a block read from the API each time."""
     store = cfg.storage.store.rstrip("/")
     if not store.startswith("s3://"):
         return Path(os.path.abspath(store))
@@ -31,8 +35,9 @@ def result_storage(cfg: CampaignConfig) -> Any:
     if endpoint:
         settings["client_kwargs"] = {"endpoint_url": endpoint}
     name = f"slime-wf-{cfg.campaign}".replace("_", "-")
-    RemoteFileSystem(basepath=store, settings=settings).save(name, overwrite=True)
-    return f"remote-file-system/{name}"
+    block = RemoteFileSystem(basepath=store, settings=settings)
+    block.save(name, overwrite=True)
+    return block
 
 
 def _with_storage(task_obj, storage):
@@ -49,12 +54,14 @@ def train(config: CampaignConfig) -> dict[str, Any]:
                                             t.save_checkpoint)
     )
     name, total = config.campaign, config.rollout.num_rollout
-    with Campaign(config) as campaign:
+    # the campaign is left first, so its engines stop while the last artifacts go out; then they are flushed
+    with ArtifactPublisher(name, logger=logger) as artifacts, Campaign(config) as campaign:
         t.prepare_checkpoint(campaign)
         first = t.start_campaign(campaign)
         if first:
             logger.info("campaign %s resumes at rollout %d of %d", name, first, total)
-        progress(name, first, total)
+        artifacts.load_history(campaign.store, first)
+        artifacts.progress(first, total)
         for rid in range(first, total):
             rollout(campaign, name, rid)
             metrics = dict(train_step(campaign, name, rid))
@@ -62,8 +69,8 @@ def train(config: CampaignConfig) -> dict[str, Any]:
             if campaign.should_evaluate(rid):
                 metrics.update(evaluate(campaign, name, rid))
             merged = save(campaign, name, rid, metrics)
-            rollout_artifacts(name, campaign.store, rid, merged)
-            progress(name, rid + 1, total)
+            artifacts.rollout(rid, merged)
+            artifacts.progress(rid + 1, total)
         manifest = campaign.manifest()
     logger.info("campaign %s done: run store %s", name, campaign.store.uri)
     return manifest

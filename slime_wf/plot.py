@@ -8,6 +8,8 @@ import struct
 import zlib
 
 _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
+_GRAY = (160, 160, 160)
+_DOTS = {color: bytes(color) * 2 for color in (*_COLORS, _GRAY)}  # two pixels of a 2x2 dot's row
 
 
 def _png(width: int, height: int, pixels: bytearray) -> bytes:
@@ -23,18 +25,19 @@ def line_chart(series: list[list[float]], width: int = 480, height: int = 200, m
     """Each series drawn as a polyline (own color) over a shared x range, each scaled to its own y range."""
     pixels = bytearray([255]) * (width * height * 3)
 
+    row = width * 3
+
     def put(x: int, y: int, color: tuple[int, int, int]) -> None:
-        for dx in (0, 1):
-            for dy in (0, 1):
-                px, py = x + dx, y + dy
-                if 0 <= px < width and 0 <= py < height:
-                    i = (py * width + px) * 3
-                    pixels[i : i + 3] = bytes(color)
+        """A 2x2 dot with its top-left corner at (x, y)."""
+        if 0 <= x < width - 1 and 0 <= y < height - 1:
+            i = (y * width + x) * 3
+            pixels[i : i + 6] = _DOTS[color]
+            pixels[i + row : i + row + 6] = _DOTS[color]
 
     for x in range(margin, width - margin):  # axes
-        put(x, height - margin, (160, 160, 160))
+        put(x, height - margin, _GRAY)
     for y in range(margin, height - margin):
-        put(margin, y, (160, 160, 160))
+        put(margin, y, _GRAY)
     n = max((len(s) for s in series), default=0)
     for k, values in enumerate(series):
         finite = [v for v in values if v is not None and math.isfinite(v)]
@@ -42,16 +45,31 @@ def line_chart(series: list[list[float]], width: int = 480, height: int = 200, m
             continue
         lo, hi = min(finite), max(finite)
         span = (hi - lo) or 1.0
-        points = [
-            (margin + (width - 2 * margin) * (i / max(n - 1, 1)), height - margin - (height - 2 * margin) * (v - lo) / span)
-            for i, v in enumerate(values)
-            if v is not None and math.isfinite(v)
-        ]
+        # Points that fall in one pixel column become one vertical stroke from their lowest to
+        # their highest, joined to the neighbouring columns: a campaign of thousands of rollout
+        # ids costs what its pixels cost, not points x pixels.
+        columns: dict[int, list[float]] = {}  # x -> [first y, lowest, highest, last y]
+        for i, v in enumerate(values):
+            if v is None or not math.isfinite(v):
+                continue
+            x = round(margin + (width - 2 * margin) * (i / max(n - 1, 1)))
+            y = height - margin - (height - 2 * margin) * (v - lo) / span
+            column = columns.get(x)
+            if column is None:
+                columns[x] = [y, y, y, y]
+            else:
+                column[1], column[2], column[3] = min(column[1], y), max(column[2], y), y
         color = _COLORS[k % len(_COLORS)]
-        for (x0, y0), (x1, y1) in zip(points, points[1:] or points, strict=False):
-            steps = int(max(abs(x1 - x0), abs(y1 - y0), 1))
-            for t in range(steps + 1):
-                put(round(x0 + (x1 - x0) * t / steps), round(y0 + (y1 - y0) * t / steps), color)
+        previous = None
+        for x, (first, low, high, last) in columns.items():
+            for y in range(round(low), round(high) + 1):
+                put(x, y, color)
+            if previous is not None:
+                (x0, y0), (x1, y1) = previous, (x, first)
+                steps = int(max(abs(x1 - x0), abs(y1 - y0), 1))
+                for t in range(steps + 1):
+                    put(round(x0 + (x1 - x0) * t / steps), round(y0 + (y1 - y0) * t / steps), color)
+            previous = (x, last)
     return _png(width, height, pixels)
 
 
