@@ -1,6 +1,7 @@
 """What Prefect costs per rollout id: the `train` flow against the same library calls in a plain loop.
 
     .venv/bin/python benchmarks/orchestration.py [--rollouts 6] [--sizes 4x4x16 16x8x32] [--storage-lookup]
+    .venv/bin/python benchmarks/orchestration.py --sizes --config examples/tiny-math/campaign.yaml
 
 A small campaign (tiny Qwen3, 2 layers, hidden 64; one local engine with one thread; math
 reward) runs at each `--sizes` twice in this process, with fresh campaign names and run stores:
@@ -20,7 +21,9 @@ store writes between phases; in the flow, those plus Prefect's task runs, result
 queueing the artifacts. Prefect's overhead per id is the flow's rest minus the plain loop's rest
 for that id, shown in seconds and as a share of the flow's step time (goal: at most 1 s and 5 %).
 Prefect's cost per id is about fixed, so its share falls as the step grows: the sizes show two
-points.
+points. `--config` measures a campaign file as it is (its model, data, engines and reward; the
+demo's file needs its assets: `make demo` or `examples/tiny-math/make_assets.py`), cut to
+`--rollouts` ids, with its run store in a temporary folder.
 
 The artifacts column is what the flow's thread spends on them (queueing, in ms); the API calls
 happen in the publisher's thread. Below each table: how many artifacts the publisher sent, how
@@ -192,7 +195,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rollouts", type=int, default=6, help="rollout ids per campaign")
     parser.add_argument(
-        "--sizes", type=parse_size, nargs="+", default=[(4, 4, 16), (16, 8, 32)], metavar="PxSxT",
+        "--sizes", type=parse_size, nargs="*", default=[(4, 4, 16), (16, 8, 32)], metavar="PxSxT",
         help="campaign sizes: prompts per rollout x samples per prompt x max response tokens (default 4x4x16 16x8x32)",
     )
     parser.add_argument(
@@ -200,6 +203,8 @@ def main() -> int:
         help="also time one persisted task run with its result storage given as a saved block's name "
              "against the saved block itself (what the flow passes for s3:// stores)",
     )
+    parser.add_argument("--config", action="append", default=[], metavar="FILE",
+                        help="also measure this campaign file (repeatable); its assets must exist")
     ns = parser.parse_args()
 
     clock = Clock()
@@ -217,10 +222,15 @@ def main() -> int:
             from flows.artifacts import ArtifactPublisher
 
             clock.time_artifacts(ArtifactPublisher)
-            for i, size in enumerate(ns.sizes):
-                tag = "x".join(map(str, size))
-                plain = campaign_config(assets, root, f"bench-plain-{tag}-{stamp}", ns.rollouts, size)
-                flow = campaign_config(assets, root, f"bench-prefect-{tag}-{stamp}", ns.rollouts, size)
+            runs = [("x".join(map(str, size)), size, None) for size in ns.sizes]
+            runs += [(Path(path).parent.name or Path(path).stem, None, path) for path in ns.config]
+            for i, (tag, size, path) in enumerate(runs):
+                if path is None:
+                    plain = campaign_config(assets, root, f"bench-plain-{tag}-{stamp}", ns.rollouts, size)
+                    flow = campaign_config(assets, root, f"bench-prefect-{tag}-{stamp}", ns.rollouts, size)
+                else:
+                    plain, flow = (file_config(path, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts)
+                                   for side in ("plain", "prefect"))
                 # alternate which goes first, so that neither always meets a warmer machine
                 for name, cfg, run in (("plain loop", plain, run_plain), ("prefect flow", flow, run_prefect))[
                     :: 1 if i % 2 == 0 else -1
@@ -229,12 +239,12 @@ def main() -> int:
                     run(cfg)
                     print(f"{tag} {name}: {ns.rollouts} rollout ids in {time.perf_counter() - t0:.1f} s "
                           "(with start-up)", flush=True)
-                results.append((size, plain, flow, stored_artifacts(flow.campaign)))
+                results.append((describe(plain, path), plain, flow, stored_artifacts(flow.campaign)))
             lookup = storage_lookup(root / "lookup") if ns.storage_lookup else None
             APILogHandler().flush()  # the flow's last log lines, before the server goes
 
-        for size, plain, flow, stored in results:
-            print_table(clock, plain, flow, ns.rollouts, size)
+        for title, plain, flow, stored in results:
+            print_table(clock, plain, flow, ns.rollouts, title)
             print_artifacts(clock, flow.campaign, ns.rollouts, stored)
         if lookup:
             print_storage_lookup(lookup)
@@ -318,13 +328,29 @@ def print_artifacts(clock: Clock, campaign: str, rollouts: int, stored: list) ->
           f"(latest {progress[-1].data if progress else None} %): {'all arrived' if complete else 'INCOMPLETE'}")
 
 
-def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfig, rollouts: int, size) -> None:
+def describe(cfg: CampaignConfig, path: str | None) -> str:
+    r = cfg.rollout
+    what = (f"{r.rollout_batch_size}x{r.n_samples_per_prompt}x{r.rollout_max_response_len}: {r.num_rollout} rollout "
+            f"ids x {r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples, responses up to "
+            f"{r.rollout_max_response_len} tokens; ")
+    if path is None:
+        return what + "tiny Qwen3 (2 layers, hidden 64), 1 local engine, 1 thread"
+    return what + f"{path} ({cfg.engine.num_engines} engines, rm_type {cfg.reward.rm_type})"
+
+
+def file_config(path: str, root: Path, name: str, rollouts: int) -> CampaignConfig:
+    """A campaign file as it is, renamed, cut to `rollouts` ids, with its run store under `root`."""
+    return CampaignConfig.from_yaml(path, [
+        f"campaign={name}", f"num_rollout={rollouts}", f"store={root / 'store'}",
+        f"scratch_dir={root / 'scratch' / name}",
+    ])
+
+
+def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfig, rollouts: int, title: str) -> None:
     plain_wall, flow_wall = clock.walls(plain_cfg.campaign), clock.walls(flow_cfg.campaign)
     plain_step, flow_step = step_times(plain_cfg), step_times(flow_cfg)
-    batch, samples, length = size
     print()
-    print(f"campaign {batch}x{samples}x{length}: {rollouts} rollout ids x {batch} prompts x {samples} samples, "
-          f"responses up to {length} tokens; tiny Qwen3 (2 layers, hidden 64), 1 local engine, 1 thread")
+    print(f"campaign {title}")
     header = ("rollout id", "plain wall s", "plain step s", "flow wall s", "flow step s", "overhead s",
               "% of step", "artifacts queue ms")
     print("| " + " | ".join(header) + " |")
