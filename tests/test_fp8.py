@@ -573,3 +573,20 @@ def test_cli_reports_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["convert-fp8", "--model-dir", "x", "--save-dir", "y", "--strategy", "int4"])
     assert exc.value.code == 2
+
+
+def test_unaligned_block_warning_is_given_once_per_model(tiny_qwen3, tmp_path, caplog):
+    """A campaign converts the same model at every weight sync: the block-alignment warning about
+    its shapes is worth saying once, not at every sync."""
+    from slime_wf.checkpoint import fp8_convert
+
+    fp8_convert._WARNED_UNALIGNED.clear()
+    with caplog.at_level("WARNING", logger=fp8_convert.log.name):
+        for k in range(3):
+            convert_checkpoint(str(tiny_qwen3), str(tmp_path / f"sync-{k}"), "block", progress=False)
+    warnings = [r for r in caplog.records if "not multiples of the 128x128 block" in r.getMessage()]
+    assert len(warnings) == 1
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=fp8_convert.log.name):  # other block sizes: other shapes
+        convert_checkpoint(str(tiny_qwen3), str(tmp_path / "b96"), "block", (96, 96), progress=False)
+    assert any("not multiples of the 96x96 block" in r.getMessage() for r in caplog.records)

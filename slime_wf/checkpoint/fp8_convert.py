@@ -321,12 +321,18 @@ def _check_unique_names(shards: list[_Shard]) -> None:
             seen[e.name] = s.src
 
 
+_WARNED_UNALIGNED: set[tuple] = set()
+
+
 def _warn_unaligned_blocks(shards: list[_Shard], block: tuple[int, int] | None) -> None:
+    """Once per process and set of shapes: a campaign converts the same model at every weight sync."""
     if block is None:
         return
     odd = [(e.name, e.shape) for s in shards for e in s.entries
            if e.name in s.quantize and (e.shape[0] % block[0] or e.shape[1] % block[1])]
-    if odd:
+    seen = (block, tuple((name, tuple(shape)) for name, shape in odd))
+    if odd and seen not in _WARNED_UNALIGNED:
+        _WARNED_UNALIGNED.add(seen)
         log.warning(
             "%d quantized weights are not multiples of the %dx%d block (e.g. %s %s). They are padded correctly, but "
             "SGLang refuses block FP8 for fused (qkv / gate_up) or tensor-parallel layers whose sizes are not "
