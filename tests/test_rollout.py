@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 
 import pytest
 from tiny_models import make_tiny_model
@@ -198,7 +199,17 @@ def test_dead_engine_is_restarted_and_the_rollout_completes(fleet, model_dir, pr
     ds = RolloutDataSourceWithBuffer(args)
 
     def killer():
-        time.sleep(0.5)  # mid-rollout: generating 6 groups of 4 x up to 200 tokens takes seconds
+        # mid-generation on the victim: it holds requests that the rollout must retry elsewhere
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(victim.url + "/get_server_info", timeout=2) as r:
+                    states = json.load(r)["internal_states"][0]
+                if states["num_running_reqs"] + states["num_waiting_reqs"] > 0:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.02)
         os.killpg(victim.process.pid, signal.SIGKILL)
 
     import threading

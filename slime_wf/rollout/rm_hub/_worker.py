@@ -117,22 +117,23 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
             _send(conn, [(seq, UNREADABLE, f"the worker cannot read the task's input: {err!r}", 0.0) for seq in seqs])
             continue
         results: list[tuple] = []
-        last_flush = time.monotonic()
+        monotonic = time.monotonic
+        last_flush = monotonic()
         for seq, target, payload in tasks:
             slot[0] = float(seq)
-            start = time.monotonic()
+            start = monotonic()
             slot[1] = start
             try:
                 fn = targets.get(target)
                 if fn is None:
                     fn = targets[target] = _resolve_target(target)
-                item = (seq, OK, fn(*payload), 0.0)
+                status, value = OK, fn(*payload)
             except BaseException as err:  # noqa: BLE001 - a grader calling sys.exit is still just an error
                 text = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-8))
-                item = (seq, ERROR, text.strip(), 0.0)
-            end = time.monotonic()
+                status, value = ERROR, text.strip()
+            end = monotonic()
             slot[1] = 0.0
-            results.append((item[0], item[1], item[2], end - start))
+            results.append((seq, status, value, end - start))
             if end - last_flush >= RESULT_FLUSH_S:
                 _send(conn, results)
                 results = []

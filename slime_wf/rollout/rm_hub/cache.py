@@ -8,12 +8,13 @@ once per rollout, which bounds its size.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: frozen dataclasses are slow to build
 class Pending:
     """A grading in flight: its pool batch future and its position in that batch."""
 
@@ -26,35 +27,36 @@ class GradingCache:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._done: dict[Any, Any] = {}
-        self._inflight: dict[Any, Pending] = {}
+        self._inflight: dict[Any, tuple[Any, int]] = {}  # key -> (batch future, position in it)
 
     def lookup(self, keys: list[Any]) -> tuple[dict[Any, Any], dict[Any, Pending], list[Any]]:
         """(finished outcomes, gradings in flight to join, keys nobody is grading)."""
         done, joined, new = {}, {}, []
+        finished, inflight = self._done, self._inflight
         with self._lock:
             for key in keys:
-                if key in self._done:
-                    done[key] = self._done[key]
-                elif key in self._inflight:
-                    joined[key] = Pending(self._inflight[key].future, self._inflight[key].index, owner=False)
+                if key in finished:
+                    done[key] = finished[key]
+                elif key in inflight:
+                    future, index = inflight[key]
+                    joined[key] = Pending(future, index, owner=False)
                 else:
                     new.append(key)
         return done, joined, new
 
-    def start(self, keys: list[Any], future: Any) -> dict[Any, Pending]:
-        """Register the gradings of `keys`, submitted together as one batch `future`."""
-        started = {key: Pending(future, i, owner=True) for i, key in enumerate(keys)}
+    def start(self, keys: list[Any], future: Any) -> None:
+        """Register the gradings of `keys`, submitted together as one batch `future` (the
+        submitter knows its own keys' positions: no per-key record is returned)."""
         with self._lock:
-            self._inflight.update(started)
-        return started
+            self._inflight.update(zip(keys, zip(itertools.repeat(future), itertools.count()), strict=False))
 
     def finish(self, keys: list[Any], outcomes: list[Any] | None) -> None:
         """Record a batch's outcomes (None: it failed as a whole, nothing to keep)."""
         with self._lock:
-            for i, key in enumerate(keys):
+            for key in keys:
                 self._inflight.pop(key, None)
-                if outcomes is not None and isinstance(key, tuple):
-                    self._done[key] = outcomes[i]
+            if outcomes is not None:
+                self._done.update((key, outcome) for key, outcome in zip(keys, outcomes, strict=True) if isinstance(key, tuple))
 
     def clear(self) -> None:
         with self._lock:

@@ -312,84 +312,111 @@ class RewardHub:
     async def _builtin(self, args: Any, samples: list[Any]) -> list[Any]:
         rewards: list[Any] = [None] * len(samples)
         timeout = float(getattr(args, "rm_timeout", 30.0))
+        # Most batches have one rm_type for all samples: resolved once, unless a sample overrides it.
+        default_type = getattr(args, "rm_type", None) or ""
+        default_type = default_type.strip() if isinstance(default_type, str) else ""
+        share = self._use_cache
+        reduce, label_key = rules.reduce, rules.label_key
         by_key: dict[Any, list[int]] = {}
-        inputs: dict[Any, tuple] = {}
+        tasks: dict[Any, tuple] = {}  # key -> its pool task
         remote: list[int] = []
         ready: dict[Any, Outcome] = {}
-        waits: dict[Any, Pending] = {}
+        owned: list[tuple[list[Any], Any]] = []  # (keys, batch future) this call submitted
+        joined: dict[Any, Pending] = {}  # gradings other calls submitted
         fresh: list[Any] = []
         for pos, sample in enumerate(samples):
-            rm_type = self._rm_type(args, sample)
+            metadata = sample.metadata
+            if default_type and not (isinstance(metadata, dict) and metadata.get("rm_type")):
+                rm_type = default_type
+            else:
+                rm_type = self._rm_type(args, sample)
             if rm_type == "remote_rm":
                 remote.append(pos)
                 continue
             try:
-                inner, part, text = rules.reduce(rm_type, sample.response)
+                inner, part, text = reduce(rm_type, sample.response)
             except rules.UnknownRewardTypeError as err:
                 raise RewardError(f"{_name([sample])}: {err}") from None
-            label = rules.label_key(sample.label)
-            key = (inner, label, part) if label is not None and self._use_cache else object()
+            label = sample.label
+            lkey = ("str", label) if type(label) is str else label_key(label)
+            key = (inner, lkey, part) if share and lkey is not None else object()
             positions = by_key.get(key)
             if positions is not None:
                 positions.append(pos)
                 continue
             by_key[key] = [pos]
             # the last entry: gradings for one label (one GRPO group, mostly) share a worker
-            inputs[key] = (inner, text, sample.label, rm_type, None if label is None else (inner, label))
+            tasks[key] = (GRADE_TARGET, (inner, text, label), timeout, None if lkey is None else (inner, lkey))
             fresh.append(key)
             if len(fresh) >= SUBMIT_SLICE:  # let the workers start while the rest is prepared
-                self._submit(args, fresh, inputs, ready, waits, timeout)
+                self._submit(args, fresh, tasks, ready, owned, joined)
                 fresh = []
         if fresh:
-            self._submit(args, fresh, inputs, ready, waits, timeout)
-        graded = sum(1 for p in waits.values() if p.owner)
-        self._count("cache_hits", sum(len(p) for p in by_key.values()) - graded)
+            self._submit(args, fresh, tasks, ready, owned, joined)
+        graded = sum(len(keys) for keys, _ in owned)
+        self._count("cache_hits", len(samples) - len(remote) - graded)
         jobs = [self._remote_one(args, samples[pos], pos, rewards) for pos in remote]
-        await asyncio.gather(*jobs, self._collect(waits, ready))
+        await asyncio.gather(*jobs, self._collect(owned, joined, ready))
         settled = 0
         for key, positions in by_key.items():
             outcome = ready[key]
             if outcome.status == OK:  # the common case, kept lean: thousands of samples per call
                 value = outcome.value
-                for pos in positions:
-                    rewards[pos] = dict(value) if type(value) is dict else value
+                if type(value) is dict:
+                    for pos in positions:
+                        rewards[pos] = dict(value)
+                else:
+                    for pos in positions:
+                        rewards[pos] = value
                 settled += len(positions)
                 continue
             group = [samples[p] for p in positions]
-            what = f"rm_type {inputs[key][3]!r}"
+            what = f"rm_type {self._rm_type(args, group[0])!r}"
             values = self._settle(args, group, outcome, what, [outcome.value] * len(group))
             for pos, value in zip(positions, values, strict=True):
                 rewards[pos] = value
         self._count("samples", settled)
         return rewards
 
-    def _submit(self, args, keys, inputs, ready, waits, timeout) -> None:
+    def _submit(self, args, keys, tasks, ready, owned, joined) -> None:
         """Take what the cache knows, join gradings already running, send the rest to the pool."""
-        done, joined, new = self._cache.lookup(keys)
-        ready.update(done)
-        waits.update(joined)
+        new = keys
+        if self._use_cache:
+            done, joins, new = self._cache.lookup(keys)
+            ready.update(done)
+            joined.update(joins)
         if new:
-            tasks = [(GRADE_TARGET, inputs[key][:3], timeout, inputs[key][4]) for key in new]
-            future = self.pool(args).submit(tasks)
-            waits.update(self._cache.start(new, future))
+            future = self.pool(args).submit([tasks[key] for key in new])
+            if self._use_cache:
+                self._cache.start(new, future)
+            owned.append((new, future))
             future.add_done_callback(lambda f, keys=new: self._graded(keys, f))
 
     @staticmethod
-    async def _collect(waits: dict[Any, Pending], ready: dict[Any, Outcome]) -> None:
-        batches = {id(p.future): p.future for p in waits.values()}
+    async def _collect(owned: list[tuple[list[Any], Any]], joined: dict[Any, Pending], ready: dict[Any, Outcome]) -> None:
+        batches = {id(f): f for _, f in owned}
+        batches.update((id(p.future), p.future) for p in joined.values())
         # Shielded: a caller that gives up must not cancel gradings other callers wait on.
         done = {fid: await asyncio.shield(asyncio.wrap_future(f)) for fid, f in batches.items()}
-        for key, pending in waits.items():
+        for keys, future in owned:
+            ready.update(zip(keys, done[id(future)], strict=True))
+        for key, pending in joined.items():
             ready[key] = done[id(pending.future)][pending.index]
 
     def _graded(self, keys: list[Any], future: Any) -> None:
         """Pool thread: record a finished batch of gradings in the cache and the counters."""
         outcomes = None if future.cancelled() or future.exception() else future.result()
-        self._cache.finish(keys, outcomes)
+        if self._use_cache:
+            self._cache.finish(keys, outcomes)
+        if not outcomes:
+            return
+        longest = max(outcome.seconds for outcome in outcomes)
         with self._lock:
-            for outcome in outcomes or ():
-                self._counts["gradings"] += 1
-                self._record_locked(outcome)
+            self._counts["gradings"] += len(outcomes)
+            self._max_seconds = max(self._max_seconds, longest)
+            for outcome in outcomes:
+                if outcome.status != OK:
+                    self._record_locked(outcome)
 
     async def _remote_one(self, args: Any, sample: Any, pos: int, rewards: list[Any]) -> None:
         url = getattr(args, "rm_url", None)

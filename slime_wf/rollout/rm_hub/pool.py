@@ -47,6 +47,9 @@ MAX_CHUNK = 256
 # Chunks hold about this much work: enough to amortize a message, little enough that the
 # workers finish a batch together instead of one waiting on another's long chunk.
 CHUNK_SECONDS = 0.01
+# ...and at least this much, however few tasks are left: the shares shrink towards the end of a
+# batch, and below this a chunk's messages cost more than the idle time they could save.
+MIN_CHUNK_SECONDS = 0.0025
 WATCH_INTERVAL_S = 0.02
 # A task whose worker died twice while it sat unfinished in the chunk is treated as the cause.
 MAX_CRASH_RETRIES = 2
@@ -58,7 +61,7 @@ class PoolClosedError(RuntimeError):
     """The pool was closed while tasks were still waiting."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True, unsafe_hash=True)  # not frozen: one per task, and frozen ones are slow to build
 class Outcome:
     """What became of one task: `value` is the result (ok) or a description of the failure."""
 
@@ -131,9 +134,9 @@ class _PoolCore:
         with self.lock:
             if self.closed:
                 raise PoolClosedError("the grader pool is closed")
-            for pos, task in enumerate(tasks):
-                self.pending.append(_Task(self.next_seq, batch, pos, task))
-                self.next_seq += 1
+            first = self.next_seq
+            self.pending.extend([_Task(first + pos, batch, pos, task) for pos, task in enumerate(tasks)])
+            self.next_seq = first + len(tasks)
             if self.thread is None:
                 self.thread = threading.Thread(target=self._run, name="rm-grader-pool", daemon=True)
                 self.thread.start()
@@ -246,14 +249,15 @@ class _PoolCore:
                 if worker is None:
                     return
                 chunk = self._take_chunk(size)
+            seqs = [t.seq for t in chunk]
             try:
                 blob = pickle.dumps([(t.seq, t.target, t.payload) for t in chunk], pickle.HIGHEST_PROTOCOL)
             except Exception:  # noqa: BLE001 - find the culprits one by one
                 self._set_aside_unpicklable(chunk)
                 continue
-            worker.inflight.update((t.seq, t) for t in chunk)
+            worker.inflight.update(zip(seqs, chunk, strict=True))
             try:
-                worker.conn.send(([t.seq for t in chunk], blob))
+                worker.conn.send((seqs, blob))
             except OSError:
                 self._worker_died(worker, killed_for=None)
 
@@ -261,21 +265,29 @@ class _PoolCore:
         """The next `size` tasks (caller holds the lock), extended so as not to split a run of one
         affinity (a GRPO group: one label): the graders' own memos (sympy, math_verify) then see
         the group's repeats in one process. A solo task travels alone."""
-        chunk = [self.pending.popleft()]
-        if chunk[0].solo:
+        pending = self.pending
+        first = pending.popleft()
+        chunk = [first]
+        if first.solo:
             return chunk
-        while self.pending and len(chunk) < MAX_CHUNK and not self.pending[0].solo:
-            same_run = chunk[-1].affinity is not None and self.pending[0].affinity == chunk[-1].affinity
-            if len(chunk) >= size and not same_run:
+        affinity = first.affinity
+        limit = min(MAX_CHUNK, size)
+        while pending and len(chunk) < MAX_CHUNK:
+            task = pending[0]
+            if task.solo or (len(chunk) >= limit and (affinity is None or task.affinity != affinity)):
                 break
-            chunk.append(self.pending.popleft())
+            chunk.append(pending.popleft())
+            affinity = task.affinity
         return chunk
 
     def _chunk_size(self) -> int:
         share = math.ceil(len(self.pending) / (2 * self.num_workers))
         per_task = self.task_seconds.get(self.pending[0].target)
-        fits = 4 if per_task is None else int(CHUNK_SECONDS / max(per_task, 1e-6))
-        return max(1, min(MAX_CHUNK, share, fits))
+        if per_task is None:
+            return max(1, min(4, share))
+        fits = int(CHUNK_SECONDS / max(per_task, 1e-6))
+        floor = int(MIN_CHUNK_SECONDS / max(per_task, 1e-6))
+        return max(1, min(MAX_CHUNK, fits, max(share, floor)))
 
     def _pick_worker(self, size: int) -> WorkerHandle | None:
         """An idle worker, else one with less than a chunk left to do (sending its next chunk
@@ -304,14 +316,30 @@ class _PoolCore:
         while self.pending and self.pending[0].batch.future.cancelled():
             self.pending.popleft()
 
-    def _read(self, worker: WorkerHandle) -> None:
+    def _read(self, worker: WorkerHandle, drain: bool = False) -> None:
+        """Take one message of results (the selector said one is there; it says so again while
+        more are waiting), or with `drain` every message already sent."""
         if worker.dead:
             return
+        inflight = worker.inflight
         try:
-            while worker.conn.poll():
+            while not drain or worker.conn.poll():
                 for seq, status, value, seconds in worker.conn.recv():
-                    task = worker.inflight.pop(seq, None)
+                    task = inflight.pop(seq, None)
                     if task is None:
+                        continue
+                    if status == OK:  # _finish, inlined for the common case
+                        self.stats["tasks"] += 1
+                        mean = self.task_seconds.get(task.target)
+                        self.task_seconds[task.target] = seconds if mean is None else 0.9 * mean + 0.1 * seconds
+                        if seconds > self.max_seconds:
+                            self.max_seconds = seconds
+                        batch = task.batch
+                        if batch.outcomes[task.pos] is None:
+                            batch.outcomes[task.pos] = Outcome(OK, value, seconds)
+                            batch.remaining -= 1
+                            if batch.remaining == 0:
+                                self._settle_batch(batch)
                         continue
                     if status == UNREADABLE:
                         if not task.solo:  # find out which task of the chunk it was
@@ -321,6 +349,8 @@ class _PoolCore:
                             continue
                         status = ERROR
                     self._finish(task, Outcome(status, value, seconds))
+                if not drain:
+                    return
         except (EOFError, OSError):
             self._worker_died(worker, killed_for=None)
 
@@ -341,7 +371,7 @@ class _PoolCore:
         """Kill (if needed) and forget a worker, settle its tasks, and start its replacement."""
         running = worker.running()
         if killed_for is not None:
-            self._read(worker)  # keep what the rest of its chunk already produced
+            self._read(worker, drain=True)  # keep what the rest of its chunk already produced
             if worker.dead:
                 return
         worker.dead = True
@@ -387,17 +417,24 @@ class _PoolCore:
 
     def _finish(self, task: _Task, outcome: Outcome) -> None:
         self.stats["tasks"] += 1
+        seconds = outcome.seconds
         if outcome.status == OK:
             mean = self.task_seconds.get(task.target)
-            self.task_seconds[task.target] = outcome.seconds if mean is None else 0.9 * mean + 0.1 * outcome.seconds
-        if outcome.seconds > self.max_seconds:
-            self.max_seconds = outcome.seconds
-        batch = task.batch
-        if batch.outcomes[task.pos] is not None:
+            self.task_seconds[task.target] = seconds if mean is None else 0.9 * mean + 0.1 * seconds
+        if seconds > self.max_seconds:
+            self.max_seconds = seconds
+        batch, pos = task.batch, task.pos
+        outcomes = batch.outcomes
+        if outcomes[pos] is not None:
             return
-        batch.outcomes[task.pos] = outcome
+        outcomes[pos] = outcome
         batch.remaining -= 1
-        if batch.remaining == 0 and not batch.future.done():
+        if batch.remaining == 0:
+            self._settle_batch(batch)
+
+    @staticmethod
+    def _settle_batch(batch: _Batch) -> None:
+        if not batch.future.done():
             try:
                 batch.future.set_result(batch.outcomes)
             except concurrent.futures.InvalidStateError:
