@@ -8,7 +8,6 @@ once per rollout, which bounds its size.
 
 from __future__ import annotations
 
-import itertools
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +47,7 @@ class GradingCache:
         """Register the gradings of `keys`, submitted together as one batch `future` (the
         submitter knows its own keys' positions: no per-key record is returned)."""
         with self._lock:
-            self._inflight.update(zip(keys, zip(itertools.repeat(future), itertools.count()), strict=False))
+            self._inflight.update({key: (future, i) for i, key in enumerate(keys)})
 
     def finish(self, keys: list[Any], outcomes: list[Any] | None) -> None:
         """Record a batch's outcomes (None: it failed as a whole, nothing to keep)."""

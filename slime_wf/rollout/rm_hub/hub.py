@@ -338,7 +338,7 @@ class RewardHub:
             except rules.UnknownRewardTypeError as err:
                 raise RewardError(f"{_name([sample])}: {err}") from None
             label = sample.label
-            lkey = ("str", label) if type(label) is str else label_key(label)
+            lkey = label_key(label)
             key = (inner, lkey, part) if share and lkey is not None else object()
             positions = by_key.get(key)
             if positions is not None:

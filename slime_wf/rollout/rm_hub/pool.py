@@ -328,19 +328,6 @@ class _PoolCore:
                     task = inflight.pop(seq, None)
                     if task is None:
                         continue
-                    if status == OK:  # _finish, inlined for the common case
-                        self.stats["tasks"] += 1
-                        mean = self.task_seconds.get(task.target)
-                        self.task_seconds[task.target] = seconds if mean is None else 0.9 * mean + 0.1 * seconds
-                        if seconds > self.max_seconds:
-                            self.max_seconds = seconds
-                        batch = task.batch
-                        if batch.outcomes[task.pos] is None:
-                            batch.outcomes[task.pos] = Outcome(OK, value, seconds)
-                            batch.remaining -= 1
-                            if batch.remaining == 0:
-                                self._settle_batch(batch)
-                        continue
                     if status == UNREADABLE:
                         if not task.solo:  # find out which task of the chunk it was
                             task.solo = True
@@ -429,14 +416,9 @@ class _PoolCore:
             return
         outcomes[pos] = outcome
         batch.remaining -= 1
-        if batch.remaining == 0:
-            self._settle_batch(batch)
-
-    @staticmethod
-    def _settle_batch(batch: _Batch) -> None:
-        if not batch.future.done():
+        if batch.remaining == 0 and not batch.future.done():
             try:
-                batch.future.set_result(batch.outcomes)
+                batch.future.set_result(outcomes)
             except concurrent.futures.InvalidStateError:
                 pass  # cancelled by its caller meanwhile
 

@@ -73,22 +73,13 @@ GRADERS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
-# split_rm_type's answers for known types: it runs once per sample, in the rollout's process.
-_SPLIT: dict[str, tuple[str, bool]] = {}
-
-
 def split_rm_type(rm_type: str) -> tuple[str, bool]:
     """(inner type, boxed?) for `math`, `boxed_math`...; unknown types raise."""
-    known = _SPLIT.get(rm_type)
-    if known is not None and known[0] in GRADERS:
-        return known
     boxed = rm_type.startswith("boxed_")
     inner = rm_type[len("boxed_") :] if boxed else rm_type
     if inner not in GRADERS:
         allowed = ", ".join([*RULE_TYPES, *(f"boxed_{t}" for t in RULE_TYPES), "remote_rm"])
         raise UnknownRewardTypeError(f"unknown rm_type {rm_type!r}; allowed: {allowed}")
-    if type(rm_type) is str:  # a str subclass could compare equal and answer differently
-        _SPLIT[rm_type] = (inner, boxed)
     return inner, boxed
 
 
@@ -169,6 +160,8 @@ def reduce(rm_type: str, response: str) -> tuple[str, Any, str]:
 
 def label_key(label: Any) -> Any:
     """A hashable stand-in for a label that keeps "1", 1 and 1.0 apart (graders see str(label))."""
+    if type(label) is str:  # nearly every label: one check, on the per-sample path
+        return ("str", label)
     if label is None or isinstance(label, str | int | float | bool):
         return (type(label).__name__, label)
     try:
