@@ -12,8 +12,9 @@ from test_train_step import BASE, _logits, _sample_rollout, random_samples, trai
 from tiny_models import make_tiny_model
 
 from slime_wf.training.batching import items_from_samples, pad_micro_batch
-from slime_wf.training.critic import CRITIC_DIR, critic_source, score_values
+from slime_wf.training.critic import CRITIC_DIR, critic_source
 from slime_wf.training.model import forward_logits
+from slime_wf.training.train_step import score_values
 from slime_wf.training.trainer import Trainer
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*", "ignore::FutureWarning:torch.*",

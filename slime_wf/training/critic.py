@@ -8,8 +8,9 @@ weight is replicated on every tensor-parallel rank: it reads the final hidden st
 rank holds whole, so all ranks compute the same gradient and need no reduction, and a checkpoint
 of it loads at any TP size.
 
-A response token's value is read at the position that predicts the token, like its log-prob:
-the value at position t-1 estimates the return of the state in which token t is generated.
+A response token's value is read at the position that predicts the token, like its log-prob
+(`train_step.score_values`): the value at position t-1 estimates the return of the state in
+which token t is generated.
 
 The critic has its own Adam and schedule (`critic_lr`, `critic_lr_warmup_iters`; the decay
 style, weight decay and clipping are the policy's) and is saved in the `critic/` folder of
@@ -27,10 +28,7 @@ from typing import Any
 
 import torch
 
-from slime_wf.training.batching import PaddedBatch
 from slime_wf.training.checkpointing import load_checkpoint, save_checkpoint
-from slime_wf.training.model import forward_logits
-from slime_wf.training.objectives import slice_responses
 from slime_wf.training.optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -73,22 +71,6 @@ def critic_args(args: Any) -> argparse.Namespace:
     ns.min_lr = min(float(args.min_lr), ns.lr)
     ns.lr_warmup_iters = int(args.critic_lr_warmup_iters)
     return ns
-
-
-@torch.no_grad()
-def score_values(model, micro_batches: list[PaddedBatch]) -> None:
-    """Store the critic's value of each response token as `item.per_token["values"]` (CPU, float32)."""
-    was_training = model.training
-    model.eval()
-    try:
-        for mb in micro_batches:
-            values = forward_logits(model, mb.input_ids, mb.attention_mask, mb.position_ids)[..., 0]
-            rows = slice_responses(values, [it.total_length for it in mb.items],
-                                   [it.response_length for it in mb.items], layout="padded")
-            for item, row in zip(mb.items, rows, strict=True):
-                item.per_token["values"] = row.float().cpu()
-    finally:
-        model.train(was_training)
 
 
 @dataclass
@@ -163,5 +145,4 @@ def critic_source(path: str | Path | None) -> Path | None:
     return found / CRITIC_DIR
 
 
-__all__ = ["CRITIC_DIR", "Critic", "ValueHead", "attach_value_head", "critic_args", "critic_source", "needs_critic",
-           "score_values"]
+__all__ = ["CRITIC_DIR", "Critic", "ValueHead", "attach_value_head", "critic_args", "critic_source", "needs_critic"]

@@ -38,12 +38,13 @@ from slime_wf.training.batching import (
     shard_for_data_parallel,
     split_steps,
 )
-from slime_wf.training.critic import Critic, needs_critic, score_values
+from slime_wf.training.critic import Critic, needs_critic
 from slime_wf.training.model import forward_logits
 from slime_wf.training.objectives import (
     compute_advantages_and_returns,
     loss_function,
     response_log_probs_and_entropy,
+    slice_responses,
     step_normalizer,
 )
 from slime_wf.training.train_args import needs_old_log_probs, needs_reference_model
@@ -94,22 +95,38 @@ def _chunk_size(args: Any) -> int | None:
 
 
 @torch.no_grad()
-def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key: str) -> None:
-    """Store the model's log-probs of each response token as `item.per_token[key]` (CPU, float32)."""
+def _score(model, micro_batches: Sequence[PaddedBatch], key: str, per_response) -> None:
+    """Store `per_response(output, micro_batch)` (one `[response_length]` tensor per sample) of
+    the model in eval mode as `item.per_token[key]` (CPU, float32)."""
     was_training = model.training
     model.eval()
     try:
         for mb in micro_batches:
-            logits = _forward(model, mb)
-            log_probs, _ = response_log_probs_and_entropy(
-                logits, [it.tokens for it in mb.items], [it.total_length for it in mb.items],
-                [it.response_length for it in mb.items], temperature=args.rollout_temperature,
-                with_entropy=False, chunk_size=_chunk_size(args), layout="padded",
-            )
-            for item, lp in zip(mb.items, log_probs, strict=True):
-                item.per_token[key] = lp.float().cpu()
+            for item, values in zip(mb.items, per_response(_forward(model, mb), mb), strict=True):
+                item.per_token[key] = values.float().cpu()
     finally:
         model.train(was_training)
+
+
+def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key: str) -> None:
+    """Store the model's log-probs of each response token as `item.per_token[key]`."""
+    def log_probs(logits, mb):
+        return response_log_probs_and_entropy(
+            logits, [it.tokens for it in mb.items], [it.total_length for it in mb.items],
+            [it.response_length for it in mb.items], temperature=args.rollout_temperature,
+            with_entropy=False, chunk_size=_chunk_size(args), layout="padded",
+        )[0]
+
+    _score(model, micro_batches, key, log_probs)
+
+
+def score_values(critic_model, micro_batches: Sequence[PaddedBatch]) -> None:
+    """Store the critic's value of each response token as `item.per_token["values"]`."""
+    def values(output, mb):
+        return slice_responses(output[..., 0], [it.total_length for it in mb.items],
+                               [it.response_length for it in mb.items], layout="padded")
+
+    _score(critic_model, micro_batches, "values", values)
 
 
 def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
