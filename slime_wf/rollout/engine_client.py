@@ -20,7 +20,17 @@ logger = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
-    """An engine answered with an error."""
+    """An engine answered with an error; `status` is the HTTP status when there was one."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class EngineRejected(EngineError):
+    """The engine refused this one request (HTTP 4xx other than 408/429): the request itself is bad
+    (too long for the context, empty, a parameter the engine does not take), so retrying the same
+    request elsewhere cannot help. The engine itself is fine."""
 
 
 class EngineUnavailable(EngineError):
@@ -34,19 +44,25 @@ class EngineTimeout(EngineError):
 class EngineClient:
     """One engine (or router) at `url`."""
 
-    def __init__(self, url: str, session: aiohttp.ClientSession):
+    def __init__(self, url: str, session: aiohttp.ClientSession, api_key: str | None = None):
         self.url = url.rstrip("/")
         self.session = session
+        # SGLang's --api-key / --admin-api-key: a bearer token on every request
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
 
     async def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Any:
         try:
             async with self.session.request(
-                method, f"{self.url}{path}", json=json, timeout=aiohttp.ClientTimeout(total=timeout)
+                method, f"{self.url}{path}", json=json, timeout=aiohttp.ClientTimeout(total=timeout),
+                headers=self.headers,
             ) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
                     text = body.decode(errors="replace")[:500]
-                    raise EngineError(f"{method} {self.url}{path} -> HTTP {resp.status}: {text}")
+                    message = f"{method} {self.url}{path} -> HTTP {resp.status}: {text}"
+                    if 400 <= resp.status < 500 and resp.status not in (408, 429):
+                        raise EngineRejected(message, resp.status)
+                    raise EngineError(message, resp.status)
                 if not body:
                     return None
                 try:
@@ -112,6 +128,7 @@ class EngineSession:
         concurrency_per_engine: int = 64,
         on_engine_down: Callable[[str], Any] | None = None,
         validate: Callable[[str, dict[str, Any]], None] | None = None,
+        api_key: str | None = None,
     ):
         if not worker_urls:
             raise ValueError("an engine session needs at least one engine URL")
@@ -120,6 +137,7 @@ class EngineSession:
         self.concurrency_per_engine = concurrency_per_engine
         self.on_engine_down = on_engine_down
         self.validate = validate  # contract checks: validate("request"|"response", body)
+        self.api_key = api_key
         self.session: aiohttp.ClientSession | None = None
         self.in_flight = dict.fromkeys(self.worker_urls, 0)
         self.down: set[str] = set()
@@ -139,7 +157,7 @@ class EngineSession:
             await self.session.close()
 
     def client(self, url: str) -> EngineClient:
-        return EngineClient(url, self.session)
+        return EngineClient(url, self.session, self.api_key)
 
     @property
     def alive_urls(self) -> list[str]:
