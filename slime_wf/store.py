@@ -6,21 +6,32 @@ Layout of a campaign (ARCHITECTURE.md):
     <store>/<campaign>/config.yaml
     <store>/<campaign>/rollouts/<id:06d>/{samples.jsonl,ledger.json,metrics.json,data_source.json}
     <store>/<campaign>/checkpoints/<id:06d>/
+    <store>/<campaign>/lease.json                  the one writer (slime_wf.ledger.Lease)
+    <store>/<campaign>/evaluations/<id:06d>.json   written by the `evaluate` flow only
 
 Every write is atomic: locally a temporary file in the same folder, fsynced, then renamed over
 the target; on S3 one PUT (objects appear whole or not at all). A failed write raises
 `StoreError` naming the path and the cause; nothing is silently dropped. Records are JSON,
 never pickle.
+
+JSON lines are split on "\n" only, and written so that no other character can break a line:
+`str.splitlines()` (and many editors and tools) also break at U+0085, U+2028 and U+2029, which
+`json.dumps(ensure_ascii=False)` leaves raw inside strings, and a model's response may hold any of
+them. Lone surrogates (which UTF-8 cannot encode) are written as `\\uXXXX` escapes, so any Python
+string round-trips.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import fsspec
@@ -31,6 +42,32 @@ _S3_SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; larger objects use a
 
 class StoreError(OSError):
     """A run-store read or write that failed; the message names the path and what to do."""
+
+
+class StoreConflict(StoreError):
+    """A conditional write (`RunStore.write_if`) lost: the object changed, appeared or vanished since it was read."""
+
+
+# Outside string literals json.dumps emits ASCII only, so every match is inside a string, where a
+# \uXXXX escape decodes to the same character.
+_LINE_UNSAFE = re.compile("[\u0085\u2028\u2029\ud800-\udfff]")
+
+
+def _escape_line_unsafe(text: str) -> str:
+    return _LINE_UNSAFE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
+def json_text(obj: Any, **dumps_kwargs: Any) -> str:
+    """`json.dumps(obj, ensure_ascii=False, allow_nan=True)` that is valid UTF-8 and holds no line
+    break other than the ones `indent` adds: readable non-ASCII text, safe for JSON lines."""
+    return _escape_line_unsafe(json.dumps(obj, ensure_ascii=False, allow_nan=True, **dumps_kwargs))
+
+
+def jsonl_lines(text: str) -> Iterator[tuple[int, str]]:
+    """(1-based line number, line) of every non-blank line of JSON-lines text, split on "\n" only."""
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        if line.strip(" \t\r"):  # JSON's own whitespace; anything else on a line is a malformed row
+            yield lineno, line
 
 
 def s3_filesystem(endpoint_url: str | None = None, region: str | None = None) -> fsspec.AbstractFileSystem:
@@ -132,12 +169,54 @@ class RunStore:
         except FileNotFoundError:
             return []
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
-        return [n for n in names if n and not n.startswith(".tmp-")]
+        return [n for n in names if n and not n.startswith((".tmp-", ".lock-"))]  # in-flight writes, write_if locks
 
     def delete(self, rel: str) -> None:
         path = self._path(rel)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    # ---- conditional writes (compare and swap) --------------------------------------------
+
+    def read_versioned(self, rel: str) -> tuple[bytes, str] | None:
+        """The bytes at `rel` and their version for `write_if`, or None when `rel` does not exist.
+
+        On S3 the version is the ETag, read before the bytes: if the object changes in between, the
+        bytes are newer than the version and a `write_if` with it fails, so no decision is made on
+        a version that was never current."""
+        path = self._path(rel)
+        try:
+            if self.is_local:
+                with open(path, "rb") as f:
+                    data = f.read()
+                return data, _content_version(data)
+            etag = self.fs.info(path)["ETag"]
+            return self.fs.cat_file(path), etag
+        except FileNotFoundError:
+            return None
+        except Exception as err:
+            raise StoreError(f"reading {self.url(rel)} failed: {type(err).__name__}: {err}") from err
+
+    def write_if(self, rel: str, data: bytes, *, version: str | None) -> str:
+        """Write `rel` only if it is still at `version` (None: only if it does not exist); returns the new
+        version. Raises `StoreConflict` when another writer changed it first.
+
+        Locally the check and the atomic write happen under an exclusive `flock` on a lock file beside
+        `rel`. On S3 it is one PUT with `If-None-Match: *` or `If-Match: <ETag>`, which S3 evaluates
+        atomically (AWS S3 since 2024; also MinIO and moto)."""
+        path = self._path(rel)
+        try:
+            if self.is_local:
+                return _local_write_if(path, data, version)
+            condition = {"mode": "create"} if version is None else {"IfMatch": version}
+            out = self.fs.pipe_file(path, data, **condition)
+            return out["ETag"] if isinstance(out, dict) and out.get("ETag") else self.fs.info(path)["ETag"]
+        except StoreConflict:
+            raise
+        except Exception as err:
+            if _is_precondition_failure(err) or (version is not None and isinstance(err, FileNotFoundError)):
+                raise StoreConflict(f"{self.url(rel)} changed since it was read (conditional write refused)") from err
+            raise StoreError(_describe_write_error(self.url(rel), err)) from err
 
     def put_dir(self, local_dir: str, rel: str) -> None:
         """Copy a local folder to `rel` (replacing it). Locally a rename into place; on S3 an upload.
@@ -179,7 +258,7 @@ class RunStore:
 
     def write_json(self, rel: str, obj: Any) -> None:
         try:
-            blob = json.dumps(obj, indent=1, ensure_ascii=False, allow_nan=True)
+            blob = json_text(obj, indent=1)
         except (TypeError, ValueError) as err:
             raise StoreError(f"cannot write {self.url(rel)}: value is not JSON-serializable ({err})") from err
         self.write_text(rel, blob + "\n")
@@ -201,7 +280,7 @@ class RunStore:
         lines = []
         for i, row in enumerate(rows):
             try:
-                lines.append(json.dumps(row, ensure_ascii=False, allow_nan=True))
+                lines.append(json_text(row))
             except (TypeError, ValueError) as err:
                 raise StoreError(f"cannot write {self.url(rel)}: row {i} is not JSON-serializable ({err})") from err
         self.write_text(rel, "".join(line + "\n" for line in lines))
@@ -209,9 +288,7 @@ class RunStore:
 
     def read_jsonl(self, rel: str) -> list[Any]:
         rows = []
-        for lineno, line in enumerate(self.read_text(rel).splitlines(), start=1):
-            if not line.strip():
-                continue
+        for lineno, line in jsonl_lines(self.read_text(rel)):
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
@@ -235,9 +312,18 @@ class RunStore:
     def checkpoint_dir(rollout_id: int) -> str:
         return f"checkpoints/{rollout_id:06d}"
 
+    @staticmethod
+    def evaluation_file(rollout_id: int | None) -> str:
+        """Where the `evaluate` flow records its metrics: outside rollouts/, which only `train` writes."""
+        return f"evaluations/{'initial' if rollout_id is None else f'{rollout_id:06d}'}.json"
+
     def rollout_ids(self) -> list[int]:
         """Rollout ids that have a folder, ascending."""
         return sorted(int(n) for n in self.listdir("rollouts") if n.isdigit())
+
+    def checkpoint_ids(self) -> list[int]:
+        """Rollout ids that have a checkpoint folder, ascending."""
+        return sorted(int(n) for n in self.listdir("checkpoints") if n.isdigit())
 
     def read_manifest(self) -> dict[str, Any] | None:
         return self.read_json(self.MANIFEST, default=None)
@@ -267,6 +353,45 @@ def _atomic_local_write(path: str, data: bytes) -> None:
         os.fsync(dir_fd)  # make the rename itself durable
     finally:
         os.close(dir_fd)
+
+
+def _content_version(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _local_write_if(path: str, data: bytes, version: str | None) -> str:
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    lock_path = os.path.join(parent, f".lock-{os.path.basename(path)}")
+    with open(lock_path, "a+b") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # released when the file closes
+        try:
+            with open(path, "rb") as f:
+                current = _content_version(f.read())
+        except FileNotFoundError:
+            current = None
+        if current != version:
+            state = "exists" if current is not None else "does not exist"
+            raise StoreConflict(f"{path} changed since it was read ({state} now; conditional write refused)")
+        _atomic_local_write(path, data)
+    return _content_version(data)
+
+
+def _is_precondition_failure(err: BaseException) -> bool:
+    """Whether S3 refused a conditional write: 412 PreconditionFailed, or 409 ConditionalRequestConflict
+    (a concurrent conditional write to the same key). s3fs keeps botocore's error as the cause."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, FileExistsError):
+            return True
+        response = getattr(seen, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _describe_write_error(url: str, err: Exception) -> str:

@@ -3,7 +3,7 @@
 `Sample` keeps slime's field names and `Sample.Status` values so that a slime user's
 plugins (reward functions, filters, generate functions) work unchanged. Unlike slime,
 samples are persisted as JSON, never pickled: `to_dict` / `from_dict` round-trip
-losslessly through `json.dumps` / `json.loads`.
+losslessly through `json.dumps` / `json.loads`, and `to_json` is one line whatever the text holds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
+
+from slime_wf.store import json_text
 
 
 class RewardKeyError(KeyError):
@@ -76,7 +78,7 @@ class Sample:
 
     def to_json(self) -> str:
         try:
-            return json.dumps(self.to_dict(), ensure_ascii=False, allow_nan=True)
+            return json_text(self.to_dict())
         except TypeError as err:
             raise TypeError(
                 f"sample group_index={self.group_index} index={self.index} cannot be stored as JSON: {err}. "

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import threading
-import time
 from collections import defaultdict
 
 import pytest
@@ -95,10 +94,9 @@ def test_the_flush_at_the_end_gives_up_after_its_timeout(caplog):
     publisher.rollout(0, metrics(0))
     publisher.progress(1, 1)
     assert send.called.wait(10)
-    t0 = time.monotonic()
     with caplog.at_level(logging.WARNING, logger=LOG.name):
-        counts = publisher.close(timeout_s=0.5)
-    assert time.monotonic() - t0 < 5
+        counts = publisher.close(timeout_s=0.5)  # returns although the call in flight never does
+    assert not send.release.is_set()
     assert counts["unsent"] == 3 and counts["sent"] == 0  # the table in flight, the curves, the progress
     assert any("3 artifact(s) of campaign c not sent within 0.5 s" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match="closed"):

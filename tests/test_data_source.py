@@ -4,7 +4,8 @@ import pytest
 
 from slime_wf.config import CampaignConfig
 from slime_wf.plugins import PluginError
-from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer, pop_first
+from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer, engine_context_length, pop_first
+from slime_wf.rollout.dataset import DataError
 from slime_wf.store import RunStore
 from slime_wf.types import Sample
 
@@ -172,3 +173,43 @@ def test_state_from_a_different_dataset_is_refused(dataset_path, tmp_path):
     other.write_text(json.dumps({"prompt": "p", "label": 0}) + "\n")
     with pytest.raises(ValueError, match="saved with 7 prompts .* now has 1"):
         RolloutDataSourceWithBuffer(make_args(str(other))).load_state_dict(state)
+
+
+@pytest.fixture
+def checkpoint_with_context_32(tmp_path):
+    """A checkpoint folder with a tokenizer and a config of max_position_embeddings=32 (no weights needed)."""
+    from tiny_models import make_tiny_tokenizer, tiny_config
+
+    out = make_tiny_tokenizer(tmp_path / "ckpt")
+    tiny_config("qwen3", vocab_size=128, layers=1, hidden=32, max_positions=32, eos_token_id=3).save_pretrained(out)
+    return str(out)
+
+
+def test_context_length_comes_from_the_checkpoint_or_sglang_flag(dataset_path, checkpoint_with_context_32):
+    base = [f"hf_checkpoint={checkpoint_with_context_32}"]
+    assert engine_context_length(make_args(dataset_path, *base)) == 32
+    sglang = [*base, "engine_type=sglang", 'sglang_server_args={"context-length": 24}']
+    assert engine_context_length(make_args(dataset_path, *sglang)) == 24
+    external = [*sglang, 'engine_urls=["http://127.0.0.1:1"]']  # an external server's flags are not ours to read
+    assert engine_context_length(make_args(dataset_path, *external)) == 32
+    assert engine_context_length(make_args(dataset_path)) is None
+
+
+def test_prompts_over_the_engine_context_are_rejected_at_load(tmp_path, checkpoint_with_context_32):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+
+    rows = [{"prompt": "what is 1 plus 2", "label": 0}, {"prompt": "one two " * 10, "label": 1},
+            {"prompt": "", "label": 2}, {"prompt": "yes", "label": 3}]
+    args = [f"hf_checkpoint={checkpoint_with_context_32}", "rollout_max_response_len=16"]
+    with pytest.raises(DataError, match=r"long.jsonl:2: the prompt has 20 tokens; .* 36, over the engine's "
+                                        r"context length of 32 tokens"):
+        RolloutDataSourceWithBuffer(make_args(write("long.jsonl", [rows[0], rows[1], rows[3]]), *args))
+    path = write("prompts.jsonl", rows)
+    ds = RolloutDataSourceWithBuffer(make_args(str(path), *args, "skip_bad_rows=true"))
+    assert labels(ds.get_samples(2)) == [0, 3]
+    assert ds.dataset.stats.skipped_over_context == 1 and ds.dataset.stats.skipped_empty_prompts == 1
+    # a shorter response leaves room for the long prompt
+    assert len(RolloutDataSourceWithBuffer(make_args(str(path), *args, "rollout_max_response_len=12",
+                                                     "skip_bad_rows=true"))) == 3

@@ -19,7 +19,10 @@ def test_jsonl_rows_become_samples(tmp_path):
     ds = Dataset(write_jsonl(tmp_path / "d.jsonl", ROWS))
     assert len(ds) == 10
     assert ds[3].prompt == "what is 3 plus 3" and ds[3].label == 6 and ds[3].metadata == {"i": 3}
-    assert ds.stats.as_dict() == {"rows": 10, "kept": 10, "skipped_bad_rows": 0, "dropped_too_long": 0}
+    assert ds.stats.as_dict() == {
+        "rows": 10, "kept": 10, "skipped_bad_rows": 0, "skipped_empty_prompts": 0, "skipped_over_context": 0,
+        "dropped_too_long": 0,
+    }
 
 
 def test_custom_keys_and_metadata_as_json_string(tmp_path):
@@ -148,3 +151,71 @@ def test_dataset_on_s3(s3_server, s3_bucket, tmp_path):
     fs.put(str(path), f"{s3_bucket}/data/d.parquet")
     assert len(Dataset(f"s3://{s3_bucket}/data/d.jsonl")) == 10
     assert Dataset(f"s3://{s3_bucket}/data/d.parquet")[2].metadata == {"i": 2}
+
+
+def test_invalid_utf8_names_file_and_line_and_can_be_skipped(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(ROWS[0]).encode() + b"\n" + b'{"prompt": "caf\xe9", "label": 1}\n' + json.dumps(ROWS[1]).encode() + b"\n")
+    with pytest.raises(DataError, match=r"d.jsonl:2: not valid UTF-8.*skip_bad_rows"):
+        Dataset(str(path))
+    ds = Dataset(str(path), skip_bad_rows=True)
+    assert [s.label for s in ds.samples] == [0, 2] and ds.stats.skipped_bad_rows == 1
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    ["", "  \n\t\u3000", [], [{"role": "system", "content": ""}, {"role": "user", "content": " \n"}]],
+    ids=["empty", "whitespace", "no-messages", "blank-messages"],
+)
+def test_empty_prompt_is_rejected_with_file_line_and_fix(tmp_path, prompt):
+    path = write_jsonl(tmp_path / "d.jsonl", [ROWS[0], {"prompt": prompt, "label": 1}, ROWS[1]])
+    with pytest.raises(DataError, match=r"d.jsonl:2: prompt 'prompt' is (empty|an empty list).*skip_bad_rows=true"):
+        Dataset(path)
+
+
+def context_rows():
+    return [
+        {"prompt": "what is 1 plus 2", "label": 3},  # 5 tokens
+        {"prompt": " ", "label": 0},
+        {"prompt": "what is 12345 plus 67890 " * 2, "label": 1},  # 26 tokens
+        {"prompt": [{"role": "user", "content": "what is 1 plus 1"}], "label": 2},  # rendered: 10 tokens
+        {"prompt": [], "label": 4},
+        {"prompt": "what is 123 plus 456", "label": 5},  # 10 tokens
+    ]
+
+
+def test_prompt_over_the_engine_context_is_rejected(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    path = write_jsonl(tmp_path / "d.jsonl", [r for r in context_rows() if r["prompt"] not in (" ", [])])
+    with pytest.raises(DataError, match=r"d.jsonl:2: the prompt has 26 tokens; with rollout_max_response_len=8 that is 34, "
+                                        r"over the engine's context length of 20 tokens.*rollout_max_prompt_len=12.*"
+                                        r"skip_bad_rows=true"):
+        Dataset(path, tokenizer=tok, context_length=20, max_response_len=8)
+    # exactly at the limit is fine: 26 + 10 == 36
+    assert len(Dataset(path, tokenizer=tok, context_length=36, max_response_len=10)) == 4
+    with pytest.raises(DataError, match="leaves no room for a prompt"):
+        Dataset(path, tokenizer=tok, context_length=20, max_response_len=20)
+    with pytest.raises(DataError, match="need a tokenizer"):
+        Dataset(path, context_length=20)
+
+
+def test_skip_bad_rows_counts_empty_and_over_context_prompts(tmp_path, tiny_tokenizer_dir, caplog):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    ds = Dataset(write_jsonl(tmp_path / "d.jsonl", context_rows()), tokenizer=tok, context_length=20,
+                 max_response_len=10, skip_bad_rows=True)
+    assert [s.label for s in ds.samples] == [3, 2, 5]
+    assert ds.stats.as_dict() == {
+        "rows": 6, "kept": 3, "skipped_bad_rows": 3, "skipped_empty_prompts": 2, "skipped_over_context": 1,
+        "dropped_too_long": 0,
+    }
+    assert "skipped 3 bad row(s) (2 empty prompt(s), 1 over the engine's context)" in caplog.text
+    assert "d.jsonl:2" in caplog.text
+
+
+def test_max_prompt_len_still_drops_before_the_context_check(tmp_path, tiny_tokenizer_dir):
+    tok = load_tokenizer(str(tiny_tokenizer_dir))
+    rows = [r for r in context_rows() if r["prompt"] not in (" ", [])]
+    ds = Dataset(write_jsonl(tmp_path / "d.jsonl", rows), tokenizer=tok, max_length=12, context_length=20,
+                 max_response_len=10)
+    assert [s.label for s in ds.samples] == [3, 2, 5]
+    assert ds.stats.dropped_too_long == 1 and ds.stats.skipped_bad_rows == 0

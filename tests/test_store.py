@@ -110,3 +110,14 @@ def test_local_write_under_a_file_raises(tmp_path):
     (tmp_path / "blocker").write_text("I am a file")
     with pytest.raises(StoreError, match="writing .*blocker/x.json failed"):
         RunStore(str(tmp_path)).write_json("blocker/x.json", {})
+
+
+def test_jsonl_lines_break_at_newline_only(store_root):
+    """U+2028 / U+0085 inside a record belong to it; a CRLF line ending is allowed; a stray form feed
+    on its own line is a malformed row, not a line break."""
+    store = RunStore(store_root)
+    store.write_text("a.jsonl", '{"t": "x\u2028y"}\r\n{"t": "\u0085"}\n')
+    assert store.read_jsonl("a.jsonl") == [{"t": "x\u2028y"}, {"t": "\u0085"}]
+    store.write_text("b.jsonl", '{"t": 1}\n\x0c\n')
+    with pytest.raises(StoreError, match=r"b.jsonl line 2: malformed JSON"):
+        store.read_jsonl("b.jsonl")

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from slime_wf.plugins import load_function
-from slime_wf.rollout.dataset import Dataset, load_tokenizer
+from slime_wf.rollout.dataset import Dataset, checkpoint_context_length, load_tokenizer
 from slime_wf.types import Group, Sample
 
 logger = logging.getLogger(__name__)
@@ -32,10 +32,24 @@ def pop_first(args: Any, rollout_id: int | None, buffer: list[Group], num_sample
     return groups
 
 
+def engine_context_length(args: Any) -> int | None:
+    """Prompt plus response tokens the rollout engines accept: SGLang's `--context-length` when
+    the campaign launches SGLang with one, else the policy checkpoint's `max_position_embeddings`
+    (None when `hf_checkpoint` is not a local folder: nothing to check against)."""
+    if getattr(args, "engine_type", None) == "sglang" and not getattr(args, "engine_urls", None):
+        server_args = getattr(args, "sglang_server_args", None) or {}
+        for key in ("context_length", "context-length"):
+            if server_args.get(key):
+                return int(server_args[key])
+    hf_checkpoint = getattr(args, "hf_checkpoint", None)
+    return checkpoint_context_length(hf_checkpoint) if hf_checkpoint else None
+
+
 def build_dataset(args: Any) -> Dataset | None:
     if not getattr(args, "prompt_data", None):
         return None
-    needs_tokenizer = args.apply_chat_template or args.rollout_max_prompt_len is not None
+    context_length = engine_context_length(args)
+    needs_tokenizer = args.apply_chat_template or args.rollout_max_prompt_len is not None or context_length is not None
     tokenizer = load_tokenizer(args.hf_checkpoint) if needs_tokenizer and args.hf_checkpoint else None
     return Dataset(
         args.prompt_data,
@@ -48,6 +62,8 @@ def build_dataset(args: Any) -> Dataset | None:
         apply_chat_template_kwargs=args.apply_chat_template_kwargs,
         seed=args.rollout_seed,
         skip_bad_rows=args.skip_bad_rows,
+        context_length=context_length,
+        max_response_len=args.rollout_max_response_len,
         s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
         s3_region=getattr(args, "s3_region", None),
     )

@@ -20,6 +20,7 @@ from multiprocessing.connection import Client
 from pathlib import Path
 from typing import Any
 
+from slime_wf.store import jsonl_lines
 from slime_wf.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -33,9 +34,10 @@ class TrainerServiceError(RuntimeError):
 
 
 def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike) -> Path:
+    """The samples the service trains on, one JSON line each (line-safe whatever their text holds)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for sample in samples:
             f.write(sample.to_json() + "\n")
     tmp.rename(path)
@@ -44,13 +46,12 @@ def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike) -> P
 
 def read_samples_jsonl(path: str | os.PathLike) -> list[Sample]:
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if line.strip():
-                try:
-                    samples.append(Sample.from_json(line))
-                except ValueError as err:
-                    raise ValueError(f"{path}:{line_no}: not a sample: {err}") from None
+    with open(path, encoding="utf-8", newline="\n") as f:  # split on "\n" only, as the store does
+        for line_no, line in jsonl_lines(f.read()):
+            try:
+                samples.append(Sample.from_json(line))
+            except ValueError as err:
+                raise ValueError(f"{path}:{line_no}: not a sample: {err}") from None
     return samples
 
 
