@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import logging
 import os
 import signal
+import threading
 import time
 import urllib.request
 
@@ -14,9 +17,17 @@ from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
+from slime_wf.rollout.dataset import load_tokenizer
 from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port
-from slime_wf.rollout.generate import RolloutContext, generate, sampling_params_from_args, set_context
-from slime_wf.rollout.rollout import check_ledger, generate_rollout
+from slime_wf.rollout.filter_hub import DynamicFilterOutput
+from slime_wf.rollout.generate import (
+    MAX_ENGINE_ABORT_RETRIES,
+    RolloutContext,
+    generate,
+    sampling_params_from_args,
+    set_context,
+)
+from slime_wf.rollout.rollout import check_ledger, generate_rollout, generate_rollout_async
 from slime_wf.rollout.sglang_schema import (
     schema_available,
     validate_generate_request,
@@ -143,8 +154,183 @@ def test_partial_rollout_buffers_and_continues(fleet, model_dir, prompts):
 def test_filter_that_keeps_nothing_fails_clearly(fleet, model_dir, prompts):
     args = make_args(model_dir, prompts, "rollout_temperature=0", f"dynamic_sampling_filter_path={FILTER}",
                      "max_groups_drawn_per_rollout=6", "rollout_max_response_len=4")
-    with pytest.raises(RuntimeError, match=r"drew 6 groups but kept only 0 of 3 .*zero_std"):
+    with pytest.raises(RuntimeError, match=r"drew 6 groups .* kept none of the 3 .*zero_std.*with_fallback.*"
+                       r"rollout_temperature.*max_groups_drawn_per_rollout"):
         generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+
+
+def keep_few_filter(args, samples, **kwargs):
+    """Of every 6 groups: keeps one, lets one fill a short batch, rejects the other four outright."""
+    slot = samples[0].group_index % 6
+    if slot == 0:
+        return DynamicFilterOutput(keep=True)
+    return DynamicFilterOutput(keep=False, reason="fallback" if slot == 1 else "rejected", keep_when_insufficient=slot == 1)
+
+
+def test_filter_that_keeps_too_little_trains_on_what_it_kept(fleet, model_dir, prompts, caplog):
+    args = make_args(model_dir, prompts, f"dynamic_sampling_filter_path={__name__}.keep_few_filter",
+                     "over_sampling_batch_size=6", "max_groups_drawn_per_rollout=6")
+    ds = RolloutDataSourceWithBuffer(args)
+    state = ds.state_dict()
+    with caplog.at_level(logging.WARNING, logger="slime_wf.rollout.rollout"):
+        out = generate_rollout(args, 0, ds, fleet)
+    check_ledger(out.ledger)
+    # group 0 kept, group 1 filled in (whether it finished early and was set aside, or late), 2-5 dropped
+    assert out.ledger["trained"] == [0, 1] and [g[0].group_index for g in out.groups] == [0, 1]
+    assert out.ledger["dropped"] == {"rejected": [2, 3, 4, 5]} and out.ledger["drawn_new"] == list(range(6))
+    assert out.metrics["rollout/filter/shortfall_groups"] == 1 and out.metrics["rollout/filter/kept_groups"] == 2
+    assert out.metrics["rollout/dynamic_filter/drop_rejected"] == 4
+    assert "kept only 2 of 3" in caplog.text and "'rejected': 4" in caplog.text
+    assert all(s.reward is not None for g in out.groups for s in g)
+    # a retry or resume of the same rollout, with the same policy, trains on the same groups again
+    again = RolloutDataSourceWithBuffer(args)
+    again.load_state_dict(state)
+    assert generate_rollout(args, 0, again, fleet).ledger["trained"] == [0, 1]
+    # and the next rollout goes on from where this one stopped
+    assert generate_rollout(args, 1, ds, fleet).ledger["trained"] == [6, 7]
+
+
+def _long_prompt_group(ds, tokenizer, context_length):
+    """A group already drawn (so in the ledger as from_buffer) whose prompt exceeds the engine's context."""
+    (group,) = ds.get_samples(1)
+    prompt = "one " * (context_length + 10)
+    assert len(tokenizer.encode(prompt, add_special_tokens=False)) > context_length
+    for sample in group:
+        sample.prompt, sample.tokens = prompt, []
+    ds.add_samples([group])
+    return group[0].group_index
+
+
+def test_prompt_the_engine_rejects_drops_only_its_group(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts)
+    ds = RolloutDataSourceWithBuffer(args)
+    bad = _long_prompt_group(ds, load_tokenizer(model_dir), context_length=512)
+    out = generate_rollout(args, 0, ds, fleet)
+    check_ledger(out.ledger)
+    assert len(out.groups) == 3 and bad not in out.ledger["trained"]
+    assert out.ledger["dropped"]["engine_rejected"] == [bad] and out.ledger["from_buffer"] == [bad]
+    assert set(out.ledger["dropped"]) <= {"engine_rejected", "aborted", "surplus"}  # the others: not needed once 3 were kept
+    assert out.metrics["rollout/request_rejected"] == 4  # every sample of the group was refused, once
+    assert out.metrics["rollout/dynamic_filter/drop_engine_rejected"] == 1
+
+
+def test_unrequested_engine_abort_is_continued(fleet, model_dir, prompts):
+    """Another client aborts everything on an engine while the rollout's requests run there."""
+    args = make_args(model_dir, prompts, "rollout_max_response_len=200", "over_sampling_batch_size=6")
+    aborted: list[str] = []
+    stop = threading.Event()
+
+    def abort_when_busy():
+        async def main():
+            async with fleet.session() as session:
+                while not stop.is_set():
+                    for url in fleet.urls:
+                        client = session.client(url)
+                        states = (await client._request("GET", "/server_info", timeout=30))["internal_states"][0]
+                        if states["num_running_reqs"] > 0:
+                            await client.abort(abort_all=True)
+                            aborted.append(url)
+                            return
+                    await asyncio.sleep(0.01)
+
+        asyncio.run(main())
+
+    thread = threading.Thread(target=abort_when_busy, daemon=True)
+    thread.start()
+    try:
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+    finally:
+        stop.set()
+        thread.join()
+    assert aborted, "the rollout finished before any request was seen running"
+    check_ledger(out.ledger)
+    assert len(out.groups) == 3 and out.metrics["rollout/request_engine_aborts"] >= 1
+    assert "engine_abort" not in out.ledger["dropped"]
+    for s in (s for g in out.groups for s in g):
+        assert s.status in (Sample.Status.COMPLETED, Sample.Status.TRUNCATED) and s.reward is not None
+        assert len(s.tokens) > s.response_length == len(s.loss_mask) == len(s.rollout_log_probs)
+        assert all(m == 1 for m in s.loss_mask)  # continued within the rollout: on-policy, nothing masked
+
+
+class AbortingSession:
+    """Real engines, except that every request for one prompt is aborted after one token, as an
+    engine that keeps aborting a request would do."""
+
+    def __init__(self, session, prompt_ids):
+        self.session, self.prompt_ids = session, prompt_ids
+        self.aborted_payloads: list[dict] = []
+
+    async def generate(self, payload, *, timeout=None):
+        if payload["input_ids"][: len(self.prompt_ids)] != self.prompt_ids:
+            return await self.session.generate(payload, timeout=timeout)
+        self.aborted_payloads.append(payload)
+        one = {**payload, "sampling_params": {**payload["sampling_params"], "max_new_tokens": 1}}
+        output, url = await self.session.generate(one, timeout=timeout)
+        output["meta_info"]["finish_reason"] = {"type": "abort", "message": "Aborted"}
+        return output, url
+
+    async def abort_all(self):
+        await self.session.abort_all()
+
+
+def test_engine_that_keeps_aborting_drops_the_group_as_engine_abort(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts)
+    tokenizer = load_tokenizer(model_dir)
+    ds = RolloutDataSourceWithBuffer(args)
+    first_prompt = ds.dataset.samples[0].prompt
+
+    async def run():
+        async with fleet.session() as real:
+            session = AbortingSession(real, tokenizer.encode(first_prompt, add_special_tokens=False))
+            return await generate_rollout_async(args, 0, ds, session, tokenizer), session.aborted_payloads
+
+    out, payloads = asyncio.run(run())
+    check_ledger(out.ledger)
+    assert len(out.groups) == 3 and out.ledger["dropped"]["engine_abort"] == [0]
+    assert set(out.ledger["dropped"]) <= {"engine_abort", "aborted", "surplus"}
+    assert out.metrics["rollout/request_engine_aborts"] == 4 * (1 + MAX_ENGINE_ABORT_RETRIES)
+    # each retry continued the sample from its partial tokens, with the budget that was left
+    by_sample: dict = {}
+    for payload in payloads:
+        by_sample.setdefault(payload["rid"].split("-")[1], []).append(payload)
+    assert len(by_sample) == 4
+    for tries in by_sample.values():
+        assert len(tries) == 1 + MAX_ENGINE_ABORT_RETRIES
+        for before, after in itertools.pairwise(tries):
+            assert after["input_ids"][:-1] == before["input_ids"] and len(after["input_ids"]) == len(before["input_ids"]) + 1
+            assert after["sampling_params"]["max_new_tokens"] == before["sampling_params"]["max_new_tokens"] - 1
+
+
+async def passes_aborts_on(args, sample, sampling_params):
+    """A custom generate function that hands back an engine abort of group 0 instead of continuing it."""
+    from slime_wf.rollout.generate import generate as default_generate
+
+    sample = await default_generate(args, sample, sampling_params)
+    if sample.group_index == 0:
+        sample.status = Sample.Status.ABORTED
+    return sample
+
+
+def test_abort_from_a_custom_generate_function_never_reaches_the_filter(fleet, model_dir, prompts):
+    args = make_args(model_dir, prompts, f"custom_generate_function_path={__name__}.passes_aborts_on",
+                     f"dynamic_sampling_filter_path={FILTER}")
+    out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+    check_ledger(out.ledger)
+    assert out.ledger["dropped"]["engine_abort"] == [0] and 0 not in out.ledger["trained"]
+    assert all(s.reward is not None for g in out.groups for s in g)
+
+
+def unrewarded_rollout(args, rollout_id, data_source, evaluation=False):
+    groups = data_source.get_samples(args.rollout_batch_size)
+    for s in groups[1]:
+        s.response, s.status = "yes", Sample.Status.COMPLETED  # forgot the reward
+    return groups
+
+
+def test_custom_rollout_without_rewards_is_named(model_dir, prompts):
+    args = make_args(model_dir, prompts, f"rollout_function_path={__name__}.unrewarded_rollout")
+    with pytest.raises(ValueError, match=r"unrewarded_rollout returned samples without a reward \(index \[0, 1"):
+        generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), None)
 
 
 def test_request_timeout_is_retried_once_then_failed(fleet, model_dir, prompts):
@@ -211,8 +397,6 @@ def test_dead_engine_is_restarted_and_the_rollout_completes(fleet, model_dir, pr
                 pass
             time.sleep(0.02)
         os.killpg(victim.process.pid, signal.SIGKILL)
-
-    import threading
 
     threading.Thread(target=killer, daemon=True).start()
     out = generate_rollout(args, 0, ds, fleet)

@@ -17,12 +17,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from slime_wf.plugins import load_function
-from slime_wf.rollout.engine_client import EngineError, EngineSession, EngineTimeout, EngineUnavailable
+from slime_wf.rollout.engine_client import (
+    EngineError,
+    EngineRejected,
+    EngineSession,
+    EngineTimeout,
+    EngineUnavailable,
+)
 from slime_wf.types import Group, Sample
 
 logger = logging.getLogger(__name__)
 
 _MAX_UNAVAILABLE_RETRIES = 8  # reconnects to other (or restarted) engines before a sample is FAILED
+# Continuations of one sample after aborts the rollout did not ask for. An engine that aborts the
+# same request this often is not having a passing fault (a restart, a memory squeeze).
+MAX_ENGINE_ABORT_RETRIES = 3
+# 4xx answers that say nothing about the request itself (a missing key, a wrong URL): every request
+# would get them, so they fail the rollout with the engine's message instead of dropping groups.
+_NOT_ABOUT_THE_REQUEST = (401, 403, 404, 405)
+# Drop reasons of groups whose sample failed at the engine.
+ENGINE_ABORT = "engine_abort"
+ENGINE_REJECTED = "engine_rejected"
 
 
 @dataclass
@@ -94,26 +109,35 @@ def _append_response(sample: Sample, output: dict[str, Any]) -> int:
 
 
 async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -> Sample:
-    """Generate (or continue) one sample's response in place; returns the sample."""
+    """Generate (or continue) one sample's response in place; returns the sample.
+
+    A request the engine aborts without the rollout asking (an engine restart, another client's
+    `/abort_request`, SGLang's own aborts under memory pressure) is continued from its partial
+    tokens, up to `MAX_ENGINE_ABORT_RETRIES` times; then the sample is FAILED (`engine_abort`).
+    A request the engine refuses (4xx: too long for the context, empty) fails only its sample
+    (`engine_rejected`): sending it again cannot help.
+    """
     ctx = current_context()
     if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
         raise ValueError(f"sample {sample.index} has status {sample.status.value}; only pending or aborted ones generate")
     if not sample.tokens:
         sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
-    params = dict(sampling_params)
-    params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
-    if params["max_new_tokens"] <= 0:
-        sample.status = Sample.Status.TRUNCATED
-        return sample
-    if params.get("temperature", 1.0) > 0 and "sampling_seed" not in params:
-        # reproducible given the weights; a continuation gets a fresh seed
-        params["sampling_seed"] = (args.rollout_seed * 1_000_003 + (sample.index or 0) * 7919 + sample.response_length) % (2**31)
 
-    timeouts = unavailable = 0
+    timeouts = unavailable = engine_aborts = 0
     while True:
         if ctx.aborted:
             sample.status = Sample.Status.ABORTED
             return sample
+        params = dict(sampling_params)
+        params["max_new_tokens"] = params["max_new_tokens"] - sample.response_length
+        if params["max_new_tokens"] <= 0:
+            sample.status = Sample.Status.TRUNCATED
+            return sample
+        if params.get("temperature", 1.0) > 0 and "sampling_seed" not in params:
+            # reproducible given the weights; a continuation gets a fresh seed
+            params["sampling_seed"] = (
+                args.rollout_seed * 1_000_003 + (sample.index or 0) * 7919 + sample.response_length
+            ) % (2**31)
         payload = {
             "input_ids": sample.tokens,
             "sampling_params": params,
@@ -127,21 +151,49 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
             ctx.counters["request_timeouts"] += 1
             if timeouts >= 2:
                 logger.warning("sample %s: %s (twice); marking it FAILED", sample.index, err)
-                sample.status = Sample.Status.FAILED
-                sample.metadata["failure"] = str(err)
-                return sample
+                return _fail(sample, "failed", str(err))
             continue
         except EngineUnavailable as err:
             unavailable += 1
             ctx.counters["request_retries_engine_down"] += 1
             if unavailable > _MAX_UNAVAILABLE_RETRIES:
-                sample.status = Sample.Status.FAILED
-                sample.metadata["failure"] = str(err)
-                return sample
+                return _fail(sample, "failed", str(err))
             await asyncio.sleep(min(0.1 * unavailable, 1.0))
             continue
+        except EngineRejected as err:
+            if err.status in _NOT_ABOUT_THE_REQUEST:
+                raise
+            ctx.counters["request_rejected"] += 1
+            logger.warning("sample %s: the engine refused its request; marking it FAILED: %s", sample.index, err)
+            return _fail(sample, ENGINE_REJECTED, str(err))
         ctx.generated_tokens += _append_response(sample, output)
-        return sample
+        if sample.status != Sample.Status.ABORTED or ctx.aborted:
+            return sample
+        engine_aborts += 1
+        ctx.counters["request_engine_aborts"] += 1
+        message = ((output.get("meta_info") or {}).get("finish_reason") or {}).get("message") or "abort"
+        if engine_aborts > MAX_ENGINE_ABORT_RETRIES:
+            logger.warning(
+                "sample %s: the engine aborted its request %d times without the rollout asking (%s); marking it FAILED",
+                sample.index, engine_aborts, message,
+            )
+            return _fail(sample, ENGINE_ABORT, f"aborted by the engine {engine_aborts} times (last: {message})")
+
+
+def _fail(sample: Sample, reason: str, message: str) -> Sample:
+    """Mark a sample FAILED; `reason` becomes its group's drop reason in the rollout ledger."""
+    sample.status = Sample.Status.FAILED
+    sample.metadata["failure"] = message
+    sample.metadata["failure_reason"] = reason
+    return sample
+
+
+def failure_reason(group: Group) -> str | None:
+    """The drop reason of a group with a FAILED sample (the first one's), or None if none failed."""
+    for sample in group:
+        if sample.status == Sample.Status.FAILED:
+            return sample.metadata.get("failure_reason") or "failed"
+    return None
 
 
 async def _generate_one(ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]) -> Sample | list[Sample]:
@@ -185,7 +237,13 @@ async def generate_and_reward_group(ctx: RolloutContext, group: Group, sampling_
     flat: Group = []
     for r in results:
         flat.extend(r if isinstance(r, list) else [r])
-    if ctx.aborted or any(s.status in (Sample.Status.ABORTED, Sample.Status.FAILED) for s in flat):
+    if ctx.aborted:
+        return flat
+    for sample in flat:
+        if sample.status == Sample.Status.ABORTED:  # a custom generate function passed an engine abort on
+            ctx.counters["request_engine_aborts"] += 1
+            _fail(sample, ENGINE_ABORT, "aborted by the engine, and the generate function did not continue it")
+    if any(s.status == Sample.Status.FAILED for s in flat):
         return flat
     await reward_samples(ctx, flat, whole_group=ctx.args.group_rm)
     return flat

@@ -7,6 +7,16 @@ running is aborted. With `partial_rollout` the unfinished (and finished but unne
 back to the buffer with their tokens, log-probs and loss masks, to be continued next time;
 without it they are dropped with the reason `aborted`.
 
+A group with a sample the engines could not generate (refused, aborted too often, unreachable)
+is dropped with that sample's failure reason (`engine_rejected`, `engine_abort`, `failed`); the
+rollout goes on. No group without rewards reaches the filter, the batch or the metrics.
+
+The draw budget (`max_groups_drawn_per_rollout`) bounds a rollout whose filter keeps too little
+(a policy that answers everything right gives only zero-std groups). When it is spent, the
+rollout trains on the groups it kept, filled up with rejected groups the filter marked
+`keep_when_insufficient`, and reports the shortfall; it fails only when it kept nothing. A short
+batch rather than a failure, because a resume would meet the same policy and the same wall.
+
 Every group drawn is accounted for in the rollout's ledger: trained, dropped (with a reason) or
 sent to the buffer.
 """
@@ -27,6 +37,7 @@ from slime_wf.plugins import load_function
 from slime_wf.rollout.filter_hub.base_types import call_dynamic_filter, should_drop_dynamic_filter_output
 from slime_wf.rollout.generate import (
     RolloutContext,
+    failure_reason,
     generate_and_reward_group,
     sampling_params_from_args,
     set_context,
@@ -74,27 +85,54 @@ class _Loop:
             else None
         )
         self.sampling_params = sampling_params_from_args(args)
+        self.budget = args.max_groups_drawn_per_rollout or 20 * self.target
         self.ledger = new_ledger()
         self.drops: Counter = Counter()
         self.pending: dict[asyncio.Task, int] = {}
         self.remaining = 0  # groups kept or still in flight, as slime counts them
         self.kept: list[Group] = []
+        # Rejected groups the filter marked keep_when_insufficient, set aside (not dropped yet) in
+        # case the draw budget runs out before the batch is full: (group, group index, reason).
+        self.fallback: list[tuple[Group, int, str]] = []
+        self.filled = 0  # fallback groups that went into the batch
+        self.failure_examples: dict[str, str] = {}
 
-    def _check_draw_budget(self) -> None:
-        drawn = len(self.ledger["drawn_new"]) + len(self.ledger["from_buffer"])
-        budget = self.args.max_groups_drawn_per_rollout or 20 * self.target
-        if drawn >= budget:
-            raise RuntimeError(
-                f"rollout {self.rollout_id}: drew {drawn} groups but kept only {len(self.kept)} of "
-                f"{self.target} (drops: {dict(self.drops)}). The dynamic filter "
-                f"{self.args.dynamic_sampling_filter_path} keeps too little at these sampling settings; raise "
-                "rollout_temperature or n_samples_per_prompt, change the filter, or raise "
-                "filter.max_groups_drawn_per_rollout"
-            )
+    @property
+    def drawn(self) -> int:
+        return len(self.ledger["drawn_new"]) + len(self.ledger["from_buffer"])
+
+    def _draw(self) -> bool:
+        """Draw the next groups and start them; False once the draw budget is spent."""
+        left = self.budget - self.drawn
+        if left <= 0:
+            return False
+        first_new = self.data_source.sample_group_index
+        self._submit(self.data_source.get_samples(min(self.draw_size, left), rollout_id=self.rollout_id), first_new)
+        return True
+
+    def _check_rewarded(self, group: Group, gi: int) -> None:
+        """A group that reaches the filter has a reward on every sample, by construction: failed and
+        aborted groups are dropped or buffered before this. A None here is a bug, reported as one
+        rather than as a TypeError inside a filter or a metric."""
+        for sample in group:
+            if sample.status == Sample.Status.ABORTED or sample.get_reward_value(self.args) is None:
+                generator = sample.generate_function_path or self.args.custom_generate_function_path
+                raise RuntimeError(
+                    f"rollout {self.rollout_id}: group {gi} finished with sample index={sample.index} in status "
+                    f"{sample.status.value} and reward {sample.reward!r}; only groups whose every sample was "
+                    "generated and rewarded may be filtered and trained. This is a bug in the rollout loop"
+                    + (f" or in the generate function {generator}" if generator else "")
+                )
 
     def _drop(self, group_index: int, reason: str) -> None:
         self.ledger["dropped"].setdefault(reason, []).append(group_index)
         self.drops[reason] += 1
+
+    def _drop_failed(self, group: Group, group_index: int, reason: str) -> None:
+        self._drop(group_index, reason)
+        if reason not in self.failure_examples:  # the first message per reason, for the error that may follow
+            failed = next(s for s in group if s.status == Sample.Status.FAILED)
+            self.failure_examples[reason] = f"sample index={failed.index}: {str(failed.metadata.get('failure'))[:300]}"
 
     def _submit(self, groups: list[Group], first_new: int) -> None:
         for group in groups:
@@ -107,14 +145,19 @@ class _Loop:
         self.remaining += len(groups)
 
     def _on_group_done(self, group: Group, gi: int, pbar: tqdm) -> None:
-        if any(s.status == Sample.Status.FAILED for s in group):
-            self._drop(gi, "failed")
+        reason = failure_reason(group)
+        if reason is not None:
+            self._drop_failed(group, gi, reason)
             self.remaining -= 1
             return
+        self._check_rewarded(group, gi)
         output = call_dynamic_filter(self.filter_fn, self.args, group, path=self.args.dynamic_sampling_filter_path)
         if should_drop_dynamic_filter_output(output, remaining_batch_size=self.remaining, target_data_size=self.target):
-            self._drop(gi, output.reason or "filtered")
             self.remaining -= 1
+            if output.keep_when_insufficient:
+                self.fallback.append((group, gi, output.reason or "filtered"))
+            else:
+                self._drop(gi, output.reason or "filtered")
             return
         if len(self.kept) < self.target:
             self.kept.append(group)
@@ -139,10 +182,10 @@ class _Loop:
         pbar = tqdm(total=self.target * self.args.n_samples_per_prompt, desc=f"rollout {self.rollout_id}", leave=False)
         try:
             while len(self.kept) < self.target:
-                while self.remaining < self.target:
-                    self._check_draw_budget()
-                    first_new = self.data_source.sample_group_index
-                    self._submit(self.data_source.get_samples(self.draw_size, rollout_id=self.rollout_id), first_new)
+                while self.remaining < self.target and self._draw():
+                    pass
+                if not self.pending:  # the draw budget is spent and every drawn group has finished
+                    break
                 done, _ = await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
                 for task in sorted(done, key=lambda t: self.pending[t]):
                     gi = self.pending.pop(task)
@@ -150,7 +193,40 @@ class _Loop:
         finally:
             pbar.close()
             await self._abort()
+        self._use_fallback()
+        if len(self.kept) < self.target:
+            self._report_shortfall()
         return self.kept
+
+    def _use_fallback(self) -> None:
+        """Fill a short batch with the set-aside groups, in the order they finished; drop the rest."""
+        for group, gi, reason in self.fallback:
+            if len(self.kept) < self.target:
+                self.kept.append(group)
+                self.filled += 1
+            else:
+                self._drop(gi, reason)
+        self.fallback = []
+
+    def _report_shortfall(self) -> None:
+        drops = dict(self.drops.most_common())
+        filter_path = self.args.dynamic_sampling_filter_path
+        if not self.kept:
+            raise RuntimeError(
+                f"rollout {self.rollout_id}: drew {self.drawn} groups (filter.max_groups_drawn_per_rollout: "
+                f"{self.budget}) but kept none of the {self.target} it needs (drops: {drops}). If the drops are the "
+                f"dynamic filter's ({filter_path}), it rejects every group at these settings: use a filter that "
+                "lets rejected groups fill a short batch (e.g. check_reward_nonzero_std_with_fallback), raise "
+                "rollout_temperature or n_samples_per_prompt, or raise filter.max_groups_drawn_per_rollout. If they "
+                "are engine_rejected / engine_abort / failed, see the engine logs and the dataset's prompts"
+                + "".join(f"; {reason}: {example}" for reason, example in self.failure_examples.items())
+            )
+        logger.warning(
+            "rollout %d: drew %d groups (filter.max_groups_drawn_per_rollout: %d) but kept only %d of %d; training "
+            "on those (%d of them filled in from groups the filter allowed to fill a short batch). Drops: %s. The "
+            "dynamic filter %s keeps too little at these settings",
+            self.rollout_id, self.drawn, self.budget, len(self.kept), self.target, self.filled, drops, filter_path,
+        )
 
     async def _abort(self) -> None:
         """Abort what is still running; buffer or drop it, so that every group is accounted for."""
@@ -175,7 +251,10 @@ class _Loop:
                     self._drop(gi, "failed")
                     continue
                 group = task.result()
-                if len(group) != self.args.n_samples_per_prompt:
+                reason = failure_reason(group)
+                if reason is not None:  # a FAILED sample cannot be continued: never buffered
+                    self._drop_failed(group, gi, reason)
+                elif len(group) != self.args.n_samples_per_prompt:
                     self._drop(gi, "aborted")
                 else:
                     self._to_buffer(group, gi)
@@ -201,7 +280,10 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
         "rollout/offpolicy_token_fraction": masked / response_tokens if response_tokens else 0.0,
         "rollout/tokens_per_s": loop.ctx.generated_tokens / elapsed if elapsed > 0 else 0.0,
         "rollout/generated_tokens": float(loop.ctx.generated_tokens),
-        "rollout/groups_drawn": float(len(loop.ledger["drawn_new"]) + len(loop.ledger["from_buffer"])),
+        "rollout/groups_drawn": float(loop.drawn),
+        "rollout/filter/kept_groups": float(len(groups)),
+        "rollout/filter/shortfall_groups": float(loop.target - len(groups)),
+        "rollout/filter/filled_groups": float(loop.filled),
         "rollout/time_s": elapsed,
     }
     for reason, count in loop.drops.items():
@@ -241,7 +323,10 @@ def generate_rollout(
     args: Any, rollout_id: int, data_source: Any, engines: Any, *, tokenizer: Any = None, reward_hub: Any = None,
     validate=None,
 ) -> RolloutOutput:
-    """One rollout id on an `EngineFleet`: a batch of `rollout_batch_size` kept groups plus its ledger and metrics.
+    """One rollout id on an `EngineFleet`: a batch of kept groups plus its ledger and metrics.
+
+    The batch has `rollout_batch_size` groups, or fewer when the draw budget ran out first
+    (`rollout/filter/shortfall_groups` says how many fewer).
 
     `rollout_function_path` replaces this whole function with the user's (slime's signature).
     """
@@ -281,6 +366,12 @@ def _custom_rollout(args: Any, rollout_id: int, data_source: Any) -> RolloutOutp
     ledger["drawn_new"] = sorted(indices)
     ledger["trained"] = sorted(indices)
     metrics = dict(getattr(result, "metrics", None) or {})
+    unrewarded = [s.index for g in groups for s in g if s.get_reward_value(args) is None]
+    if unrewarded:
+        raise ValueError(
+            f"rollout function {args.rollout_function_path} returned samples without a reward (index "
+            f"{unrewarded[:10]}); reward every sample it returns, or leave failed groups out"
+        )
     rewards = [float(s.get_reward_value(args)) for g in groups for s in g]
     metrics.setdefault("rollout/raw_reward", statistics.fmean(rewards) if rewards else 0.0)
     return RolloutOutput(rollout_id, groups, ledger, metrics)

@@ -17,6 +17,10 @@ that runs out of time, or whose worker process dies, gives the sample `args.rm_f
 reason in `sample.metadata["rm_failure"]`. A call that raises does the same with
 `rm_on_error: failure_reward`; by default it raises `RewardError`, which names the sample and
 the function (this holds for custom functions, rule-based graders and remote_rm alike).
+
+A reward that is NaN or infinite (the number, or a dict reward's `reward_key` entry) also gets
+`rm_failure_reward` and is counted (`rollout/rm/non_finite`): one NaN would make its whole
+group's advantages NaN.
 """
 
 from __future__ import annotations
@@ -25,9 +29,13 @@ import asyncio
 import collections
 import copy
 import logging
+import math
+import numbers
 import sys
 import threading
 from typing import Any
+
+from slime_wf.redact import redact_url
 
 from . import custom, rules
 from .cache import GradingCache, Pending
@@ -53,6 +61,7 @@ COUNTERS = (
     "remote_calls",
     "remote_retries",
     "loop_stalls",
+    "non_finite",
 )
 
 
@@ -63,6 +72,17 @@ class RewardError(RuntimeError):
 def _name(samples: list[Any]) -> str:
     indices = [getattr(s, "index", None) for s in samples]
     return f"sample index={indices[0]}" if len(indices) == 1 else f"samples index={indices}"
+
+
+def _non_finite(value: Any, reward_key: str | None) -> bool:
+    """Whether a reward (or, with reward_key, its entry) is a NaN or an infinity."""
+    if reward_key and isinstance(value, dict):
+        value = value.get(reward_key)
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, int) or not isinstance(value, numbers.Real):  # ints are finite (and may not fit a float)
+        return False
+    return not math.isfinite(value)
 
 
 class RewardHub:
@@ -209,7 +229,12 @@ class RewardHub:
         """Rewards for `samples` from one outcome (values: the per-sample rewards when ok)."""
         self._count("samples", len(samples))
         if outcome.status == OK:
-            return [copy.copy(v) if isinstance(v, dict) else v for v in values]
+            rewards = [copy.copy(v) if isinstance(v, dict) else v for v in values]
+            reward_key = getattr(args, "reward_key", None)
+            for i, value in enumerate(rewards):
+                if _non_finite(value, reward_key):
+                    rewards[i] = self._non_finite_reward(args, samples[i], value, what)
+            return rewards
         cause = outcome.value if isinstance(outcome.value, BaseException) else None
         if cause is not None:
             summary, details = f"{type(cause).__name__}: {cause}", ""
@@ -231,6 +256,18 @@ class RewardHub:
                 sample.metadata["rm_failure"] = f"{outcome.status}: {summary[:300]}"
             out.append({reward_key: failure} if reward_key else failure)
         return out
+
+    def _non_finite_reward(self, args: Any, sample: Any, value: Any, what: str) -> Any:
+        failure = getattr(args, "rm_failure_reward", 0.0)
+        reward_key = getattr(args, "reward_key", None)
+        shown = f"{reward_key}={value.get(reward_key)!r}" if isinstance(value, dict) else repr(value)
+        logger.warning("%s returned a non-finite reward (%s) for %s; giving rm_failure_reward=%s",
+                       what, shown, _name([sample]), failure)
+        self._count("non_finite")
+        self._count("failure_rewards")
+        if isinstance(getattr(sample, "metadata", None), dict):
+            sample.metadata["rm_failure"] = f"non_finite: {what} returned {shown}"
+        return {reward_key: failure} if reward_key else failure
 
     # ---- custom functions ---------------------------------------------------------------------
 
@@ -358,9 +395,11 @@ class RewardHub:
         jobs = [self._remote_one(args, samples[pos], pos, rewards) for pos in remote]
         await asyncio.gather(*jobs, self._collect(owned, joined, ready))
         settled = 0
+        reward_key = getattr(args, "reward_key", None)
         for key, positions in by_key.items():
             outcome = ready[key]
-            if outcome.status == OK:  # the common case, kept lean: thousands of samples per call
+            # the common case, kept lean: thousands of samples per call
+            if outcome.status == OK and not _non_finite(outcome.value, reward_key):
                 value = outcome.value
                 if type(value) is dict:
                     for pos in positions:
@@ -425,7 +464,8 @@ class RewardHub:
         self._count("remote_calls")
         start = asyncio.get_running_loop().time()
         try:
-            value, attempts = await self._remote.score(url, payload, timeout)
+            value, attempts = await self._remote.score(url, payload, timeout,
+                                                       token_env=getattr(args, "rm_api_key_env", None))
             self._count("remote_retries", attempts - 1)
             status = OK
         except RemoteRewardTimeout as err:
@@ -434,7 +474,7 @@ class RewardHub:
             status, value = ERROR, str(err)
         outcome = Outcome(status, value, asyncio.get_running_loop().time() - start)
         self._record(outcome)
-        rewards[pos] = self._settle(args, [sample], outcome, f"remote_rm {url}", [outcome.value])[0]
+        rewards[pos] = self._settle(args, [sample], outcome, f"remote_rm {redact_url(url)}", [outcome.value])[0]
 
     async def remote_rm(self, args: Any, sample: Any) -> Any:
         """slime's remote_rm: the reward server's answer for one sample."""
