@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from slime_wf.plot import data_uri, line_chart
+from slime_wf.redact import redact_url
 from slime_wf.store import RunStore
 
 REWARD, LENGTH = "rollout/raw_reward", "rollout/response_len/mean"
@@ -233,7 +234,9 @@ class ArtifactPublisher:
                 outcome = "sent"
             except Exception as err:  # an artifact is a view of the run store: never worth failing the campaign
                 outcome = "failed"
-                self._logger.warning("artifact %s was not sent: %s: %s", job.key, type(err).__name__, err)
+                # an API error may quote the Prefect API's URL, credentials and all
+                self._logger.warning("artifact %s was not sent: %s: %s", job.key, type(err).__name__,
+                                     redact_url(str(err)))
             with self._cond:
                 self._in_flight = None
                 if not self._abandoned:

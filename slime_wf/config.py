@@ -26,9 +26,22 @@ import fsspec
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from slime_wf.redact import redact_url, redact_urls_in
+
 RULE_RM_TYPES = ("deepscaler", "dapo", "math", "f1", "math_verify")
 """Rule-based reward models; `boxed_<type>` grades only the boxed answer with `<type>`."""
 RM_TYPES = (*RULE_RM_TYPES, "remote_rm")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def _env_var_name(value: str | None) -> str | None:
+    """Fields ending in _env name an environment variable, so that the secret stays out of the config."""
+    if value is not None and not ENV_NAME.fullmatch(value):
+        raise ValueError(
+            "must be the name of an environment variable (letters, digits and _), not the secret itself; "
+            "export the secret under that name where the campaign runs"
+        )
+    return value
 
 
 class ConfigError(ValueError):
@@ -43,13 +56,20 @@ class ModelConfig(Section):
     hf_checkpoint: str | None = Field(
         None,
         description="Hugging Face checkpoint of the policy: a local directory, a hub repo id, or s3://bucket/prefix. "
-        "Its tokenizer is used by apply_chat_template and rollout_max_prompt_len.",
+        "The engines serve it, and its tokenizer is used by apply_chat_template, rollout_max_prompt_len and the check "
+        "of prompts against the engine's context length (max_position_embeddings). It may be an FP8 checkpoint "
+        "(quantization_config fp8, block-wise or per-channel, e.g. Qwen/Qwen3-4B-FP8), as in slime's recipe: the "
+        "engines serve it as it is, and every weight sync casts the trainer's weights to its own format (block size, "
+        "scale names, modules_to_not_convert). The trainer starts from it only when neither load nor ref_load gives "
+        "weights; an FP8 one is then dequantized, which is lossy (a warning, and the metric "
+        "init_from_dequantized_fp8): give the BF16 weights in ref_load.",
     )
     hf_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin. null: main.")
     rollout_fp8: bool = Field(
         False,
-        description="Serve rollouts from an FP8 copy of the checkpoint (made by prepare) and cast every weight sync "
-        "to FP8; training stays in BF16/FP32.",
+        description="With a BF16 hf_checkpoint: serve rollouts from an FP8 copy of it (made by prepare with "
+        "fp8_strategy and fp8_block_size) and cast every weight sync to that format; training stays in BF16/FP32. "
+        "An FP8 hf_checkpoint is served as it is, in its own format, whatever this says.",
     )
     fp8_strategy: Literal["block", "channel", "tensor"] = Field(
         "block", description="FP8 scaling: 128x128 blocks with weight_scale_inv (SGLang's format), per channel or per tensor."
@@ -86,8 +106,9 @@ class DataConfig(Section):
     rollout_seed: int = Field(42, description="Seed of the per-epoch shuffle (and of rollout sampling).")
     skip_bad_rows: bool = Field(
         False,
-        description="Skip and count malformed rows instead of failing on the first one (the count is logged and "
-        "kept in the dataset's stats).",
+        description="Skip and count bad rows instead of failing on the first one: malformed rows, empty prompts, and "
+        "prompts whose tokens plus rollout_max_response_len exceed the engine's context length (the counts are "
+        "logged and kept in the dataset's stats).",
     )
 
 
@@ -164,6 +185,13 @@ class EngineConfig(Section):
     engine_urls: list[str] = Field(
         [], description="Attach to running servers (http://host:port) instead of launching them."
     )
+    engine_api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable that holds the engines' API key (SGLang's --api-key and "
+        "--admin-api-key, sent as a bearer token; also given to sglang-router). Needed to attach to engine_urls "
+        "started with a key; launched engines use it instead of a random key. null: launched engines get a fresh "
+        "random key at every start, attached engines none. The key itself never goes into the config.",
+    )
     use_router: bool = Field(
         False, description="Put sglang-router in front of the engines for /generate (control calls go to each engine)."
     )
@@ -180,7 +208,7 @@ class EngineConfig(Section):
     sglang_server_args: dict[str, Any] = Field(
         {},
         description="Extra SGLang server flags, passed through as --key value (true: a bare flag), e.g. "
-        "{enable-deterministic-inference: true}.",
+        "{enable-deterministic-inference: true}. Not api-key / admin-api-key: see engine_api_key_env.",
     )
     local_engine_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "float32", description="Compute dtype of the local engine."
@@ -191,6 +219,20 @@ class EngineConfig(Section):
     engine_startup_timeout: float = Field(300.0, gt=0, description="Seconds an engine may take to become healthy.")
     engine_health_timeout: float = Field(30.0, gt=0, description="Seconds /health_generate may take.")
     engine_max_restarts: int = Field(3, ge=0, description="Restarts of a dead engine per campaign before failing.")
+
+    _engine_api_key_env = field_validator("engine_api_key_env")(_env_var_name)
+
+    @field_validator("sglang_server_args")
+    @classmethod
+    def _no_api_key_in_server_args(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for key in value:
+            if str(key).replace("_", "-").lstrip("-") in ("api-key", "admin-api-key"):
+                raise ValueError(
+                    f"sglang_server_args sets {key!r}: the fleet gives launched engines their own key, and a key in "
+                    "the config would be stored in config.yaml and Prefect; name an environment variable that "
+                    "holds it in engine.engine_api_key_env instead"
+                )
+        return value
 
 
 class RewardConfig(Section):
@@ -209,9 +251,17 @@ class RewardConfig(Section):
     )
     group_rm: bool = Field(False, description="Reward whole groups at once (GRPO-style relative rewards).")
     rm_url: str | None = Field(None, description="URL that remote_rm POSTs {prompt, response, label} to.")
+    rm_api_key_env: str | None = Field(
+        None,
+        description="Name of the environment variable that holds the reward server's token, sent by remote_rm as "
+        "Authorization: Bearer <token>. Keeps the token out of rm_url, config.yaml and Prefect's flow parameters. "
+        "null: no Authorization header.",
+    )
     rm_timeout: float = Field(30.0, gt=0, description="Seconds one reward call may take before it is abandoned.")
     rm_failure_reward: float = Field(
-        0.0, description="Reward given to a sample whose grading timed out (or raised, with rm_on_error)."
+        0.0,
+        description="Reward given to a sample whose grading timed out, returned NaN or inf (counted as "
+        "rollout/rm/non_finite), or raised (with rm_on_error: failure_reward).",
     )
     rm_on_error: Literal["raise", "failure_reward"] = Field(
         "raise",
@@ -221,6 +271,8 @@ class RewardConfig(Section):
     rm_workers: int | None = Field(
         None, gt=0, description="Worker processes for rule-based grading. null: the number of CPU cores."
     )
+
+    _rm_api_key_env = field_validator("rm_api_key_env")(_env_var_name)
 
     @field_validator("rm_type")
     @classmethod
@@ -248,8 +300,10 @@ class FilterConfig(Section):
     max_groups_drawn_per_rollout: int | None = Field(
         None,
         gt=0,
-        description="A rollout that has drawn this many groups without keeping rollout_batch_size fails with the "
-        "filter's drop reasons, instead of looping forever. null: 20 x rollout_batch_size.",
+        description="Draw budget: a rollout that has drawn this many groups without keeping rollout_batch_size "
+        "stops drawing and trains on the groups it kept, filled up with rejected groups the filter marked "
+        "keep_when_insufficient; the shortfall is logged with the drop reasons and recorded as "
+        "rollout/filter/shortfall_groups. It fails only when it kept no group at all. null: 20 x rollout_batch_size.",
     )
 
 
@@ -273,6 +327,13 @@ class StorageConfig(Section):
         "checkpoints of an s3:// store before upload. Engines on other hosts need it on a shared filesystem.",
     )
     keep_weight_exports: int = Field(2, ge=1, description="Weight exports kept in scratch_dir (older ones are removed).")
+    lease_timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="`train` holds a lease on its campaign (lease.json in the run store), renewed every quarter of "
+        "this; a second `train` of the campaign is refused while the holder lives. A holder whose process is gone "
+        "on this host is taken over at once; one on another host once its last heartbeat is this old.",
+    )
     check_weight_update_equal: bool = Field(
         False,
         description="After each weight sync, check that every engine serves exactly the exported weights (greedy "
@@ -351,6 +412,13 @@ class TrainConfig(Section):
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam beta2.")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
     clip_grad: float = Field(1.0, ge=0, description="Clip the global gradient norm to this (0: no clipping).")
+    max_consecutive_skipped_steps: int = Field(
+        3,
+        gt=0,
+        description="An optimizer step whose loss, gradient norm, rewards or advantages are not finite is skipped "
+        "(no update, no learning-rate step); this many skips in a row, counted across rollouts and kept in "
+        "checkpoints, stop the campaign with NonFiniteTrainingError.",
+    )
     # Batching.
     micro_batch_size: int = Field(1, gt=0, description="Samples per forward/backward pass (without max_tokens_per_gpu).")
     max_tokens_per_gpu: int | None = Field(
@@ -379,8 +447,11 @@ class TrainConfig(Section):
     )
     ref_load: str | None = Field(
         None,
-        description="Reference model for KL terms: an HF checkpoint directory or a trainer checkpoint. "
-        "null: the initial hf_checkpoint.",
+        description="slime's --ref-load: an HF checkpoint directory (BF16; an FP8 one is dequantized, lossy) or a "
+        "trainer checkpoint (or the latest one under this folder). It is the reference model of KL terms, and the "
+        "trainer's initial weights when load holds neither a trainer checkpoint nor an HF directory. null: the "
+        "reference is the trainer's initial weights. Megatron-LM torch_dist checkpoints (slime's converter) are "
+        "refused: give the HF BF16 directory they were converted from.",
     )
     # The critic (advantage_estimator: ppo).
     critic_load: str | None = Field(
@@ -402,11 +473,21 @@ class CheckpointConfig(Section):
     )
     load: str | None = Field(
         None,
-        description="Resume the trainer from this checkpoint, or from the latest one under this folder; when it holds "
-        "none, the trainer starts from hf_checkpoint (slime's semantics).",
+        description="Where the trainer starts, by slime's rules: a trainer checkpoint here (or the latest one under "
+        "this folder) is resumed (weights, optimizer, schedule, step); an HF checkpoint directory gives the initial "
+        "weights; otherwise (e.g. the campaign's own checkpoint folder before its first save) the trainer starts from "
+        "ref_load, else from hf_checkpoint (dequantized when that is FP8: lossy). Megatron-LM torch_dist checkpoints "
+        "(slime's converter) are refused: give the HF BF16 directory instead. A campaign with a committed rollout "
+        "resumes from its run store's last checkpoint instead.",
     )
     save_interval: int | None = Field(
         1, gt=0, description="Save a trainer checkpoint every this many rollout ids, and after the last. null: only after the last."
+    )
+    keep_checkpoints: int | None = Field(
+        None,
+        ge=1,
+        description="Trainer checkpoints kept in the run store: after each commit all but the newest this many are "
+        "removed, never the committed one. null: keep all.",
     )
 
 
@@ -560,8 +641,11 @@ class CampaignConfig(BaseModel):
         except ConfigError as err:
             raise ConfigError(f"campaign config {path}: {err}") from None
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+    def to_yaml(self, *, redact: bool = True) -> str:
+        """The config as YAML. With `redact` (for config.yaml, logs and printing), credentials inside
+        URLs are masked (see `slime_wf.redact`), so the text cannot be loaded back as a working config."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(redact_urls_in(data) if redact else data, sort_keys=False)
 
     def config_hash(self) -> str:
         """A short, stable hash of the settings (to notice a config change on resume)."""
@@ -661,10 +745,10 @@ def _format_validation_error(err: ValidationError) -> str:
             lines.append(f"{loc}: required setting is missing")
         elif loc == "config":
             lines.append(msg)
-        elif "input" not in e or isinstance(e["input"], dict):
+        elif "input" not in e or isinstance(e["input"], dict) or loc.endswith("_env"):  # _env: maybe a pasted secret
             lines.append(f"{loc}: {msg}")
         else:
-            lines.append(f"{loc} = {e['input']!r}: {msg}")
+            lines.append(f"{loc} = {redact_url(repr(e['input']))}: {msg}")
     return "invalid campaign config:\n  " + "\n  ".join(lines)
 
 

@@ -7,7 +7,9 @@ checkpoint (no cache, no padding), so batching, padding and cache bugs show up a
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -35,21 +37,32 @@ REQUEST_TIMEOUT = 60
 # ---- helpers ---------------------------------------------------------------------------------
 
 
-def call(url: str, path: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+def call_with_headers(
+    url: str, path: str, body: dict | None = None, method: str | None = None, key: str | None = None
+) -> tuple[int, object, dict]:
+    """(status, decoded body, response headers); `key` goes as `Authorization: Bearer`."""
     data = None if body is None else json.dumps(body).encode()
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
     req = urllib.request.Request(
-        url + path, data=data, method=method or ("POST" if body is not None else "GET"),
-        headers={"Content-Type": "application/json"},
+        url + path, data=data, method=method or ("POST" if body is not None else "GET"), headers=headers
     )
     try:
         with urllib.request.urlopen(req, timeout=REQUEST_TIMEOUT) as resp:
-            status, raw = resp.status, resp.read()
+            status, raw, got = resp.status, resp.read(), dict(resp.headers)
     except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
+        status, raw, got = err.code, err.read(), dict(err.headers)
     try:
-        return status, json.loads(raw) if raw else None
+        return status, json.loads(raw) if raw else None, got
     except json.JSONDecodeError:
-        return status, raw.decode()
+        return status, raw.decode(), got
+
+
+def call(url: str, path: str, body: dict | None = None, method: str | None = None,
+         key: str | None = None) -> tuple[int, object]:
+    status, out, _ = call_with_headers(url, path, body, method, key)
+    return status, out
 
 
 def generate(url: str, body: dict) -> dict:
@@ -103,8 +116,44 @@ def stop_server(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
-def running_requests(url: str) -> int:
-    return call(url, "/server_info")[1]["internal_states"][0]["num_running_reqs"]
+def running_requests(url: str, key: str | None = None) -> int:
+    return call(url, "/server_info", key=key)[1]["internal_states"][0]["num_running_reqs"]
+
+
+def waiting_requests(url: str, key: str | None = None) -> int:
+    return call(url, "/server_info", key=key)[1]["internal_states"][0]["num_waiting_reqs"]
+
+
+class InProcessServer:
+    """The server's app on a loop thread of this process, so a test can reach into its engine."""
+
+    def __init__(self, engine, *flags: str):
+        from slime_wf.rollout.local_server import build_app, parse_args
+
+        self.engine = engine
+        self.app = build_app(engine, parse_args(["--model-path", engine.model_path, *flags]))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="in-process-server", daemon=True)
+
+    def __enter__(self) -> InProcessServer:
+        from aiohttp import web
+
+        async def start():
+            self.runner = web.AppRunner(self.app, handler_cancellation=True)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(start(), self.loop).result(REQUEST_TIMEOUT)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(REQUEST_TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(REQUEST_TIMEOUT)
+        self.loop.close()
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
@@ -161,6 +210,18 @@ def server(tiny_qwen3, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(tiny_qwen3) -> Reference:
     return Reference(tiny_qwen3)
+
+
+@pytest.fixture
+def local_engine(tiny_qwen3):
+    """A started in-process engine (its server, if any, shuts it down; shutting down twice is harmless)."""
+    from slime_wf.rollout.local_engine import LocalEngine
+
+    engine = LocalEngine(str(tiny_qwen3), max_running_requests=8)
+    engine.start()
+    assert engine.ready.wait(REQUEST_TIMEOUT) and engine.load_error is None
+    yield engine
+    engine.shutdown()
 
 
 # ---- generation ------------------------------------------------------------------------------
@@ -303,8 +364,8 @@ def test_abort_returns_partial_output(server):
     thread, box = _generate_in_thread(server, {"rid": "to-abort-1", "input_ids": prompt_of(5, 1), "sampling_params": long,
                                                "return_logprob": True})
     wait_until(lambda: running_requests(server) == 1, what="the request to run")
-    time.sleep(0.05)
-    # Paused mid-generation, the request cannot finish before the abort reaches it.
+    # Paused mid-generation, the request cannot finish before the abort reaches it. A running request
+    # was admitted before the pause, and its admission step prefills it, so it has a token by now.
     assert call(server, "/pause_generation", {"mode": "in_place"})[0] == 200
     try:
         status, _ = call(server, "/abort_request", {"rid": "to-abort"})  # rids match by prefix, as in SGLang
@@ -351,8 +412,8 @@ def test_pause_keeps_requests_waiting_until_continue(server):
     assert status == 200 and body["status"] == "ok"
     try:
         thread, box = _generate_in_thread(server, {"input_ids": prompt_of(4, 2), "sampling_params": {"max_new_tokens": 4}})
-        time.sleep(0.5)
-        assert "out" not in box  # queued while paused
+        wait_until(lambda: waiting_requests(server) == 1, what="the request to be queued")
+        assert running_requests(server) == 0 and "out" not in box  # queued while paused
         assert call(server, "/health_generate")[0] == 200  # a paused server is healthy
     finally:
         assert call(server, "/continue_generation", {})[0] == 200
@@ -367,7 +428,7 @@ def test_pause_abort_mode_aborts_in_flight_and_queued(server):
     assert call(server, "/pause_generation", {"mode": "abort"})[0] == 200
     try:
         queued, queued_box = _generate_in_thread(server, {"rid": "queued", "input_ids": [5, 6], "sampling_params": long})
-        time.sleep(0.3)
+        wait_until(lambda: waiting_requests(server) == 1, what="the request to be queued")
         assert call(server, "/abort_request", {"rid": "", "abort_all": True})[0] == 200
         queued.join(REQUEST_TIMEOUT)
         assert queued_box["out"]["meta_info"]["finish_reason"] == {"type": "abort", "message": "Abort in waiting queue"}
@@ -492,8 +553,7 @@ def test_update_mid_generation_reports_version_spans(updatable, tiny_qwen3, tmp_
     long = {"max_new_tokens": 900, "temperature": 0, "ignore_eos": True}
     thread, box = _generate_in_thread(updatable, {"rid": "spanning", "input_ids": prompt_of(3, 4), "sampling_params": long})
     wait_until(lambda: running_requests(updatable) == 1, what="the request to run")
-    time.sleep(0.05)
-    # Paused, the request is surely mid-generation when the new weights arrive.
+    # Paused, the request is surely mid-generation when the new weights arrive (prefilled: see the abort test).
     assert call(updatable, "/pause_generation", {"mode": "in_place"})[0] == 200
     try:
         status, res = call(updatable, "/update_weights_from_disk", {"model_path": str(new_dir), "weight_version": "v9"})
@@ -529,3 +589,270 @@ def test_fp8_checkpoint_is_served_with_fp8_rounded_weights(tiny_qwen3, tmp_path)
         reference.assert_greedy(body["input_ids"], generate(url, body))
     finally:
         stop_server(proc)
+
+
+def test_abort_with_empty_rid_aborts_nothing(server):
+    """SGLang ignores `/abort_request` with an empty rid and abort_all false (the rid would prefix-match all)."""
+    params = {"max_new_tokens": 40, "temperature": 0, "ignore_eos": True}
+    thread, box = _generate_in_thread(server, {"rid": "keep-going", "input_ids": prompt_of(5, 11), "sampling_params": params})
+    wait_until(lambda: running_requests(server) == 1, what="the request to run")
+    # Paused, the request is still running when the aborts arrive; only an abort could end it early.
+    assert call(server, "/pause_generation", {"mode": "in_place"})[0] == 200
+    try:
+        assert call(server, "/abort_request", {})[0] == 200
+        assert call(server, "/abort_request", {"rid": "", "abort_all": False})[0] == 200
+    finally:
+        assert call(server, "/continue_generation", {})[0] == 200
+    thread.join(REQUEST_TIMEOUT)
+    assert box["out"]["meta_info"]["finish_reason"] == {"type": "length", "length": 40}
+
+
+# ---- faults, queue bound, keys ---------------------------------------------------------------
+
+POISON_TOKEN = 2  # prompt_of draws from [4, 40): only the prompt built to fail holds it
+FAULT_POSITION = 60  # the other prompts and outputs here stay far below this position
+
+
+def inject_faults(monkeypatch, model) -> None:
+    """Make the model raise in the prefill of a prompt holding POISON_TOKEN and in any decode step that
+    holds a row at FAULT_POSITION or beyond: the faults of one request, as a bad input would cause."""
+    forward = model.forward
+
+    def faulty_forward(*args, input_ids=None, position_ids=None, **kwargs):
+        if input_ids.shape[1] > 1 and bool((input_ids == POISON_TOKEN).any()):
+            raise RuntimeError("injected prefill fault")
+        if input_ids.shape[1] == 1 and position_ids is not None and bool((position_ids >= FAULT_POSITION).any()):
+            raise RuntimeError("injected decode fault")
+        return forward(*args, input_ids=input_ids, position_ids=position_ids, **kwargs)
+
+    monkeypatch.setattr(model, "forward", faulty_forward)
+
+
+def test_fault_in_one_request_fails_only_that_request(local_engine, reference, monkeypatch):
+    """A request that breaks prefill and one that breaks a batched decode step get HTTP 500; the requests
+    decoded beside them finish exactly as a plain forward pass says, and the failed rids are free again."""
+    inject_faults(monkeypatch, local_engine.model)
+    greedy = {"temperature": 0, "ignore_eos": True}
+    good = [
+        {"rid": f"good-{i}", "input_ids": prompt_of(3 + 2 * i, seed=200 + i), "return_logprob": True,
+         "sampling_params": {**greedy, "max_new_tokens": 12 + i}}
+        for i in range(4)
+    ]
+    bad_prefill = {"rid": "bad-prefill", "input_ids": [5, POISON_TOKEN, 6], "sampling_params": {**greedy, "max_new_tokens": 8}}
+    bad_decode = {"rid": "bad-decode", "input_ids": prompt_of(FAULT_POSITION - 4, seed=300),
+                  "sampling_params": {**greedy, "max_new_tokens": 16}}
+    bodies = [*good[:2], bad_prefill, good[2], bad_decode, good[3]]
+    with InProcessServer(local_engine) as srv:
+        # Paused, all of them are admitted in one step and decoded in one batch.
+        assert call(srv.url, "/pause_generation", {"mode": "in_place"})[0] == 200
+        with ThreadPoolExecutor(len(bodies)) as pool:
+            futures = [pool.submit(call, srv.url, "/generate", body) for body in bodies]
+            wait_until(lambda: waiting_requests(srv.url) == len(bodies), what="every request to be queued")
+            assert call(srv.url, "/continue_generation", {})[0] == 200
+            answers = {body["rid"]: f.result(REQUEST_TIMEOUT) for body, f in zip(bodies, futures, strict=True)}
+
+        for body in good:
+            status, out = answers[body["rid"]]
+            assert status == 200, out
+            check_response(out)
+            assert out["meta_info"]["finish_reason"] == {"type": "length", "length": body["sampling_params"]["max_new_tokens"]}
+            reference.assert_greedy(body["input_ids"], out)
+        for rid, fault in (("bad-prefill", "injected prefill fault"), ("bad-decode", "injected decode fault")):
+            status, out = answers[rid]
+            assert status == 500, out
+            assert out["code"] == 500 and fault in out["message"], out  # SGLang's ErrorResponse
+
+        # Every request was answered and released: nothing runs, nothing waits, the rids are free.
+        assert (running_requests(srv.url), waiting_requests(srv.url)) == (0, 0)
+        assert local_engine._active_rids == {}
+        again = generate(srv.url, {"rid": "bad-decode", "input_ids": [7, 8], "sampling_params": {"max_new_tokens": 3}})
+        assert again["meta_info"]["id"] == "bad-decode"
+
+
+def test_large_prompt_is_tokenized_off_the_event_loop(local_engine, monkeypatch):
+    """While a multi-megabyte text prompt is being tokenized, /health and /server_info still answer."""
+    started, release = threading.Event(), threading.Event()
+    encode = local_engine.tokenizer.encode
+
+    def held_encode(text, *args, **kwargs):
+        started.set()
+        release.wait(REQUEST_TIMEOUT)
+        return encode(text, *args, **kwargs)
+
+    monkeypatch.setattr(local_engine.tokenizer, "encode", held_encode)
+    text = "the cat and the dog " * 150_000  # 3 MB
+    with InProcessServer(local_engine) as srv:
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(call, srv.url, "/generate", {"text": text, "sampling_params": {"max_new_tokens": 1}})
+            try:
+                assert started.wait(REQUEST_TIMEOUT), "the prompt never reached the tokenizer"
+                assert call(srv.url, "/health")[0] == 200
+                assert call(srv.url, "/server_info")[0] == 200
+                assert not pending.done()  # still held in the tokenizer
+            finally:
+                release.set()
+            status, out = pending.result(REQUEST_TIMEOUT)
+    assert status == 400 and "context length" in out["error"]["message"]
+
+
+API_KEY, ADMIN_KEY = "test-api-key", "test-admin-key"
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_qwen3, tmp_path_factory):
+    """A server with both keys and room for one running and one queued request."""
+    log = tmp_path_factory.mktemp("logs") / "guarded.log"
+    proc, url = start_server(tiny_qwen3, log, "--api-key", API_KEY, "--admin-api-key", ADMIN_KEY,
+                             "--max-running-requests", "1", "--max-queued-requests", "1")
+    yield url
+    stop_server(proc)
+
+
+def test_full_queue_answers_503_with_retry_after_and_the_session_retries(guarded):
+    from slime_wf.rollout.engine_client import EngineSession
+
+    params = {"max_new_tokens": 6, "temperature": 0, "ignore_eos": True}
+    body = {"input_ids": prompt_of(4, seed=20), "sampling_params": params}
+    assert call(guarded, "/pause_generation", {"mode": "in_place"}, key=ADMIN_KEY)[0] == 200
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            queued = pool.submit(call, guarded, "/generate", body, None, API_KEY)
+            wait_until(lambda: waiting_requests(guarded, API_KEY) == 1, what="the first request to be queued")
+            # Paused, no slot frees up: the queue holds its one request, so the next one is refused.
+            status, out, headers = call_with_headers(guarded, "/generate", body, key=API_KEY)
+            assert status == 503, out
+            assert out == {"object": "error", "message": "The request queue is full.", "type": "503",
+                           "param": None, "code": 503}
+            assert int(headers["Retry-After"]) >= 1
+            assert call(guarded, "/continue_generation", {}, key=ADMIN_KEY)[0] == 200
+            status, first = queued.result(REQUEST_TIMEOUT)
+        assert status == 200, first
+    finally:
+        call(guarded, "/continue_generation", {}, key=ADMIN_KEY)
+
+    async def through_the_session() -> tuple[list[dict], EngineSession]:
+        async with EngineSession([guarded], api_key=API_KEY, admin_api_key=ADMIN_KEY, busy_retries=100) as session:
+            await session.for_each_engine(lambda c: c.pause_generation("in_place"))
+            try:
+                tasks = [asyncio.create_task(session.generate({**body, "rid": f"busy-{i}"})) for i in range(6)]
+                # Every request but the queued one has been refused at least once before anything runs.
+                while session.busy_answers < 5:
+                    await asyncio.sleep(0.02)
+                assert not any(t.done() for t in tasks)
+            finally:
+                await session.for_each_engine(lambda c: c.continue_generation())
+            return [out for out, _url in await asyncio.gather(*tasks)], session
+
+    outs, session = asyncio.run(through_the_session())
+    assert [o["meta_info"]["id"] for o in outs] == [f"busy-{i}" for i in range(6)]
+    assert all(o["output_ids"] == first["output_ids"] for o in outs)
+    assert not session.down
+
+
+def test_keys_follow_sglang(guarded, tiny_qwen3):
+    """`--api-key` guards generation and info, `--admin-api-key` the management endpoints (which refuse the
+    API key), `/health*` stays open; a missing or wrong key gets 401 `{"error": "Unauthorized"}`."""
+    body = {"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}}
+    for path in ("/health", "/health_generate"):
+        assert call(guarded, path)[0] == 200
+    for key in (None, "wrong", ADMIN_KEY):
+        assert call(guarded, "/generate", body, key=key) == (401, {"error": "Unauthorized"})
+        assert call(guarded, "/model_info", key=key)[0] == 401
+        assert call(guarded, "/server_info", key=key)[0] == 401
+    assert call(guarded, "/generate", body, key=API_KEY)[0] == 200
+    assert call(guarded, "/model_info", key=API_KEY)[0] == 200
+
+    admin_calls = [
+        ("/abort_request", {"rid": "nothing-like-this"}),
+        ("/pause_generation", {"mode": "in_place"}),
+        ("/continue_generation", {}),
+        ("/flush_cache", {}),
+        ("/update_weights_from_disk", {"model_path": str(tiny_qwen3)}),
+    ]
+    for path, payload in admin_calls:
+        for key in (None, "wrong", API_KEY):
+            assert call(guarded, path, payload, key=key) == (401, {"error": "Unauthorized"}), (path, key)
+    for path, payload in admin_calls:
+        status, out = call(guarded, path, payload, key=ADMIN_KEY)
+        assert status == 200, (path, out)
+
+
+def test_engine_session_sends_the_admin_key_on_control_calls(guarded, tiny_qwen3):
+    from slime_wf.rollout.engine_client import EngineRejected, EngineSession
+
+    async def control(session: EngineSession) -> None:
+        await session.for_each_engine(lambda c: c.pause_generation("in_place"))
+        await session.for_each_engine(lambda c: c.continue_generation())
+        await session.abort_all()
+        await session.for_each_engine(lambda c: c.flush_cache())
+        await session.for_each_engine(lambda c: c.update_weights_from_disk(str(tiny_qwen3), "default"))
+
+    async def run(**keys) -> None:
+        async with EngineSession([guarded], **keys) as session:
+            out, _ = await session.generate({"input_ids": [5, 6], "sampling_params": {"max_new_tokens": 2}})
+            assert len(out["output_ids"]) == 2
+            await control(session)
+
+    asyncio.run(run(api_key=API_KEY, admin_api_key=ADMIN_KEY))
+    with pytest.raises(EngineRejected, match="admin key") as refused:
+        asyncio.run(run(api_key=API_KEY))
+    assert refused.value.status == 401
+
+
+def test_auth_matches_sglangs_own_decision():
+    """Our auth rule equals SGLang's `decide_request_auth`, with each endpoint's level read from SGLang's server."""
+    from slime_wf.rollout.local_server import ADMIN_PATHS, auth_refusal, build_app, parse_args
+    from slime_wf.rollout.sglang_schema import SchemaUnavailableError, load_sglang_file
+
+    try:
+        auth = load_sglang_file("srt/utils/auth.py")
+        server_source = load_sglang_file("srt/entrypoints/http_server.py", source_only=True)
+    except SchemaUnavailableError as err:
+        pytest.skip(str(err))
+    admin_in_sglang = set()
+    for match in re.finditer(r'@app\.(?:get|post|api_route)\(\s*"([^"]+)"[^\n]*\n@auth_level\(AuthLevel\.(\w+)\)', server_source):
+        if match.group(2) == "ADMIN_OPTIONAL":
+            admin_in_sglang.add(match.group(1))
+
+    class _Engine:
+        model_path = "unused"
+
+    app = build_app(_Engine(), parse_args(["--model-path", "unused"]))
+    served = {r.resource.canonical for r in app.router.routes()}
+    assert ADMIN_PATHS == served & admin_in_sglang
+    for path in served:
+        level = auth.AuthLevel.ADMIN_OPTIONAL if path in admin_in_sglang else auth.AuthLevel.NORMAL
+        for api_key in (None, "k"):
+            for admin_key in (None, "a"):
+                for header in (None, "Bearer k", "Bearer a", "bearer a", "Basic a", "Bearer wrong", "Bearer"):
+                    theirs = auth.decide_request_auth(method="POST", path=path, authorization_header=header,
+                                                      api_key=api_key, admin_api_key=admin_key, auth_level=level)
+                    ours = auth_refusal("POST", path, header, api_key, admin_key)
+                    expected = None if theirs.allowed else theirs.error_status_code
+                    assert ours == expected, (path, api_key, admin_key, header)
+
+
+def test_refuses_a_non_loopback_host_without_a_key(tmp_path):
+    from slime_wf.rollout.local_server import main
+    from slime_wf.rollout.local_server_args import check_args, parse_args
+
+    with pytest.raises(SystemExit, match="--api-key") as refused:
+        main(["--model-path", str(tmp_path / "never-loaded"), "--host", "0.0.0.0"])
+    assert "0.0.0.0" in str(refused.value)
+    for host in ("127.0.0.1", "::1", "localhost"):
+        check_args(parse_args(["--model-path", "m", "--host", host]))
+    for flag in ("--api-key", "--admin-api-key"):
+        check_args(parse_args(["--model-path", "m", "--host", "0.0.0.0", flag, "k"]))
+
+
+def test_config_file_gives_flags_and_the_command_line_wins(tmp_path):
+    from slime_wf.rollout.local_server_args import parse_args
+
+    config = tmp_path / "engine.yaml"
+    config.write_text("api-key: from-file\nadmin_api_key: admin-from-file\nmax-queued-requests: 7\nport: 1234\n")
+    args = parse_args(["--model-path", "m", "--config", str(config), "--port", "4321"])
+    assert (args.api_key, args.admin_api_key, args.max_queued_requests, args.port) == (
+        "from-file", "admin-from-file", 7, 4321)
+    (tmp_path / "bad.yaml").write_text("no_such_flag: 1\n")
+    with pytest.raises(SystemExit):
+        parse_args(["--model-path", "m", "--config", str(tmp_path / "bad.yaml")])

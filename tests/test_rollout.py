@@ -18,6 +18,7 @@ from tiny_models import make_tiny_model
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
 from slime_wf.rollout.dataset import load_tokenizer
+from slime_wf.rollout.engine_client import EngineBusy, EngineError
 from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port
 from slime_wf.rollout.filter_hub import DynamicFilterOutput
 from slime_wf.rollout.generate import (
@@ -301,6 +302,55 @@ def test_engine_that_keeps_aborting_drops_the_group_as_engine_abort(fleet, model
             assert after["sampling_params"]["max_new_tokens"] == before["sampling_params"]["max_new_tokens"] - 1
 
 
+class FailingSession:
+    """Real engines, except that one prompt's requests get `error` (after `passes` such answers
+    the request goes through), as an engine that fails or stays busy for one request would answer."""
+
+    def __init__(self, session, prompt_ids, error, passes=None):
+        self.session, self.prompt_ids, self.error, self.passes = session, prompt_ids, error, passes
+        self.failures = 0
+
+    async def generate(self, payload, *, timeout=None):
+        if payload["input_ids"][: len(self.prompt_ids)] == self.prompt_ids and (
+            self.passes is None or self.failures < self.passes
+        ):
+            self.failures += 1
+            raise self.error
+        return await self.session.generate(payload, timeout=timeout)
+
+    async def abort_all(self):
+        await self.session.abort_all()
+
+
+@pytest.mark.parametrize(
+    ("error", "passes", "reason"),
+    [
+        (EngineError("POST /generate -> HTTP 500: engine error", 500), None, "engine_error"),
+        (EngineError("POST /generate -> HTTP 500: engine error", 500), 2, None),  # a passing fault
+        (EngineBusy("POST /generate -> HTTP 503: The request queue is full.", 503), None, "engine_busy"),
+    ],
+)
+def test_a_request_the_engine_fails_or_cannot_take_drops_only_its_group(fleet, model_dir, prompts, error, passes,
+                                                                       reason):
+    args = make_args(model_dir, prompts)
+    tokenizer = load_tokenizer(model_dir)
+    ds = RolloutDataSourceWithBuffer(args)
+    first_prompt = ds.dataset.samples[0].prompt
+
+    async def run():
+        async with fleet.session() as real:
+            session = FailingSession(real, tokenizer.encode(first_prompt, add_special_tokens=False), error, passes)
+            return await generate_rollout_async(args, 0, ds, session, tokenizer)
+
+    out = asyncio.run(run())
+    check_ledger(out.ledger)
+    assert len(out.groups) == 3
+    if reason is None:
+        assert 0 in out.ledger["trained"] and out.metrics["rollout/request_engine_errors"] == 2
+    else:
+        assert out.ledger["dropped"][reason] == [0]
+
+
 async def passes_aborts_on(args, sample, sampling_params):
     """A custom generate function that hands back an engine abort of group 0 instead of continuing it."""
     from slime_wf.rollout.generate import generate as default_generate
@@ -362,8 +412,10 @@ def test_engine_that_fails_to_start_shows_its_log(prompts, tmp_path):
         EngineFleet(args, str(tmp_path / "no-model"), log_dir=str(tmp_path)).start()
 
 
-def test_router_in_front_of_two_engines(fleet, model_dir, prompts, tmp_path):
-    args = make_args(model_dir, prompts, f"engine_urls={fleet.urls}", "use_router=true")
+def test_router_in_front_of_two_engines(fleet, model_dir, prompts, tmp_path, monkeypatch):
+    monkeypatch.setenv("ROLLOUT_TEST_ENGINE_KEY", fleet.api_key)  # attached engines: their key comes by name
+    args = make_args(model_dir, prompts, f"engine_urls={fleet.urls}", "use_router=true",
+                     "engine_api_key_env=ROLLOUT_TEST_ENGINE_KEY")
     with EngineFleet(args, model_dir, log_dir=str(tmp_path)) as routed:
         assert routed.router_url is not None
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), routed, validate=contract_validator())
@@ -389,7 +441,10 @@ def test_dead_engine_is_restarted_and_the_rollout_completes(fleet, model_dir, pr
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                with urllib.request.urlopen(victim.url + "/get_server_info", timeout=2) as r:
+                request = urllib.request.Request(
+                    victim.url + "/get_server_info", headers={"Authorization": f"Bearer {fleet.api_key}"}
+                )
+                with urllib.request.urlopen(request, timeout=2) as r:
                     states = json.load(r)["internal_states"][0]
                 if states["num_running_reqs"] + states["num_waiting_reqs"] > 0:
                     break

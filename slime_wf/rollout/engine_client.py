@@ -5,12 +5,21 @@ has one code path. `EngineSession` spreads `/generate` over the engines (or send
 sglang-router), bounds the requests in flight per engine, fails over when an engine dies, and
 sends control calls (abort, pause, weight updates, flush) to every engine directly: the router does
 not forward them.
+
+Keys follow SGLang's `--api-key` / `--admin-api-key`: `/generate` and the info endpoints carry the API
+key, control calls carry the admin key when one is given (SGLang's admin endpoints then refuse the
+API key), else the API key. A `/generate` refused as busy (HTTP 503, as SGLang answers when its
+`--max-queued-requests` queue is full, or 429) is retried with an exponential back-off, never sooner
+than the `Retry-After` the engine asks for; the engine is not marked down for it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import logging
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,12 +34,18 @@ class EngineError(RuntimeError):
     def __init__(self, message: str, status: int | None = None):
         super().__init__(message)
         self.status = status
+        self.retry_after: float | None = None  # seconds, from the answer's Retry-After header
 
 
 class EngineRejected(EngineError):
     """The engine refused this one request (HTTP 4xx other than 408/429): the request itself is bad
     (too long for the context, empty, a parameter the engine does not take), so retrying the same
     request elsewhere cannot help. The engine itself is fine."""
+
+
+class EngineBusy(EngineError):
+    """The engine stayed too busy to take a request (HTTP 503 or 429) through every retry. The engine
+    itself works: it is not marked down."""
 
 
 class EngineUnavailable(EngineError):
@@ -41,28 +56,95 @@ class EngineTimeout(EngineError):
     """A request to an engine took longer than its timeout."""
 
 
-class EngineClient:
-    """One engine (or router) at `url`."""
+BUSY_STATUSES = (429, 503)
 
-    def __init__(self, url: str, session: aiohttp.ClientSession, api_key: str | None = None):
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A `Retry-After` header (seconds, or an HTTP date) as seconds from now; None when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class EngineClient:
+    """One engine (or router) at `url`.
+
+    `busy_retries` bounds how often a busy `/generate` is retried. Each wait is at least the engine's
+    `Retry-After` and grows as `busy_backoff` × 2^attempt (so a long busy spell is outlasted), at most
+    `max_busy_wait` s, plus up to 25% jitter so that refused clients do not all come back at once.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        session: aiohttp.ClientSession,
+        api_key: str | None = None,
+        *,
+        admin_api_key: str | None = None,
+        busy_retries: int = 10,
+        busy_backoff: float = 0.5,
+        max_busy_wait: float = 30.0,
+        on_busy: Callable[[], Any] | None = None,
+    ):
         self.url = url.rstrip("/")
         self.session = session
-        # SGLang's --api-key / --admin-api-key: a bearer token on every request
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        control_key = admin_api_key or api_key
+        self.admin_headers = {"Authorization": f"Bearer {control_key}"} if control_key else None
+        self.busy_retries = busy_retries
+        self.busy_backoff = busy_backoff
+        self.max_busy_wait = max_busy_wait
+        self.on_busy = on_busy  # called on every busy answer, e.g. to count them
 
-    async def _request(self, method: str, path: str, *, json: Any = None, timeout: float | None = None) -> Any:
+    async def _request(
+        self, method: str, path: str, *, json: Any = None, timeout: float | None = None, admin: bool = False,
+        retry_busy: bool = False,
+    ) -> Any:
+        """One call; with `retry_busy`, a busy answer is waited out and retried `busy_retries` times."""
+        attempt = 0
+        while True:
+            try:
+                return await self._request_once(method, path, json=json, timeout=timeout, admin=admin)
+            except EngineError as err:
+                if not retry_busy or err.status not in BUSY_STATUSES:
+                    raise
+                if self.on_busy is not None:
+                    self.on_busy()
+                if attempt >= self.busy_retries:
+                    raise EngineBusy(f"{err} (still busy after {attempt} retries)", err.status) from err
+                wait = max(err.retry_after or 0.0, self.busy_backoff * 2**attempt)
+                wait = min(wait, self.max_busy_wait) * (1 + 0.25 * random.random())
+                attempt += 1
+                logger.debug("%s is busy (HTTP %s); retry %d in %.2f s", self.url, err.status, attempt, wait)
+                await asyncio.sleep(wait)
+
+    async def _request_once(
+        self, method: str, path: str, *, json: Any = None, timeout: float | None = None, admin: bool = False
+    ) -> Any:
         try:
             async with self.session.request(
                 method, f"{self.url}{path}", json=json, timeout=aiohttp.ClientTimeout(total=timeout),
-                headers=self.headers,
+                headers=self.admin_headers if admin else self.headers,
             ) as resp:
                 body = await resp.read()
                 if resp.status >= 400:
                     text = body.decode(errors="replace")[:500]
                     message = f"{method} {self.url}{path} -> HTTP {resp.status}: {text}"
+                    if resp.status in (401, 403):
+                        which = "admin key (admin_api_key)" if admin else "API key (api_key)"
+                        message += f"; the engine wants its {which} as Authorization: Bearer"
                     if 400 <= resp.status < 500 and resp.status not in (408, 429):
                         raise EngineRejected(message, resp.status)
-                    raise EngineError(message, resp.status)
+                    error = EngineError(message, resp.status)
+                    error.retry_after = retry_after_seconds(resp.headers.get("Retry-After"))
+                    raise error
                 if not body:
                     return None
                 try:
@@ -75,19 +157,20 @@ class EngineClient:
             raise EngineUnavailable(f"engine {self.url} is unreachable ({type(err).__name__}: {err})") from err
 
     async def generate(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
-        return await self._request("POST", "/generate", json=payload, timeout=timeout)
+        return await self._request("POST", "/generate", json=payload, timeout=timeout, retry_busy=True)
 
     async def abort(self, rid: str | None = None, abort_all: bool = False) -> None:
-        await self._request("POST", "/abort_request", json={"rid": rid or "", "abort_all": abort_all}, timeout=30)
+        body = {"rid": rid or "", "abort_all": abort_all}
+        await self._request("POST", "/abort_request", json=body, timeout=30, admin=True)
 
     async def pause_generation(self, mode: str = "abort") -> None:
-        await self._request("POST", "/pause_generation", json={"mode": mode}, timeout=60)
+        await self._request("POST", "/pause_generation", json={"mode": mode}, timeout=60, admin=True)
 
     async def continue_generation(self) -> None:
-        await self._request("POST", "/continue_generation", json={}, timeout=60)
+        await self._request("POST", "/continue_generation", json={}, timeout=60, admin=True)
 
     async def flush_cache(self) -> None:
-        await self._request("POST", "/flush_cache", timeout=60)
+        await self._request("POST", "/flush_cache", timeout=60, admin=True)
 
     async def update_weights_from_disk(
         self, model_path: str, weight_version: str, *, flush_cache: bool = True, abort_all_requests: bool = False,
@@ -99,7 +182,7 @@ class EngineClient:
             "flush_cache": flush_cache,
             "abort_all_requests": abort_all_requests,
         }
-        return await self._request("POST", "/update_weights_from_disk", json=body, timeout=timeout)
+        return await self._request("POST", "/update_weights_from_disk", json=body, timeout=timeout, admin=True)
 
     async def model_info(self, timeout: float = 30) -> dict[str, Any]:
         return await self._request("GET", "/model_info", timeout=timeout)
@@ -117,7 +200,9 @@ class EngineSession:
 
     `/generate` goes to the router when there is one, else to the engine with the fewest requests
     in flight. An engine that cannot be reached is taken out of rotation and reported through
-    `on_engine_down(url)` (the fleet restarts it); `mark_up(url)` brings it back.
+    `on_engine_down(url)` (the fleet restarts it); `mark_up(url)` brings it back. `api_key` and
+    `admin_api_key` are the engines' `--api-key` and `--admin-api-key`; `busy_retries` bounds the
+    retries of a `/generate` the engine refused as busy.
     """
 
     def __init__(
@@ -129,6 +214,8 @@ class EngineSession:
         on_engine_down: Callable[[str], Any] | None = None,
         validate: Callable[[str, dict[str, Any]], None] | None = None,
         api_key: str | None = None,
+        admin_api_key: str | None = None,
+        busy_retries: int = 10,
     ):
         if not worker_urls:
             raise ValueError("an engine session needs at least one engine URL")
@@ -138,6 +225,9 @@ class EngineSession:
         self.on_engine_down = on_engine_down
         self.validate = validate  # contract checks: validate("request"|"response", body)
         self.api_key = api_key
+        self.admin_api_key = admin_api_key
+        self.busy_retries = busy_retries
+        self.busy_answers = 0  # /generate calls the engines refused as busy (each retried or given up)
         self.session: aiohttp.ClientSession | None = None
         self.in_flight = dict.fromkeys(self.worker_urls, 0)
         self.down: set[str] = set()
@@ -157,7 +247,13 @@ class EngineSession:
             await self.session.close()
 
     def client(self, url: str) -> EngineClient:
-        return EngineClient(url, self.session, self.api_key)
+        return EngineClient(
+            url, self.session, self.api_key, admin_api_key=self.admin_api_key, busy_retries=self.busy_retries,
+            on_busy=self._count_busy,
+        )
+
+    def _count_busy(self) -> None:
+        self.busy_answers += 1
 
     @property
     def alive_urls(self) -> list[str]:
@@ -186,7 +282,8 @@ class EngineSession:
         """Send one request; returns (response, url of the engine that served it).
 
         Raises EngineUnavailable only when the chosen engine is unreachable (it is marked down
-        first, so a retry goes elsewhere); EngineTimeout when the request took too long.
+        first, so a retry goes elsewhere); EngineTimeout when the request took too long; EngineBusy
+        when the engine refused it as busy through every retry (it stays up).
         """
         if self.validate is not None:
             self.validate("request", payload)

@@ -5,24 +5,43 @@ on GPUs, or the local CPU server (`python -m slime_wf.rollout.local_server`), op
 `sglang-router`. Servers are child processes in their own process groups, with their output in
 `<log_dir>/engine-<i>.log`. A dead server is restarted on the same port with the weights it was
 last given, so a rollout can go on.
+
+What the fleet starts ends with it, even when the launching process is killed: the local server
+watches its launcher itself (`--parent-pid`); SGLang and the router run under
+`slime_wf.rollout.parent_watch` (its docstring says why a watcher process, not PR_SET_PDEATHSIG).
+A start that fails stops what it had started.
+
+Launched engines take a per-start API key (SGLang's `--api-key` and `--admin-api-key`, the same
+value: the campaign is the only client and needs both the generation and the control endpoints),
+or the key in the environment variable `engine_api_key_env` names, which is also how attached
+engines get theirs. The router gets it too (it then asks clients for it and sends it to the
+engines). The key stays out of every command line, which any user of the machine can read: the
+engines read it from a `--config` YAML file only the owner can read (SGLang's flag, which the
+local server shares), the router from its environment. It never goes into a log, an error or the
+config either.
 """
 
 from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from slime_wf.redact import redact_url
 from slime_wf.rollout.engine_client import EngineSession
 
 logger = logging.getLogger(__name__)
@@ -38,14 +57,43 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def _get(url: str, timeout: float) -> int:
+KEY_FLAGS = ("--api-key", "--admin-api-key")
+ROUTER_KEY_ENV = "SLIME_WF_ROUTER_API_KEY"
+# sglang-router reads flags only; this adds its --api-key from the environment inside the process, where
+# the process list does not show it
+_ROUTER_MAIN = (
+    f"import os, sys; key = os.environ.pop({ROUTER_KEY_ENV!r}, ''); sys.argv += ['--api-key', key] if key else []; "
+    "from sglang_router.launch_router import main; main()"
+)
+
+
+def _get(url: str, timeout: float, api_key: str | None = None) -> int:
+    # SGLang lets /health* through without a key; the bearer token is sent anyway for servers that do not
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout) as resp:
             return resp.status
     except urllib.error.HTTPError as err:
         return err.code
     except (urllib.error.URLError, OSError, TimeoutError):
         return 0
+
+
+def shown(cmd: list[str]) -> str:
+    """A command line for logs and errors: the API key masked, URLs redacted."""
+    out = [redact_url(arg) for arg in cmd]
+    for i, arg in enumerate(cmd[:-1]):
+        if arg in KEY_FLAGS:
+            out[i + 1] = "***"
+    return " ".join(out)
+
+
+def _open_private_log(path: str):
+    """Append-only, readable by the owner alone: SGLang writes its server arguments, the key included,
+    into its log."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, stat.S_IRUSR | stat.S_IWUSR)
+    os.fchmod(fd, stat.S_IRUSR | stat.S_IWUSR)  # also a log left by an older run
+    return os.fdopen(fd, "ab")
 
 
 def _log_tail(path: str | None, n: int = 3000) -> str:
@@ -64,6 +112,7 @@ class Engine:
     log_path: str | None = None
     process: subprocess.Popen | None = None
     restarts: int = 0
+    watches_parent: bool = False  # the server exits with its launcher by itself (the local server)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,7 +121,11 @@ class Engine:
 
 
 class EngineFleet:
-    """The engines a campaign generates with; a context manager that shuts them down."""
+    """The engines a campaign generates with; a context manager that shuts them down.
+
+    `start()` on a started fleet raises: the old engines would keep running unseen. Call
+    `shutdown()` first; a fleet that was shut down can be started again (with a new key).
+    """
 
     def __init__(self, args: Any, model_path: str, *, log_dir: str, weight_version: str = "0"):
         self.args = args
@@ -81,8 +134,10 @@ class EngineFleet:
         self.log_dir = log_dir
         self.engines: list[Engine] = []
         self.router: Engine | None = None
+        self.api_key: str | None = None
+        self._key_file: str | None = None  # the engines' --config file that holds the key
+        self.started = False
         self._restart_tasks: set[asyncio.Task] = set()
-        atexit.register(self.shutdown)
 
     # ---- launching -----------------------------------------------------------------------
 
@@ -95,11 +150,12 @@ class EngineFleet:
                 sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", self.model_path,
                 "--host", host, "--port", str(port), "--dtype", a.local_engine_dtype,
                 "--num-threads", str(threads), "--weight-version", self.weight_version, "--parent-pid", str(os.getpid()),
+                *self._key_args(),
             ]
         cmd = [
             sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
             "--port", str(port), "--tp-size", str(a.rollout_num_gpus_per_engine),
-            "--weight-version", self.weight_version,
+            "--weight-version", self.weight_version, *self._key_args(),
         ]
         if a.sglang_mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(a.sglang_mem_fraction_static)]
@@ -111,19 +167,22 @@ class EngineFleet:
                 cmd += [flag, str(value)]
         return cmd
 
-    def _spawn(self, engine: Engine) -> None:
+    def _key_args(self) -> list[str]:
+        return ["--config", self._key_file] if self._key_file else []
+
+    def _spawn(self, engine: Engine, env: dict[str, str] | None = None) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
-        log = open(engine.log_path, "ab")  # noqa: SIM115 - owned by the child for its lifetime
-        env = dict(os.environ)
+        env = {**os.environ, **(env or {})}
         if engine.cmd[2] == "sglang.launch_server" and "CUDA_VISIBLE_DEVICES" not in env:
             # one GPU group per engine, in launch order
             tp = self.args.rollout_num_gpus_per_engine
             first = engine.extra["index"] * tp
             env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(tp))
-        engine.process = subprocess.Popen(
-            engine.cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
-        )
-        log.close()
+        cmd = engine.cmd
+        if not engine.watches_parent:
+            cmd = [sys.executable, "-m", "slime_wf.rollout.parent_watch", "--parent-pid", str(os.getpid()), "--", *cmd]
+        with _open_private_log(engine.log_path) as log:  # the child keeps its own copy of the descriptor
+            engine.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def _wait_healthy(self, engine: Engine, what: str, path: str = "/health_generate") -> None:
         deadline = time.monotonic() + self.args.engine_startup_timeout
@@ -131,55 +190,100 @@ class EngineFleet:
             if engine.process is not None and engine.process.poll() is not None:
                 raise EngineStartError(
                     f"{what} at {engine.url} exited with code {engine.process.returncode} while starting.\n"
-                    f"command: {' '.join(engine.cmd)}\nlog ({engine.log_path}):\n{_log_tail(engine.log_path)}"
+                    f"command: {shown(engine.cmd)}\nlog ({engine.log_path}):\n{self._tail(engine)}"
                 )
-            if _get(engine.url + path, timeout=self.args.engine_health_timeout) == 200:
+            if _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200:
                 return
             time.sleep(0.25)
         raise EngineStartError(
             f"{what} at {engine.url} was not healthy after {self.args.engine_startup_timeout} s "
-            f"(engine.engine_startup_timeout).\nlog ({engine.log_path}):\n{_log_tail(engine.log_path)}"
+            f"(engine.engine_startup_timeout).\nlog ({engine.log_path}):\n{self._tail(engine)}"
         )
 
+    def _tail(self, engine: Engine) -> str:
+        """The end of a server's log for an error message, without the key (SGLang logs its arguments)."""
+        text = redact_url(_log_tail(engine.log_path))
+        return text.replace(self.api_key, "***") if self.api_key else text
+
     def start(self) -> EngineFleet:
+        """Launch (or attach to) the engines and the router; on any failure, stop what was started."""
+        if self.started:
+            raise RuntimeError(
+                f"this engine fleet is already started (engines {[redact_url(u) for u in self.urls]}); "
+                "call shutdown() before starting it again"
+            )
+        self.started = True
+        atexit.register(self.shutdown)  # a fleet that is never shut down still stops its servers at exit
+        try:
+            self._start()
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
+    def _start(self) -> None:
         a = self.args
+        self.api_key = self._resolve_api_key()
         if a.engine_urls:
             for url in a.engine_urls:
                 engine = Engine(url=url.rstrip("/"), port=int(url.rsplit(":", 1)[-1].split("/")[0]))
-                if _get(engine.url + "/health", timeout=a.engine_health_timeout) != 200:
+                if _get(engine.url + "/health", timeout=a.engine_health_timeout, api_key=self.api_key) != 200:
                     raise EngineStartError(
-                        f"engine {engine.url} (engine.engine_urls) is unreachable or unhealthy: GET /health failed. "
-                        "Start it first, or leave engine_urls empty to let slime-wf launch engines."
+                        f"engine {redact_url(engine.url)} (engine.engine_urls) is unreachable or unhealthy: GET /health "
+                        "failed. Start it first, or leave engine_urls empty to let slime-wf launch engines."
                     )
                 self.engines.append(engine)
         else:
+            if self.api_key:
+                os.makedirs(self.log_dir, exist_ok=True)
+                fd, self._key_file = tempfile.mkstemp(prefix="engine-keys-", suffix=".yaml", dir=self.log_dir)  # 0600
+                with os.fdopen(fd, "w") as f:
+                    f.write("".join(f"{flag[2:]}: {self.api_key}\n" for flag in KEY_FLAGS))
             for i in range(a.num_engines):
                 port = a.engine_base_port + i if a.engine_base_port else free_port(a.engine_host)
                 engine = Engine(
                     url=f"http://{a.engine_host}:{port}", port=port, cmd=self._server_cmd(port),
                     log_path=os.path.join(self.log_dir, f"engine-{i}.log"), extra={"index": i},
+                    watches_parent=a.engine_type == "local",
                 )
+                self.engines.append(engine)  # before the spawn: a failed start stops what is listed
                 self._spawn(engine)
-                self.engines.append(engine)
             logger.info("launching %d %s engine(s): %s", len(self.engines), a.engine_type, self.urls)
             for i, engine in enumerate(self.engines):
                 self._wait_healthy(engine, f"engine {i}")
         if a.use_router:
             self._start_router()
-        return self
+
+    def _resolve_api_key(self) -> str | None:
+        name = self.args.engine_api_key_env
+        if name:
+            key = os.environ.get(name)
+            if not key:
+                raise EngineStartError(
+                    f"engine.engine_api_key_env names the environment variable {name}, which is not set (or empty) "
+                    "in this process: export the engines' API key under that name where the campaign runs."
+                )
+            return key
+        return None if self.args.engine_urls else secrets.token_urlsafe(32)
 
     def _start_router(self) -> None:
         a = self.args
-        port = free_port(a.engine_host)
+        # Without a key the router answers anyone who can reach it, so it stays on loopback then.
+        host = a.engine_host if self.api_key else "127.0.0.1"
+        port = free_port(host)
         cmd = [
-            sys.executable, "-m", "sglang_router.launch_router", "--worker-urls", *self.urls,
-            "--policy", a.router_policy, "--host", a.engine_host, "--port", str(port),
+            sys.executable, "-c", _ROUTER_MAIN, "--worker-urls", *self.urls,
+            "--policy", a.router_policy, "--host", host, "--port", str(port),
+            # its Prometheus exporter defaults to 0.0.0.0:29000: every interface, and one fixed port that the
+            # routers of two campaigns on a machine would both want (the flags cannot turn it off)
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port("127.0.0.1")),
         ]
         self.router = Engine(
-            url=f"http://{a.engine_host}:{port}", port=port, cmd=cmd, log_path=os.path.join(self.log_dir, "router.log")
+            url=f"http://{host}:{port}", port=port, cmd=cmd, log_path=os.path.join(self.log_dir, "router.log")
         )
         self.router.extra["index"] = -1
-        self._spawn(self.router)
+        # the key is asked of the router's clients, and sent on to the engines
+        self._spawn(self.router, env={ROUTER_KEY_ENV: self.api_key} if self.api_key else None)
         self._wait_healthy(self.router, "sglang-router", path="/health")
 
     # ---- state ---------------------------------------------------------------------------
@@ -202,7 +306,7 @@ class EngineFleet:
 
     def check_health(self) -> dict[str, bool]:
         return {
-            e.url: _get(e.url + "/health_generate", timeout=self.args.engine_health_timeout) == 200
+            e.url: _get(e.url + "/health_generate", timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200
             for e in self.engines
         }
 
@@ -212,14 +316,17 @@ class EngineFleet:
         """Restart the engine at `url` on the same port with the current weights (blocking)."""
         engine = next(e for e in self.engines if e.url == url)
         if not engine.managed:
-            raise EngineStartError(f"engine {url} is external (engine.engine_urls); slime-wf cannot restart it")
+            raise EngineStartError(
+                f"engine {redact_url(url)} is external (engine.engine_urls); slime-wf cannot restart it"
+            )
         if engine.restarts >= self.args.engine_max_restarts:
             raise EngineStartError(
                 f"engine {url} died again after {engine.restarts} restart(s) (engine.engine_max_restarts); see "
-                f"{engine.log_path}:\n{_log_tail(engine.log_path)}"
+                f"{engine.log_path}:\n{self._tail(engine)}"
             )
         engine.restarts += 1
-        logger.warning("restarting engine %s (restart %d) with weights %s", url, engine.restarts, self.model_path)
+        logger.warning("restarting engine %s (restart %d) with weights %s", url, engine.restarts,
+                       redact_url(self.model_path))
         self._kill(engine)
         self._spawn(engine)
         self._wait_healthy(engine, f"restarted engine {url}")
@@ -242,6 +349,8 @@ class EngineFleet:
             concurrency_per_engine=self.args.sglang_server_concurrency,
             on_engine_down=on_down,
             validate=validate,
+            api_key=self.api_key,
+            admin_api_key=self.api_key,  # the engines were given one key for both
         )
         return session
 
@@ -272,10 +381,18 @@ class EngineFleet:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # what the server started and left behind (holding a port or a GPU)
 
     def shutdown(self) -> None:
-        for engine in [*self.engines, *([self.router] if self.router else [])]:
+        """Stop the router and every launched engine; a fleet that was shut down can be started again."""
+        atexit.unregister(self.shutdown)
+        for engine in [*([self.router] if self.router else []), *self.engines]:
             self._kill(engine)
+        if self._key_file:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._key_file)
+        self.engines, self.router, self.api_key, self._key_file, self.started = [], None, None, None, False
 
     def __enter__(self) -> EngineFleet:
         return self.start()

@@ -18,6 +18,7 @@ from typing import Any
 
 from slime_wf.plugins import load_function
 from slime_wf.rollout.engine_client import (
+    EngineBusy,
     EngineError,
     EngineRejected,
     EngineSession,
@@ -38,6 +39,11 @@ _NOT_ABOUT_THE_REQUEST = (401, 403, 404, 405)
 # Drop reasons of groups whose sample failed at the engine.
 ENGINE_ABORT = "engine_abort"
 ENGINE_REJECTED = "engine_rejected"
+ENGINE_BUSY = "engine_busy"
+ENGINE_ERROR = "engine_error"
+# HTTP 500 answers to one request (the engine failed computing it, and answered the others) that are
+# retried before the sample is FAILED: a passing fault goes away, a request that breaks the engine does not.
+MAX_ENGINE_ERROR_RETRIES = 2
 
 
 @dataclass
@@ -123,7 +129,7 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     if not sample.tokens:
         sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
 
-    timeouts = unavailable = engine_aborts = 0
+    timeouts = unavailable = engine_aborts = engine_errors = 0
     while True:
         if ctx.aborted:
             sample.status = Sample.Status.ABORTED
@@ -166,6 +172,20 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
             ctx.counters["request_rejected"] += 1
             logger.warning("sample %s: the engine refused its request; marking it FAILED: %s", sample.index, err)
             return _fail(sample, ENGINE_REJECTED, str(err))
+        except EngineBusy as err:  # the client already backed off and retried: the engines stay overloaded
+            ctx.counters["request_busy"] += 1
+            logger.warning("sample %s: the engines stayed busy; marking it FAILED: %s", sample.index, err)
+            return _fail(sample, ENGINE_BUSY, str(err))
+        except EngineError as err:
+            if err.status != 500:
+                raise
+            engine_errors += 1
+            ctx.counters["request_engine_errors"] += 1
+            if engine_errors > MAX_ENGINE_ERROR_RETRIES:
+                logger.warning("sample %s: the engine failed its request %d times; marking it FAILED: %s",
+                               sample.index, engine_errors, err)
+                return _fail(sample, ENGINE_ERROR, str(err))
+            continue
         ctx.generated_tokens += _append_response(sample, output)
         if sample.status != Sample.Status.ABORTED or ctx.aborted:
             return sample

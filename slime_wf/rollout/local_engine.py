@@ -6,6 +6,16 @@ padded query rows), adds them to the running batch, and runs one batched decode 
 finish between steps and leave the batch; callers wait on a `concurrent.futures.Future` that
 resolves to the SGLang-shaped `/generate` response.
 
+Faults stay with the request that caused them: a request whose prefill raises is answered with
+an error and the others are prefilled; when a batched decode step raises, the KV cache is put
+back as it was before the step and each row is decoded on its own, so only the row that fails
+again gets an error. Every admitted request is answered, and its rid released, whatever happens.
+The error answer is an abort with `status_code` 500, which the server turns into HTTP 500 as
+SGLang does.
+
+The waiting queue is bounded by `max_queued_requests` (SGLang's `--max-queued-requests`; None, as in
+SGLang, means no bound): `submit` raises `QueueFull` when it would be exceeded.
+
 Weight versions: a weight update is applied between two decode steps. Requests in flight keep
 their KV cache (computed with the old weights) and continue on the new weights. Like SGLang, a
 response reports `meta_info.weight_versions` (the spans of output tokens each version produced)
@@ -38,12 +48,16 @@ from slime_wf.rollout.local_model import (
     new_cache,
     read_state_dict,
 )
-from slime_wf.rollout.local_response import generate_response, waiting_abort_response
+from slime_wf.rollout.local_response import error_response, generate_response, waiting_abort_response
 from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams, sample
 
 logger = logging.getLogger(__name__)
 
 HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
+
+
+class QueueFull(RuntimeError):
+    """The waiting queue holds `max_queued_requests` requests already (SGLang answers HTTP 503)."""
 
 
 @dataclasses.dataclass
@@ -59,7 +73,7 @@ class Request:
     future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity: list.remove must not compare tensors field by field
 class _Active:
     req: Request
     generator: torch.Generator | None
@@ -78,11 +92,13 @@ class LocalEngine:
         dtype: torch.dtype = torch.float32,
         max_running_requests: int = 64,
         weight_version: str = "default",
+        max_queued_requests: int | None = None,
     ):
         self.model_path = str(model_path)
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.dtype = dtype
         self.max_running_requests = max_running_requests
+        self.max_queued_requests = max_queued_requests
         self.weight_version = weight_version
         self.model = None
         self.tokenizer = None
@@ -144,17 +160,34 @@ class LocalEngine:
         with self._cond:
             if req.rid in self._active_rids:
                 raise InvalidRequest(f"Duplicate request ID detected: {req.rid}")
+            if self._queue_full():
+                raise QueueFull("The request queue is full.")
+            if self._stopping:  # the scheduler is gone or going: nothing would ever answer it
+                req.future.set_result(waiting_abort_response(req, self.weight_version))
+                return req.future
             self._active_rids[req.rid] = req
             self._waiting.append(req)
             self._cond.notify_all()
         return req.future
 
+    def _queue_full(self) -> bool:
+        """Whether one more request would wait beyond the bound. Requests that the scheduler will admit
+        into free running slots at its next step are not waiting, so they do not count."""
+        if self.max_queued_requests is None:
+            return False
+        free = 0 if self._paused else max(0, self.max_running_requests - len(self._batch) - len(self._admitting))
+        return len(self._waiting) + 1 > self.max_queued_requests + free
+
     def abort(self, rid: str = "", abort_all: bool = False, only: Request | None = None) -> int:
         """Abort requests whose rid starts with `rid` (SGLang's rule), all, or `only` that one request.
 
         Queued ones finish at once; running ones finish at the next step boundary with their partial
-        output. Returns how many were hit.
+        output. An empty `rid` without `abort_all` aborts nothing (it would prefix-match every
+        request; SGLang ignores it with a warning). Returns how many were hit.
         """
+        if only is None and not abort_all and not rid:
+            logger.warning("Ignore abort_request with empty rid and abort_all=False")
+            return 0
 
         def hit(req: Request) -> bool:
             return req is only if only is not None else abort_all or req.rid.startswith(rid)
@@ -276,13 +309,28 @@ class LocalEngine:
                 try:
                     self._iteration()
                 except Exception as err:
-                    # A failed step must not kill the server: fail the requests it touched and go on.
+                    # Faults of one request are caught where it runs; this is the last resort for a
+                    # fault outside any one request: answer every request in flight and go on.
                     logger.error("engine step failed: %s\n%s", err, traceback.format_exc())
-                    self._fail_all(f"engine error: {err}")
+                    self._fail_all(f"engine error: {type(err).__name__}: {err}")
+        self._answer_leftovers()
+
+    def _answer_leftovers(self) -> None:
+        """At shutdown, nobody is left waiting: queued and running requests are answered as aborted."""
         with self._cond:
             for _fn, fut in self._actions:
                 fut.set_exception(RuntimeError("the engine shut down"))
             self._actions.clear()
+            running, self._batch, self._admitting = self._batch + self._admitting, [], []
+            waiting = list(self._waiting)
+            self._waiting.clear()
+        for req in waiting:
+            with self._cond:
+                self._release_rid(req)
+            if not req.future.done():
+                req.future.set_result(waiting_abort_response(req, self.weight_version))
+        for active in running:
+            self._finish(active, _abort_reason("The engine shut down."))
 
     def _iteration(self) -> None:
         with self._cond:
@@ -311,60 +359,115 @@ class LocalEngine:
 
     def _drop_aborted(self) -> None:
         for active in [a for a in self._admitting if a.abort_message]:
-            self._admitting.remove(active)
-            self._finish(active, {"type": "abort", "message": active.abort_message, "status_code": None, "err_type": None})
+            self._leave_admitting([active])
+            self._finish(active, _abort_reason(active.abort_message))
         if any(a.abort_message for a in self._batch):
             keep = []
             for row, active in enumerate(self._batch):
                 if active.abort_message:
-                    self._finish(
-                        active, {"type": "abort", "message": active.abort_message, "status_code": None, "err_type": None}
-                    )
+                    self._finish(active, _abort_reason(active.abort_message))
                 else:
                     keep.append(row)
             self._set_batch(keep)
 
+    def _leave_admitting(self, actives: list[_Active]) -> None:
+        gone = {id(a) for a in actives}
+        with self._cond:
+            self._admitting = [a for a in self._admitting if id(a) not in gone]
+
     def _prefill_admitted(self) -> None:
+        """Prefill each admitted request on its own; one that fails is answered with an error alone.
+
+        Prefilled requests stay in `_admitting` until they join the batch, so that a fault in between
+        still finds (and answers) them."""
         caches, lengths, joined = [], [], []
         for active in list(self._admitting):
-            req = active.req
-            if req.params.max_new_tokens == 0:
-                self._admitting.remove(active)
-                self._finish(active, {"type": "length", "length": 0})
+            try:
+                cache = self._prefill(active)
+            except Exception as err:
+                self._leave_admitting([active])
+                self._fail(active, err, "prefill")
                 continue
-            if req.params.stop:
-                longest = max(len(s) for s in req.params.stop)
-                active.stop_tail = longest + 2
-            cache = new_cache(self.num_layers)
-            out = self.model(
-                input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1
-            )
-            self._append_tokens([active], out.logits[:, -1, :].float())
-            self._admitting.remove(active)
-            if not self._check_finished(active):
+            if cache is None:
+                self._leave_admitting([active])
+            else:
                 caches.append(cache)
-                lengths.append(len(req.input_ids))
+                lengths.append(len(active.req.input_ids))
                 joined.append(active)
         if joined:
             self._kv.add(caches, lengths)
+            gone = {id(a) for a in joined}
             with self._cond:
+                self._admitting = [a for a in self._admitting if id(a) not in gone]
                 self._batch.extend(joined)
 
+    def _prefill(self, active: _Active):
+        """The request's first token; returns its single-row cache, or None when it already finished."""
+        req = active.req
+        if req.params.max_new_tokens == 0:
+            self._finish(active, {"type": "length", "length": 0})
+            return None
+        if req.params.stop:
+            active.stop_tail = max(len(s) for s in req.params.stop) + 2
+        cache = new_cache(self.num_layers)
+        out = self.model(input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        self._append_tokens([active], out.logits[:, -1, :].float())
+        return None if self._check_finished_safely(active) else cache
+
     def _decode_step(self) -> None:
-        mask, positions = self._kv.step_inputs()
-        input_ids = torch.tensor([[a.output_ids[-1]] for a in self._batch])
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=self._kv.cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        self._kv.advance()
-        self._append_tokens(self._batch, out.logits[:, -1, :].float())
-        keep = [row for row, active in enumerate(self._batch) if not self._check_finished(active)]
+        snapshot = self._kv.snapshot()
+        try:
+            mask, positions = self._kv.step_inputs()
+            input_ids = torch.tensor([[a.output_ids[-1]] for a in self._batch])
+            out = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                position_ids=positions,
+                cache=self._kv.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+            self._kv.advance()
+            self._append_tokens(self._batch, out.logits[:, -1, :].float())
+        except Exception as err:
+            self._kv.restore(snapshot)
+            logger.warning(
+                "a decode step of %d request(s) failed (%s: %s); decoding each on its own to find the one that fails",
+                len(self._batch), type(err).__name__, err,
+            )
+            self._decode_rows_alone()
+            return
+        keep = [row for row, active in enumerate(self._batch) if not self._check_finished_safely(active)]
         self._set_batch(keep)
+        self.last_step_time = time.monotonic()
+
+    def _decode_rows_alone(self) -> None:
+        """One decode step per row, each on a copy of its own cache: a row that fails again is answered
+        with an error, the others take their step and form a new batch."""
+        caches, lengths, survivors = [], [], []
+        for row, active in enumerate(self._batch):
+            try:
+                cache, length = self._kv.row_cache(row)
+                out = self.model(
+                    input_ids=torch.tensor([[active.output_ids[-1]]]),
+                    position_ids=torch.tensor([[length]]),
+                    cache=cache,
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+                self._append_tokens([active], out.logits[:, -1, :].float())
+            except Exception as err:
+                self._fail(active, err, "decode")
+                continue
+            if not self._check_finished_safely(active):
+                caches.append(cache)
+                lengths.append(length + 1)
+                survivors.append(active)
+        kv = BatchKV(self.num_layers)
+        kv.add(caches, lengths)
+        self._kv = kv
+        with self._cond:
+            self._batch = survivors
         self.last_step_time = time.monotonic()
 
     def _append_tokens(self, actives: list[_Active], logits: torch.Tensor) -> None:
@@ -387,6 +490,14 @@ class LocalEngine:
         with self._cond:
             self._batch = [self._batch[i] for i in keep]
 
+    def _check_finished_safely(self, active: _Active) -> bool:
+        """`_check_finished`, with a fault (say, in detokenizing for stop strings) failing this request only."""
+        try:
+            return self._check_finished(active)
+        except Exception as err:
+            self._fail(active, err, "the stop check")
+            return True
+
     def _check_finished(self, active: _Active) -> bool:
         """SGLang's order: stop string, then EOS / stop token (unless ignore_eos), then length."""
         p, out = active.req.params, active.output_ids
@@ -405,19 +516,41 @@ class LocalEngine:
         self._finish(active, reason)
         return True
 
+    def _fail(self, active: _Active, err: Exception, stage: str) -> None:
+        logger.error("request %s failed in %s: %s\n%s", active.req.rid, stage, err, traceback.format_exc())
+        self._finish(active, _internal_error(f"The engine failed in {stage} of this request: {type(err).__name__}: {err}"))
+
     def _fail_all(self, message: str) -> None:
-        for active in self._batch + self._admitting:
-            self._finish(active, {"type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"})
         with self._cond:
-            self._batch, self._admitting = [], []
+            actives, self._batch, self._admitting = self._batch + self._admitting, [], []
+        for active in actives:
+            self._finish(active, _internal_error(message))
         self._kv = BatchKV(self.num_layers)
 
     def _finish(self, active: _Active, finish_reason: dict) -> None:
-        response = generate_response(
-            active.req, self.tokenizer, active.output_ids, active.logprobs, finish_reason,
-            active.version_events, self.weight_version,
-        )
+        """Answer the request and release its rid; never raises, so every request gets its answer."""
+        try:
+            response = generate_response(
+                active.req, self.tokenizer, active.output_ids, active.logprobs, finish_reason,
+                active.version_events, self.weight_version,
+            )
+        except Exception as err:
+            logger.error("building the response of %s failed: %s\n%s", active.req.rid, err, traceback.format_exc())
+            response = error_response(
+                active.req, active.output_ids,
+                _internal_error(f"The engine failed to build this request's response: {type(err).__name__}: {err}"),
+                self.weight_version,
+            )
         with self._cond:
             self._release_rid(active.req)
         if not active.req.future.done():
             active.req.future.set_result(response)
+
+
+def _abort_reason(message: str) -> dict:
+    return {"type": "abort", "message": message, "status_code": None, "err_type": None}
+
+
+def _internal_error(message: str) -> dict:
+    """SGLang's finish reason for a request the engine failed: its server answers it with this HTTP status."""
+    return {"type": "abort", "message": message, "status_code": 500, "err_type": "InternalServerError"}

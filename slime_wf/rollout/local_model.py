@@ -248,6 +248,31 @@ class BatchKV:
                 layer.k_buf.index_select(0, index), layer.v_buf.index_select(0, index), layer.start + first, layer.end
             )
 
+    def snapshot(self) -> tuple:
+        """The state before a decode step, for `restore` after a failed one. Cheap: a step only writes
+        past each layer's end (or into a new buffer when full), so references suffice."""
+        layers = [(layer.k_buf, layer.v_buf, layer.start, layer.end) for layer in self.cache.layers]
+        return self.valid, self.positions.clone(), layers
+
+    def restore(self, snapshot: tuple) -> None:
+        self.valid, positions, layers = snapshot
+        self.positions = positions.clone()
+        for layer, (k_buf, v_buf, start, end) in zip(self.cache.layers, layers, strict=True):
+            if k_buf is not None:
+                layer.set_buffers(k_buf, v_buf, start, end)
+
+    def row_cache(self, row: int) -> tuple[Cache, int]:
+        """A copy of one row without its left padding, as a single-row cache, and its length."""
+        n = int(self.valid[row].sum())
+        cache = new_cache(self.num_layers)
+        for layer, own in zip(cache.layers, self.cache.layers, strict=True):
+            keys, values = own.keys[row : row + 1, :, -n:], own.values[row : row + 1, :, -n:]
+            _, heads, _, dim = keys.shape
+            k_buf, v_buf = keys.new_zeros(1, heads, n + 64, dim), values.new_zeros(1, heads, n + 64, dim)
+            k_buf[:, :, :n], v_buf[:, :, :n] = keys, values
+            layer.set_buffers(k_buf, v_buf, 0, n)
+        return cache, n
+
     def step_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The 2D attention mask and position ids of a one-token decode step; call `advance` after it."""
         mask = torch.cat([self.valid, torch.ones(self.rows, 1, dtype=torch.bool)], dim=1)

@@ -80,3 +80,17 @@ def waiting_abort_response(req: Request, current_version: str) -> dict[str, Any]
     if req.return_logprob:
         meta["output_token_logprobs"] = []
     return {"text": "", "output_ids": [], "meta_info": meta}
+
+
+def error_response(req: Request, output_ids: list[int], finish_reason: dict, current_version: str) -> dict[str, Any]:
+    """The answer to a request the engine failed, built without the tokenizer (which may be what failed)."""
+    meta: dict[str, Any] = {
+        "id": req.rid,
+        "finish_reason": finish_reason,
+        "prompt_tokens": len(req.input_ids),
+        "completion_tokens": len(output_ids),
+        "cached_tokens": 0,
+        "weight_version": current_version,
+        "e2e_latency": time.perf_counter() - req.arrival,
+    }
+    return {"text": "", "output_ids": list(output_ids), "meta_info": meta}

@@ -1,7 +1,8 @@
 """The local engine server: a CPU inference server that speaks SGLang's native HTTP API.
 
     python -m slime_wf.rollout.local_server --model-path DIR [--host H] [--port P]
-        [--dtype auto|float32|bfloat16] [--max-running-requests N] [--num-threads N]
+        [--dtype auto|float32|bfloat16] [--max-running-requests N] [--max-queued-requests N]
+        [--api-key KEY] [--admin-api-key KEY] [--config FILE.yaml] [--num-threads N]
 
 Serves any Hugging Face causal-LM checkpoint directory (FP8 block-quantized ones are dequantized
 on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/abort_request`,
@@ -14,6 +15,16 @@ drop, but like SGLang it answers 400 while requests run), no input-token log-pro
 (`logprob_start_len` is accepted and ignored), `sampling_seed` always applies (SGLang needs
 `--enable-deterministic-inference`), and penalties / grammars / `stop_regex` / `logit_bias` are
 refused with a 400. `--dtype auto` computes in float32.
+
+Like SGLang: `--max-queued-requests` bounds the requests waiting for a running slot (no bound by
+default); one more gets HTTP 503 (SGLang's "The request queue is full.") with `Retry-After`, which
+SGLang does not send. `--api-key` guards every endpoint but `/health*`; `--admin-api-key` guards
+the management endpoints (abort, pause, continue, flush, weight updates), which then refuse
+`--api-key`; a missing or wrong `Authorization: Bearer` key gets 401 `{"error": "Unauthorized"}`.
+`--config FILE.yaml` reads flags from a YAML mapping (command-line flags win), as SGLang's does, so
+keys need not show in the process list. The server refuses to listen beyond loopback without a key.
+A request that fails inside the engine is answered with HTTP 500 (the others go on), as SGLang
+answers a request its scheduler aborted with a 5xx status.
 
 Weight updates (`/update_weights_from_disk`) are swapped in between two decode steps: requests
 in flight continue on the new weights, and each response's `meta_info.weight_version` is the
@@ -28,6 +39,7 @@ import asyncio
 import json
 import logging
 import os
+import secrets
 import signal
 import threading
 import time
@@ -36,14 +48,24 @@ from typing import Any
 
 from aiohttp import web
 
-from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, Request
+from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull, Request
 from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams
+from slime_wf.rollout.local_server_args import check_args, parse_args
 from slime_wf.rollout.sglang_schema import generate_request_error
 
 logger = logging.getLogger("slime_wf.local_server")
 
 ENGINE = web.AppKey("engine", LocalEngine)
+ARGS = web.AppKey("args", argparse.Namespace)
 _UNSUPPORTED_TOP_LEVEL = ("image_data", "video_data", "audio_data", "lora_path", "session_params", "custom_logit_processor")
+# SGLang's `AuthLevel.ADMIN_OPTIONAL` endpoints among those served here (`srt/entrypoints/http_server.py`).
+ADMIN_PATHS = frozenset(
+    {"/abort_request", "/pause_generation", "/continue_generation", "/flush_cache", "/update_weights_from_disk"}
+)
+# Probes stay open whatever the keys, as in SGLang (`srt/utils/auth.py`), for health checks without secrets.
+_OPEN_PREFIXES = ("/health", "/ready", "/metrics")
+# The wait a client is asked to take when the queue is full; a request takes about this long on a CPU.
+QUEUE_FULL_RETRY_AFTER_S = 1
 
 
 def _error(message: str, status: int = 400) -> web.Response:
@@ -51,7 +73,44 @@ def _error(message: str, status: int = 400) -> web.Response:
     return web.json_response({"error": {"message": message}}, status=status)
 
 
-async def _json_body(request: web.Request, require_object: bool = True) -> Any:
+def _http_exception(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """SGLang's body for an `HTTPException` (its `ErrorResponse`), e.g. a full queue or a failed request."""
+    body = {"object": "error", "message": message, "type": str(status), "param": None, "code": status}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def auth_refusal(method: str, path: str, authorization: str | None, api_key: str | None,
+                 admin_api_key: str | None) -> int | None:
+    """SGLang's `decide_request_auth` for the endpoints served here: the status to refuse with, or None.
+
+    Admin endpoints take the admin key when there is one (the API key is then refused), else the API
+    key; other endpoints take the API key when there is one; `/health*` is always open."""
+    if method == "OPTIONS" or path.startswith(_OPEN_PREFIXES):
+        return None
+    if path in ADMIN_PATHS:
+        expected = admin_api_key or api_key
+    else:
+        expected = api_key
+    if not expected:
+        return None
+    scheme, _, token = (authorization or "").partition(" ")
+    if scheme.lower() == "bearer" and token and secrets.compare_digest(token.encode(), expected.encode()):
+        return None
+    return 401
+
+
+def _auth_middleware(api_key: str | None, admin_api_key: str | None):
+    @web.middleware
+    async def check_key(request: web.Request, handler):
+        status = auth_refusal(request.method, request.path, request.headers.get("Authorization"), api_key, admin_api_key)
+        if status is not None:
+            return web.json_response({"error": "Unauthorized"}, status=status)
+        return await handler(request)
+
+    return check_key
+
+
+async def _json_body(request: web.Request) -> dict:
     raw = await request.read()
     if not raw:
         return {}
@@ -59,9 +118,29 @@ async def _json_body(request: web.Request, require_object: bool = True) -> Any:
         body = json.loads(raw)
     except json.JSONDecodeError as err:
         raise InvalidRequest(f"the request body of {request.path} is not valid JSON: {err}") from err
-    if require_object and not isinstance(body, dict):
+    if not isinstance(body, dict):
         raise InvalidRequest(f"the request body of {request.path} must be a JSON object")
     return body
+
+
+class _ContractViolation(ValueError):
+    """The body breaks SGLang's schema; the text is SGLang's own."""
+
+
+def parse_generate(raw: bytes, engine: LocalEngine) -> Request:
+    """Decode, schema-check and tokenize a `/generate` body. Runs off the event loop: a prompt of many
+    megabytes takes seconds to tokenize, and `/health` must answer meanwhile."""
+    if not raw:
+        body: Any = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InvalidRequest(f"the request body of /generate is not valid JSON: {err}") from err
+    contract_error = generate_request_error(body)
+    if contract_error is not None:
+        raise _ContractViolation(contract_error)
+    return build_request(body, engine)
 
 
 def build_request(body: Any, engine: LocalEngine) -> Request:
@@ -139,18 +218,21 @@ async def generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if (resp := _not_ready(engine)) is not None:
         return resp
+    raw = await request.read()
     try:
-        body = await _json_body(request, require_object=False)
-    except InvalidRequest as err:
-        return _error(str(err))
-    contract_error = generate_request_error(body)
-    if contract_error is not None:
-        return web.json_response({"error": contract_error}, status=400)
-    try:
-        req = build_request(body, engine)
+        req = await asyncio.to_thread(parse_generate, raw, engine)
         result = await _await_generation(engine, req)
+    except _ContractViolation as err:
+        return web.json_response({"error": str(err)}, status=400)
+    except QueueFull as err:
+        return _http_exception(503, str(err), headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
     except (ValueError, TypeError) as err:  # SGLang answers a request it cannot take with 400
         return _error(str(err))
+    reason = result["meta_info"]["finish_reason"]
+    status = reason.get("status_code")
+    if reason.get("type") == "abort" and isinstance(status, int) and 400 <= status < 600:
+        # SGLang's tokenizer manager turns an abort that carries an error status into that HTTP error.
+        return _error(reason["message"]) if status == 400 else _http_exception(status, reason["message"])
     return web.json_response(result)
 
 
@@ -245,10 +327,10 @@ async def health_generate(request: web.Request) -> web.Response:
         params=SamplingParams.from_request({"max_new_tokens": 1, "temperature": 0.0}, engine.vocab_size),
     )
     try:
-        await asyncio.wait_for(_await_generation(engine, req), timeout=20)
-    except (TimeoutError, InvalidRequest):
+        result = await asyncio.wait_for(_await_generation(engine, req), timeout=20)
+    except (TimeoutError, InvalidRequest, QueueFull):
         return web.Response(status=503)
-    return web.Response(status=200)
+    return web.Response(status=500 if result["meta_info"]["finish_reason"].get("status_code") else 200)
 
 
 async def model_info(request: web.Request) -> web.Response:
@@ -273,7 +355,7 @@ async def model_info(request: web.Request) -> web.Response:
 
 async def server_info(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
-    args = request.app["args"]
+    args = request.app[ARGS]
     running, waiting = engine.num_requests() if engine.ready.is_set() else (0, 0)
     return web.json_response(
         {
@@ -284,6 +366,7 @@ async def server_info(request: web.Request) -> web.Response:
             "port": args.port,
             "dtype": str(engine.dtype).removeprefix("torch."),
             "max_running_requests": engine.max_running_requests,
+            "max_queued_requests": engine.max_queued_requests,
             "max_context_length": getattr(engine, "context_length", None),
             "num_threads": args.num_threads,
             "engine": "slime_wf.local",
@@ -294,9 +377,12 @@ async def server_info(request: web.Request) -> web.Response:
 
 
 def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
-    app = web.Application(client_max_size=64 * 1024 * 1024)
+    middlewares = []
+    if args.api_key or args.admin_api_key:
+        middlewares.append(_auth_middleware(args.api_key, args.admin_api_key))
+    app = web.Application(client_max_size=64 * 1024 * 1024, middlewares=middlewares)
     app[ENGINE] = engine
-    app["args"] = args
+    app[ARGS] = args
     app.router.add_route("POST", "/generate", generate)
     app.router.add_route("PUT", "/generate", generate)
     app.router.add_post("/abort_request", abort_request)
@@ -317,29 +403,6 @@ def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
 
     app.on_shutdown.append(on_shutdown)
     return app
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m slime_wf.rollout.local_server",
-        description="Serve a Hugging Face causal LM on CPU with SGLang's native HTTP API.",
-    )
-    parser.add_argument("--model-path", required=True, help="Hugging Face checkpoint directory")
-    parser.add_argument("--tokenizer-path", default=None, help="tokenizer directory (default: --model-path)")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=30000)
-    parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = float32 on CPU"
-    )
-    parser.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together at most")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
-    parser.add_argument("--log-level", default="info")
-    parser.add_argument(
-        "--parent-pid", type=int, default=None,
-        help="exit when this process (the launcher) is gone, even after kill -9, so no engine outlives its campaign",
-    )
-    return parser.parse_args(argv)
 
 
 def _exit_with_parent(parent: int) -> None:
@@ -363,11 +426,10 @@ def main(argv: list[str] | None = None) -> None:
     from slime_wf.rollout.local_model import resolve_dtype
 
     args = parse_args(argv)
+    check_args(args)
     if args.parent_pid is not None:
         _exit_with_parent(args.parent_pid)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.max_running_requests < 1:
-        raise SystemExit("--max-running-requests must be at least 1")
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     engine = LocalEngine(
@@ -375,6 +437,7 @@ def main(argv: list[str] | None = None) -> None:
         tokenizer_path=args.tokenizer_path,
         dtype=resolve_dtype(args.dtype),
         max_running_requests=args.max_running_requests,
+        max_queued_requests=args.max_queued_requests,
         weight_version=args.weight_version,
     )
     engine.start()

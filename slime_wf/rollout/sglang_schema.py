@@ -59,6 +59,28 @@ def load_api_types() -> ModuleType:
     return module
 
 
+def load_sglang_file(relative: str, source_only: bool = False) -> ModuleType | str:
+    """One file of the installed `sglang` package (e.g. `srt/utils/auth.py`), loaded by path like the
+    schema, or its text with `source_only`: contract tests compare the local server with SGLang's own
+    rules. Only files that import nothing of SGLang's GPU runtime load this way."""
+    spec = importlib.util.find_spec("sglang")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    path = next((Path(root) / relative for root in roots if (Path(root) / relative).is_file()), None)
+    if path is None:
+        raise SchemaUnavailableError(
+            f"sglang/{relative} is not installed; install SGLang without its GPU dependencies: "
+            "pip install --no-deps sglang==0.5.23 msgspec"
+        )
+    if source_only:
+        return path.read_text()
+    name = "_slime_wf_sglang_" + relative.removesuffix(".py").replace("/", "_")
+    file_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(file_spec)
+    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
+    file_spec.loader.exec_module(module)
+    return module
+
+
 def schema_available() -> bool:
     """Whether SGLang's schema can be loaded here."""
     try:

@@ -5,6 +5,10 @@ across samples). Connection errors, dropped connections, 429 and 5xx answers are
 exponential backoff and jitter; 4xx answers and bodies that are not a reward are not, since
 retrying cannot fix them. Nothing outlives the total time limit: the backoff sleeps and the
 requests all come out of the same budget.
+
+The server's token comes from the environment variable that `rm_api_key_env` names and goes out
+as `Authorization: Bearer <token>`. Messages and logs show the URL with its credentials masked
+(`slime_wf.redact`): they end up in logs, in `sample.metadata["rm_failure"]` and in the run store.
 """
 
 from __future__ import annotations
@@ -13,10 +17,13 @@ import asyncio
 import json
 import logging
 import numbers
+import os
 import random
 from typing import Any
 
 import aiohttp
+
+from slime_wf.redact import redact_url
 
 logger = logging.getLogger(__name__)
 
@@ -61,10 +68,16 @@ class RemoteRewardClient:
         ceiling = min(self.backoff_cap, self.backoff_base * (2**attempt))
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
-    async def score(self, url: str, payload: dict[str, Any], timeout: float) -> tuple[Any, int]:
-        """(reward, attempts). Raises RemoteRewardTimeout or RemoteRewardError."""
+    async def score(
+        self, url: str, payload: dict[str, Any], timeout: float, *, token_env: str | None = None
+    ) -> tuple[Any, int]:
+        """(reward, attempts). Raises RemoteRewardTimeout or RemoteRewardError.
+
+        `token_env`: the name of the environment variable that holds the server's bearer token."""
         if not url:
             raise RemoteRewardError("rm_type remote_rm needs rm_url (the URL of the reward server)")
+        headers = bearer_headers(token_env)
+        shown = redact_url(url)
         session = self._session_for_this_loop()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -76,35 +89,49 @@ class RemoteRewardClient:
                 break
             try:
                 async with asyncio.timeout(remaining):
-                    return await self._post_once(session, url, payload), attempt
+                    return await self._post_once(session, url, shown, payload, headers), attempt
             except TimeoutError:
                 last_error = f"attempt {attempt} was still running at the time limit"
                 break
             except _Retryable as err:
                 last_error = str(err)
             except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as err:
-                last_error = f"{type(err).__name__}: {err}"
+                last_error = redact_url(f"{type(err).__name__}: {err}")  # some aiohttp errors quote the URL
             delay = min(self.backoff(attempt - 1), deadline - loop.time())
             if delay <= 0:
                 break
-            logger.info("remote_rm %s: %s; retry %d in %.2f s", url, last_error, attempt, delay)
+            logger.info("remote_rm %s: %s; retry %d in %.2f s", shown, last_error, attempt, delay)
             await asyncio.sleep(delay)
-        raise RemoteRewardTimeout(f"remote_rm {url}: no answer within {timeout:g} s ({attempt} attempt(s); {last_error})")
+        raise RemoteRewardTimeout(
+            f"remote_rm {shown}: no answer within {timeout:g} s ({attempt} attempt(s); {last_error})"
+        )
 
-    async def _post_once(self, session: aiohttp.ClientSession, url: str, payload: dict[str, Any]) -> Any:
-        async with session.post(url, json=payload) as resp:
-            body = await resp.read()
-            if resp.status == 429 or resp.status >= 500:
-                raise _Retryable(f"HTTP {resp.status}: {body[:200]!r}")
-            if resp.status >= 400:
-                raise RemoteRewardError(f"remote_rm {url}: HTTP {resp.status}: {body[:500]!r}")
+    async def _post_once(
+        self, session: aiohttp.ClientSession, url: str, shown: str, payload: dict[str, Any],
+        headers: dict[str, str] | None,
+    ) -> Any:
+        try:
+            async with session.post(url, json=payload, headers=headers) as resp:
+                body = await resp.read()
+                if resp.status == 429 or resp.status >= 500:
+                    raise _Retryable(f"HTTP {resp.status}: {body[:200]!r}")
+                if resp.status in (401, 403):
+                    hint = "set reward.rm_api_key_env" if headers is None else "check the token in reward.rm_api_key_env"
+                    raise RemoteRewardError(f"remote_rm {shown}: HTTP {resp.status} (not authorized; {hint}): "
+                                            f"{body[:200]!r}")
+                if resp.status >= 400:
+                    raise RemoteRewardError(f"remote_rm {shown}: HTTP {resp.status}: {body[:500]!r}")
+        except aiohttp.InvalidURL:  # its message is the URL itself, unmasked
+            raise RemoteRewardError(f"remote_rm {shown}: reward.rm_url is not a valid http(s) URL") from None
+        except ValueError as err:  # e.g. credentials both in the URL and in a token
+            raise RemoteRewardError(f"remote_rm {shown}: the request could not be made: {redact_url(str(err))}") from None
         try:
             reward = json.loads(body)
         except ValueError:
-            raise RemoteRewardError(f"remote_rm {url}: the answer is not JSON: {body[:200]!r}") from None
+            raise RemoteRewardError(f"remote_rm {shown}: the answer is not JSON: {body[:200]!r}") from None
         if isinstance(reward, bool) or not isinstance(reward, numbers.Number | dict):
             raise RemoteRewardError(
-                f"remote_rm {url}: the answer must be a number or a JSON object, got {type(reward).__name__}: "
+                f"remote_rm {shown}: the answer must be a number or a JSON object, got {type(reward).__name__}: "
                 f"{str(reward)[:200]}"
             )
         return reward
@@ -119,6 +146,19 @@ class RemoteRewardClient:
             await session.close()
         else:
             session.detach()
+
+
+def bearer_headers(token_env: str | None) -> dict[str, str] | None:
+    """`Authorization: Bearer <token>` with the token from the variable `token_env` names (None: no header)."""
+    if not token_env:
+        return None
+    token = os.environ.get(token_env)
+    if not token:
+        raise RemoteRewardError(
+            f"reward.rm_api_key_env names the environment variable {token_env}, which is not set (or empty) in this "
+            "process: export the reward server's token under that name where the campaign runs"
+        )
+    return {"Authorization": f"Bearer {token}"}
 
 
 async def _close_at_loop_end(session: aiohttp.ClientSession) -> None:
