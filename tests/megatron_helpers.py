@@ -1,4 +1,5 @@
-"""Tiny HF checkpoints for the Megatron tests (built offline with transformers)."""
+"""Tiny HF checkpoints for the Megatron tests (built offline with transformers), and snapshots of
+a model's parameters and optimizer state to compare bit for bit."""
 
 from __future__ import annotations
 
@@ -57,3 +58,38 @@ def make_hf_checkpoint(
         for path in Path(tokenizer_dir).iterdir():
             shutil.copy2(path, out / path.name)
     return out
+
+
+def _tensors(obj, prefix=""):
+    """Every tensor in a nested dict/list (an optimizer's state dict), by path, cloned."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj.detach().clone()}
+    out = {}
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            out.update(_tensors(value, f"{prefix}/{key}"))
+    elif isinstance(obj, list | tuple):
+        for i, value in enumerate(obj):
+            out.update(_tensors(value, f"{prefix}/{i}"))
+    return out
+
+
+def snapshot(ddp_model, optimizer):
+    """Parameters and Adam state (exp_avg, exp_avg_sq, step) as cloned tensors."""
+    state = {f"param/{name}": p.detach().clone() for name, p in ddp_model.named_parameters()}
+    state.update({f"adam{k}": v for k, v in _tensors(optimizer.state_dict()).items()})
+    return state
+
+
+def assert_unchanged_and_finite(before, after):
+    """Every tensor of `after` (a `snapshot`) bit-identical to `before`'s, and finite."""
+    import torch
+
+    assert before.keys() == after.keys()
+    assert any(k.startswith("adam") and "exp_avg" in k for k in before)  # Adam state was there to compare
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+        if value.is_floating_point():
+            assert torch.isfinite(after[key]).all(), key

@@ -83,6 +83,8 @@ def test_unknown_override_key_suggests():
         ({"rollout": {"rollout_batch_size": 8, "over_sampling_batch_size": 4}}, r"over_sampling_batch_size=4 is smaller"),
         ({"reward": {"rm_type": "remote_rm"}}, r"needs reward.rm_url"),
         ({"data": 3}, r"section 'data' must be a mapping"),
+        # the reward that replaces a NaN reward must not be NaN itself
+        ({"reward": {"rm_failure_reward": float("nan")}}, r"reward.rm_failure_reward = nan: Input should be a finite"),
     ],
 )
 def test_bad_values_name_field_value_and_allowed(data, expected):

@@ -7,10 +7,11 @@ import math
 
 import pytest
 import torch
-from megatron_helpers import make_hf_checkpoint
+from megatron_helpers import assert_unchanged_and_finite, make_hf_checkpoint, snapshot
 from test_train_step import BASE, _logits, _sample_rollout, random_samples, train_save_and_go_on
 from tiny_models import make_tiny_model
 
+from slime_wf.training import train_step
 from slime_wf.training.batching import items_from_samples, pad_micro_batch
 from slime_wf.training.critic import CRITIC_DIR, critic_source
 from slime_wf.training.model import forward_logits
@@ -138,6 +139,43 @@ def test_critic_checkpoint_resumes_exactly(tiny_dir, tmp_path):
     assert critic_source(tmp_path / "ckpts" / "000001" / CRITIC_DIR) == tmp_path / "ckpts" / "000001" / CRITIC_DIR
     with pytest.raises(FileNotFoundError, match="holds no critic checkpoint"):
         critic_source(tmp_path / "nothing-here")
+
+
+def test_non_finite_values_skip_the_critic_update(tiny_dir, monkeypatch):
+    """A NaN reward skips the critic's and the policy's updates; a non-finite value loss alone
+    skips the critic's: its weights, Adam state, step and schedule stay as they were."""
+    trainer = Trainer(PPO, tiny_dir)
+    try:
+        trainer.train(random_samples(8, seed=40), 0)
+        critic = trainer.critic
+        critic_before, actor_before = snapshot(critic.ddp_model, critic.optimizer), snapshot(trainer.ddp_model,
+                                                                                             trainer.optimizer)
+        schedule = (critic.scheduler.num_steps, trainer.scheduler.num_steps)
+        bad = random_samples(8, seed=41)
+        bad[3].reward = float("inf")
+        metrics = trainer.train(bad, 1)
+        assert (metrics["steps"][0]["critic/update_skipped"], metrics["steps"][0]["update_skipped"]) == (1.0, 1.0)
+        assert_unchanged_and_finite(critic_before, snapshot(critic.ddp_model, critic.optimizer))
+        assert_unchanged_and_finite(actor_before, snapshot(trainer.ddp_model, trainer.optimizer))
+        assert (critic.step, trainer.step) == (1, 1)
+        assert (critic.scheduler.num_steps, trainer.scheduler.num_steps) == schedule
+
+        original = train_step.loss_function
+
+        def nan_value_loss(args, batch, logits, **kwargs):
+            loss, metrics = original(args, batch, logits, **kwargs)
+            return (loss * float("nan"), metrics) if args.loss_type == "value_loss" else (loss, metrics)
+
+        monkeypatch.setattr(train_step, "loss_function", nan_value_loss)
+        metrics = trainer.train(random_samples(8, seed=42), 2)
+        step = metrics["steps"][0]
+        assert (step["critic/update_skipped"], step["update_skipped"]) == (1.0, 0.0)
+        assert not math.isfinite(step["critic/grad_norm"]) and math.isfinite(step["grad_norm"])
+        assert_unchanged_and_finite(critic_before, snapshot(critic.ddp_model, critic.optimizer))
+        assert (critic.step, trainer.step) == (1, 2) and critic.scheduler.num_steps == schedule[0]
+        assert (metrics["skipped_steps"], metrics["consecutive_skipped_steps"]) == (1, 2)
+    finally:
+        trainer.shutdown()
 
 
 @pytest.mark.slow

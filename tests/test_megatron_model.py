@@ -1,10 +1,17 @@
 """The Megatron-core policy model at TP=1, in-process: HF parity for Qwen3 / Qwen2 / Llama (tied
-and untied), weight conversion at several TP sizes, gradients, checkpoints, HF export."""
+and untied), weight conversion at several TP sizes, gradients, checkpoints (plain data only, no
+pickled objects), HF export."""
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
+import pickle
+import random
+import shutil
 
+import numpy as np
 import psutil
 import pytest
 import torch
@@ -21,6 +28,7 @@ from slime_wf.training.model import (
 )
 from slime_wf.training.optimizer import build_optimizer
 from slime_wf.training.parallel import destroy_parallel, init_parallel
+from slime_wf.training.safe_load import UnsafeCheckpointError, read_dcp_metadata
 from slime_wf.training.weights import (
     SafetensorsCheckpoint,
     hf_to_megatron,
@@ -262,6 +270,129 @@ def test_checkpoint_resumes_exactly(hf_checkpoint, tmp_path, tp1):
     assert read_trainer_state(tmp_path / "ckpt")["tp_size"] == 1
     with pytest.raises(FileNotFoundError, match="not a slime-wf checkpoint"):
         load_checkpoint(tmp_path, model)
+
+
+def _trained_checkpoint(hf_checkpoint, path):
+    """A llama model and its Adam after one step, saved at `path`, with the python and numpy
+    random streams moved away from their defaults."""
+    model = _loaded_model(hf_checkpoint("llama", False))
+    ddp_model, optimizer = build_optimizer(model, lr=1e-2)
+    ids, mask = _batch(3)
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
+    ddp_model.finish_grad_sync()
+    assert optimizer.step()[0]
+    random.seed(5)
+    random.gauss(0, 1)  # python's cached Gaussian is part of its state
+    np.random.seed(6)
+    np.random.standard_normal()
+    save_checkpoint(path, ddp_model, optimizer, step=1)
+    return ddp_model, optimizer
+
+
+def test_checkpoint_files_are_plain_data_and_load_weights_only(hf_checkpoint, tmp_path, tp1, monkeypatch):
+    loads, real_load = [], torch.load
+
+    def weights_only_load(*args, **kwargs):
+        loads.append(kwargs.get("weights_only"))
+        if kwargs.get("weights_only") is False:  # unset means torch's default, weights_only=True
+            raise AssertionError("torch.load(weights_only=False) while saving or loading a checkpoint")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", weights_only_load)
+    ckpt = tmp_path / "ckpt"
+    ddp_model, optimizer = _trained_checkpoint(hf_checkpoint, ckpt)
+    draws = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(3))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    state = load_checkpoint(ckpt, ddp_model, optimizer)
+    monkeypatch.undo()
+    assert loads and state["rng_restored"]
+    restored = (random.random(), random.gauss(0, 1), np.random.rand(), np.random.standard_normal(), torch.rand(3))
+    assert restored[:4] == draws[:4] and torch.equal(restored[4], draws[4])
+
+    # every file is JSON, safetensors, or a pickle of tensors / plain data / torch's checkpoint metadata
+    from safetensors.torch import load_file
+
+    metadata = read_dcp_metadata(ckpt / "megatron")
+    shard_files = {info.relative_path for info in metadata.storage_data.values()}
+    for file in sorted(p for p in ckpt.rglob("*") if p.is_file()):
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif file.suffix == ".safetensors":
+            assert load_file(file)
+        elif file.name == "common.pt":
+            torch.load(file, weights_only=True)
+        elif file.suffix == ".distcp":
+            assert file.name in shard_files
+        else:
+            assert file.name == ".metadata", f"unexpected file {file.relative_to(ckpt)} in a checkpoint"
+    for info in metadata.storage_data.values():
+        blob = (ckpt / "megatron" / info.relative_path).read_bytes()[info.offset : info.offset + info.length]
+        torch.load(io.BytesIO(blob), weights_only=True)
+    assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank00000.json", "rank00000.safetensors"]
+
+
+_PAYLOAD_RAN: list[str] = []
+
+
+def _payload(what: str) -> None:
+    _PAYLOAD_RAN.append(what)
+
+
+class _Payload:
+    """Unpickling this calls `_payload`: what a malicious checkpoint file would do with os.system."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def __reduce__(self):
+        return (_payload, (self.what,))
+
+
+def test_a_tampered_or_old_checkpoint_is_refused_without_unpickling_it(hf_checkpoint, tmp_path, tp1):
+    ckpt = tmp_path / "ckpt"
+    ddp_model, optimizer = _trained_checkpoint(hf_checkpoint, ckpt)
+
+    def variant(name):
+        shutil.copytree(ckpt, tmp_path / name)
+        return tmp_path / name
+
+    metadata_payload = variant("metadata-payload")
+    (metadata_payload / "megatron" / ".metadata").write_bytes(pickle.dumps(_Payload("metadata")))
+    with pytest.raises(UnsafeCheckpointError, match="not plain torch checkpoint metadata"):
+        load_checkpoint(metadata_payload, ddp_model, optimizer)
+
+    # a sharded object (a layer's _extra_state) replaced by a payload, its metadata pointing at it
+    object_payload = variant("object-payload")
+    metadata = read_dcp_metadata(object_payload / "megatron")
+    index = next(i for i in metadata.storage_data if "_extra_state" in i.fqn)
+    info = metadata.storage_data[index]
+    blob = io.BytesIO()
+    torch.save([_Payload("sharded object")], blob)
+    shard = object_payload / "megatron" / info.relative_path
+    offset = shard.stat().st_size
+    with open(shard, "ab") as f:
+        f.write(blob.getvalue())
+    metadata.storage_data[index] = dataclasses.replace(info, offset=offset, length=len(blob.getvalue()))
+    (object_payload / "megatron" / ".metadata").write_bytes(pickle.dumps(metadata))
+    with pytest.raises(UnsafeCheckpointError, match=r"_extra_state/shard_\d_\d' is not plain data .*_payload was not an"):
+        load_checkpoint(object_payload, ddp_model, optimizer)
+
+    # an older checkpoint whose RNG files are pickles
+    old = variant("old-format")
+    trainer_state = json.loads((old / "trainer_state.json").read_text())
+    (old / "trainer_state.json").write_text(json.dumps({**trainer_state, "format": "slime-wf-megatron-checkpoint/1"}))
+    with pytest.raises(ValueError, match="pickled its RNG states; it is not loaded"):
+        load_checkpoint(old, ddp_model, optimizer)
+    pickled_rng = variant("pickled-rng")
+    for file in (pickled_rng / "rng").iterdir():
+        file.unlink()
+    torch.save({"python": _Payload("rng")}, pickled_rng / "rng" / "rank00000.pt")
+    with pytest.raises(ValueError, match="a pickled RNG state, as older slime-wf versions wrote"):
+        load_checkpoint(pickled_rng, ddp_model, optimizer)
+    assert _PAYLOAD_RAN == []
+    assert load_checkpoint(ckpt, ddp_model, optimizer)["rng_restored"]  # the untouched one still loads
 
 
 def test_megatron_schedule_runs_on_cpu(hf_checkpoint, tp1):

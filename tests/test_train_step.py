@@ -157,12 +157,36 @@ def test_steps_and_data_parallel_shards_partition_the_rollout():
     items = items_from_samples(random_samples(12, seed=1), resolve_train_args(BASE))
     steps = split_steps(items, 6)
     assert [[it.index for it in step] for step in steps] == [list(range(6)), list(range(6, 12))]
-    with pytest.raises(ValueError, match="12 samples does not split into optimizer steps of global_batch_size=5"):
-        split_steps(items, 5)
     shards = [shard_for_data_parallel(steps[0], r, 3) for r in range(3)]
     assert sorted(it.index for shard in shards for it in shard) == list(range(6))
     loads = [sum(it.total_length for it in shard) for shard in shards]
     assert max(loads) - min(loads) <= max(it.total_length for it in steps[0])
+
+
+@pytest.mark.parametrize(
+    ("n", "global_batch_size", "min_step_size", "sizes"),
+    [
+        (16, 8, 1, [8, 8]),  # a full rollout: steps of global_batch_size, as always
+        (24, 8, 1, [8, 8, 8]),
+        (12, 8, 1, [6, 6]),  # short: the fewest steps of at most global_batch_size, as even as possible
+        (13, 4, 1, [4, 3, 3, 3]),
+        (3, 8, 1, [3]),
+        (1, 8, 1, [1]),
+        (5, 2, 2, [3, 2]),  # each of 2 data-parallel replicas needs a sample in every step: fewer steps
+        (3, 1, 2, [3]),
+    ],
+)
+def test_a_short_rollout_splits_into_fewer_or_smaller_steps(n, global_batch_size, min_step_size, sizes):
+    items = items_from_samples(random_samples(n, seed=n), resolve_train_args(BASE))
+    steps = split_steps(items, global_batch_size, min_step_size=min_step_size)
+    assert [len(step) for step in steps] == sizes
+    assert [it.index for step in steps for it in step] == list(range(n))
+
+
+def test_a_rollout_too_small_for_the_replicas_is_refused():
+    items = items_from_samples(random_samples(1, seed=0), resolve_train_args(BASE))
+    with pytest.raises(ValueError, match="1 samples is too small to train on: every optimizer step needs at least 2"):
+        split_steps(items, 4, min_step_size=2)
 
 
 def test_padding_masks_and_loss_batch():
@@ -332,6 +356,33 @@ def test_resume_from_a_checkpoint_is_exact(tiny_dir, tmp_path):
             trainer.load(tmp_path / "empty")
     finally:
         trainer.shutdown()
+
+
+def test_a_short_rollout_trains_like_a_campaign_sized_for_it(tiny_dir):
+    """A rollout of 3 groups where 4 were expected (a dynamic filter kept too few) trains in the
+    configured 2 steps of 3 samples instead of 4, each step's loss the mean over its own samples:
+    exactly what a campaign of 3 groups per rollout does with the same samples."""
+    samples = random_samples(6, seed=12)
+    for i, sample in enumerate(samples):
+        sample.group_index = i // 2
+    common = {**BASE, "n_samples_per_prompt": 2, "num_steps_per_rollout": 2, "lr": 1e-2}
+    results = []
+    for rollout_batch_size in (4, 3):
+        trainer = Trainer({**common, "rollout_batch_size": rollout_batch_size}, tiny_dir)
+        try:
+            assert trainer.args.global_batch_size == rollout_batch_size  # n_samples_per_prompt 2 over 2 steps
+            metrics = trainer.train(samples, 0)
+            results.append((metrics, _logits(trainer, samples), trainer.step))
+        finally:
+            trainer.shutdown()
+    (short, short_logits, short_step), (sized, sized_logits, _) = results
+    assert (short["samples"], short["num_steps"], short["applied_steps"], short_step) == (6, 2, 2, 2)
+    assert [step["samples"] for step in short["steps"]] == [3, 3]
+    for got, want in zip(short["steps"], sized["steps"], strict=True):
+        for key in ("loss", "pg_loss", "grad_norm", "ppo_kl", "tokens"):
+            assert got[key] == want[key], key
+    assert torch.equal(short_logits, sized_logits)
+    assert short["steps"][1]["ppo_kl"] != 0  # the second step's ratio is against the old policy
 
 
 def test_learning_rate_schedule(tiny_dir):

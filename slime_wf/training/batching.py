@@ -1,6 +1,8 @@
 """From a rollout's `Sample`s to padded micro-batches.
 
-A rollout is split, in order, into optimizer steps of `global_batch_size` samples; a step's
+A rollout is split, in order, into optimizer steps of `global_batch_size` samples (a short
+rollout, which a dynamic filter leaves when it keeps too few groups, into the fewest steps of at
+most that many samples, as even as possible; see `split_steps`); a step's
 samples are shared among the data-parallel ranks (balanced by tokens) and each rank's share
 is cut into micro-batches, either `micro_batch_size` samples at a time or, with
 `max_tokens_per_gpu`, first-fit by length so that every padded micro-batch holds at most that
@@ -40,6 +42,7 @@ class TrainItem:
     reward: float
     rollout_log_probs: torch.Tensor | None = None  # [response_length] float32, the engine's
     per_token: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_index: int | None = None  # the sample's group, for messages
 
     @property
     def total_length(self) -> int:
@@ -91,6 +94,7 @@ def items_from_samples(samples: Sequence[Sample], args: Any) -> list[TrainItem]:
             loss_mask=torch.tensor(mask, dtype=torch.float32),
             reward=float(reward),
             rollout_log_probs=rollout_lp,
+            group_index=sample.group_index,
         ))
     have_lp = sum(item.rollout_log_probs is not None for item in items)
     if 0 < have_lp < len(items):
@@ -98,17 +102,30 @@ def items_from_samples(samples: Sequence[Sample], args: Any) -> list[TrainItem]:
     return items
 
 
-def split_steps(items: Sequence[TrainItem], global_batch_size: int) -> list[list[TrainItem]]:
-    """Consecutive optimizer steps of `global_batch_size` samples each, in rollout order."""
+def split_steps(items: Sequence[TrainItem], global_batch_size: int, *, min_step_size: int = 1) -> list[list[TrainItem]]:
+    """Consecutive optimizer steps, in rollout order: `global_batch_size` samples each when the
+    rollout is a multiple of it; otherwise (a short rollout) the fewest steps of at most
+    `global_batch_size` samples, their sizes differing by at most one. Each step's loss is the mean
+    over its own samples (`objectives.step_normalizer`), so a smaller step is no weaker per sample.
+
+    Every step gets at least `min_step_size` samples (the data-parallel size: each replica needs a
+    sample in every step), with fewer steps when needed.
+    """
     if global_batch_size <= 0:
         raise ValueError(f"global_batch_size must be > 0, got {global_batch_size}")
-    if not items or len(items) % global_batch_size:
+    if len(items) < max(min_step_size, 1):
         raise ValueError(
-            f"a rollout of {len(items)} samples does not split into optimizer steps of global_batch_size="
-            f"{global_batch_size}; train on rollout_batch_size x n_samples_per_prompt samples (or a multiple "
-            "of global_batch_size)"
+            f"a rollout of {len(items)} samples is too small to train on: every optimizer step needs at least "
+            f"{max(min_step_size, 1)} (one per data-parallel replica); the rollout kept too few groups"
         )
-    return [list(items[s : s + global_batch_size]) for s in range(0, len(items), global_batch_size)]
+    num_steps = min(-(-len(items) // global_batch_size), len(items) // max(min_step_size, 1))
+    size, extra = divmod(len(items), num_steps)
+    steps, start = [], 0
+    for s in range(num_steps):
+        end = start + size + (1 if s < extra else 0)
+        steps.append(list(items[start:end]))
+        start = end
+    return steps
 
 
 def shard_for_data_parallel(items: Sequence[TrainItem], dp_rank: int, dp_size: int) -> list[TrainItem]:

@@ -2,9 +2,10 @@
 
 Layout of a checkpoint directory:
 
-    megatron/            megatron.core.dist_checkpointing of {"model": ..., "optimizer": ...}
-    trainer_state.json   step, scheduler state, caller's extra dict, the saving layout
-    rng/rank<r>.pt       each rank's RNG states (python, numpy, torch, device, Megatron tracker)
+    megatron/                  megatron.core.dist_checkpointing of {"model": ..., "optimizer": ...}
+    trainer_state.json         step, scheduler state, caller's extra dict, the saving layout
+    rng/rank<r>.json           each rank's python and numpy RNG states
+    rng/rank<r>.safetensors    each rank's torch, device and Megatron-tracker RNG states (uint8)
 
 The model (and the optimizer's Adam moments, which Megatron shards like their parameters)
 load at any tensor-parallel size. RNG states are restored only when the layout matches: a
@@ -13,6 +14,10 @@ rank's random streams have no meaning in another layout.
 Every rank must see the same filesystem path (one node, or a shared filesystem); `s3://`
 is not supported here. A checkpoint is written to a temporary sibling directory and renamed
 into place, so a crash leaves the previous checkpoint (or none), never half of one.
+
+Nothing is unpickled beyond plain data: the RNG states are JSON and safetensors, and the
+Megatron part is loaded through `safe_load` (tensors and containers only). Checkpoints of
+format 1, whose RNG files were pickles of Python objects, are refused.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ import torch.distributed as dist
 
 from slime_wf.training import cpu_shim
 from slime_wf.training.model import unwrap_model
+from slime_wf.training.safe_load import UnsafeCheckpointError, install_weights_only_planner, read_dcp_metadata
 
 logger = logging.getLogger(__name__)
 
-FORMAT = "slime-wf-megatron-checkpoint/1"
+FORMAT = "slime-wf-megatron-checkpoint/2"
+_PICKLED_RNG_FORMATS = ("slime-wf-megatron-checkpoint/1",)
+_RNG_FORMAT = "slime-wf-rng/1"
 _MEGATRON_DIR = "megatron"
 _STATE_FILE = "trainer_state.json"
 
@@ -76,26 +84,75 @@ def _same_on_all_ranks(value: str) -> str:
     return box[0]
 
 
-def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
+def _rng_files(path: Path, rank: int) -> tuple[Path, Path]:
+    stem = path / "rng" / f"rank{rank:05d}"
+    return stem.with_suffix(".json"), stem.with_suffix(".safetensors")
 
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "device": cpu_shim.device_rng_state(),
-        "megatron_tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+
+def _as_state_tensor(state: Any, what: str) -> torch.Tensor:
+    if not isinstance(state, torch.Tensor):
+        raise TypeError(f"RNG state {what} is a {type(state).__name__}, not a tensor: it cannot be checkpointed")
+    return state.detach().cpu().contiguous()
+
+
+def _save_rng_state(path: Path, rank: int) -> None:
+    """This rank's RNG states as JSON (python's and numpy's: integers and floats) and safetensors
+    (torch's, the device's and the Megatron tracker's: uint8 tensors)."""
+    from megatron.core import tensor_parallel
+    from safetensors.torch import save_file
+
+    version, internal, gauss_next = random.getstate()
+    bit_generator, key, pos, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    tensors = {"torch": torch.get_rng_state()}
+    device = cpu_shim.device_rng_state()
+    for i, state in enumerate(device or []):
+        tensors[f"device/{i}"] = _as_state_tensor(state, f"device/{i}")
+    tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
+    for name, state in tracker.items():
+        tensors[f"megatron_tracker/{name}"] = _as_state_tensor(state, f"megatron_tracker/{name}")
+    described = {
+        "format": _RNG_FORMAT,
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+        "numpy": {"bit_generator": bit_generator, "key": [int(k) for k in key], "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "device_states": None if device is None else len(device),
+        "megatron_tracker": list(tracker),
     }
+    json_file, tensor_file = _rng_files(path, rank)
+    json_file.write_text(json.dumps(described))
+    save_file(tensors, str(tensor_file))
 
 
-def _set_rng_state(state: dict) -> None:
+def _load_rng_state(path: Path, rank: int) -> bool:
+    """Restore what `_save_rng_state` wrote for `rank`; False when the checkpoint has none."""
     from megatron.core import tensor_parallel
+    from safetensors.torch import load_file
 
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    cpu_shim.set_device_rng_state(state["device"])
-    tensor_parallel.get_cuda_rng_tracker().set_states(state["megatron_tracker"])
+    json_file, tensor_file = _rng_files(path, rank)
+    if not json_file.is_file():
+        pickled = json_file.with_suffix(".pt")
+        if pickled.is_file():
+            raise ValueError(
+                f"{pickled}: a pickled RNG state, as older slime-wf versions wrote; it is not loaded, since unpickling "
+                "can run code. Start from the HF checkpoint (clear load), or load it with restore_rng=False"
+            )
+        return False
+    described = json.loads(json_file.read_text())
+    if described.get("format") != _RNG_FORMAT:
+        raise ValueError(f"{json_file}: RNG state format {described.get('format')!r}, expected {_RNG_FORMAT!r}")
+    tensors = load_file(str(tensor_file))
+    py = described["python"]
+    random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
+    state = described["numpy"]
+    np.random.set_state((state["bit_generator"], np.asarray(state["key"], dtype=np.uint32), state["pos"],
+                         state["has_gauss"], state["cached_gaussian"]))
+    torch.set_rng_state(tensors["torch"])
+    if described["device_states"] is not None:
+        cpu_shim.set_device_rng_state([tensors[f"device/{i}"] for i in range(described["device_states"])])
+    tensor_parallel.get_cuda_rng_tracker().set_states(
+        {name: tensors[f"megatron_tracker/{name}"] for name in described["megatron_tracker"]}
+    )
+    return True
 
 
 def _layout() -> dict:
@@ -148,7 +205,7 @@ def save_checkpoint(
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
     dist_checkpointing.save(sharded, str(tmp / _MEGATRON_DIR))
-    torch.save(_rng_state(), tmp / "rng" / f"rank{_rank():05d}.pt")
+    _save_rng_state(tmp, _rank())
     _barrier()
     if _rank() == 0:
         (tmp / _STATE_FILE).write_text(sidecar_text)
@@ -170,9 +227,30 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     if not state_file.is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a slime-wf checkpoint (no {_STATE_FILE})")
     state = json.loads(state_file.read_text())
+    if state.get("format") in _PICKLED_RNG_FORMATS:
+        raise ValueError(
+            f"checkpoint {str(path)!r} has format {state['format']!r}, written by an older slime-wf that pickled "
+            "its RNG states; it is not loaded, since unpickling can run code. Start from the HF checkpoint (clear "
+            "load, or point it at a folder without this checkpoint)"
+        )
     if state.get("format") != FORMAT:
         raise ValueError(f"checkpoint {str(path)!r} has format {state.get('format')!r}, expected {FORMAT!r}")
     return state
+
+
+def _load_megatron(sharded: dict, directory: Path) -> dict:
+    """`dist_checkpointing.load`, with torch's CheckpointException (a BaseException, which
+    `except Exception` does not catch) turned into the error it wraps, or a RuntimeError."""
+    from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        return dist_checkpointing.load(sharded, str(directory))
+    except CheckpointException as err:
+        for exc, _ in err.failures.values():
+            if isinstance(exc, UnsafeCheckpointError):
+                raise exc from None
+        raise RuntimeError(f"loading the checkpoint shards in {directory} failed: {err}") from None
 
 
 def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, restore_rng: bool = True) -> dict[str, Any]:
@@ -181,8 +259,6 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, restore_r
     Works at any tensor-parallel size. Returns the sidecar: `step`, `scheduler_state`,
     `extra`, and `rng_restored` (False when the saving layout differs from this one).
     """
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     state = read_trainer_state(path)
     if optimizer is not None and not state["has_optimizer"]:
@@ -191,17 +267,17 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, restore_r
     sharded = {"model": gpt.sharded_state_dict()}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
-    loaded = dist_checkpointing.load(sharded, str(path / _MEGATRON_DIR))
+    read_dcp_metadata(path / _MEGATRON_DIR)  # before megatron-core unpickles it without restrictions
+    install_weights_only_planner()
+    loaded = _load_megatron(sharded, path / _MEGATRON_DIR)
     gpt.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
 
-    rng_file = path / "rng" / f"rank{_rank():05d}.pt"
     state["rng_restored"] = False
     same_layout = all(state.get(k) == v for k, v in _layout().items())
-    if restore_rng and same_layout and rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
-        state["rng_restored"] = True
+    if restore_rng and same_layout:
+        state["rng_restored"] = _load_rng_state(path, _rank())
     elif restore_rng:
         logger.info("checkpoint %s was saved with layout %s; RNG states not restored", path,
                     {k: state.get(k) for k in _layout()})

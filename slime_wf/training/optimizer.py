@@ -12,9 +12,14 @@ optimizer reads; the two therefore come as a pair. One optimizer step:
 sums the q/k layernorm gradients over the tensor-parallel group: with `qk_layernorm` (Qwen3)
 each tensor-parallel rank sees only its own heads' share of those replicated weights'
 gradients, so `finish_grad_sync()` alone trains them wrongly at TP > 1.
+
+The trainer calls `step_if_finite` in place of `optimizer.step()`: the same update, skipped
+when the loss or the gradient norm is not finite.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -74,3 +79,29 @@ def build_optimizer(
     options.update(optimizer_overrides)
     optimizer = get_megatron_optimizer(OptimizerConfig(**options), [ddp_model])
     return ddp_model, optimizer
+
+
+def step_if_finite(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
+    """Megatron's `optimizer.step()` (ChainedOptimizer's sequence: prepare the gradients, their norm
+    over the model-parallel group, clip, update) with a check between the norm and the update:
+    a non-finite loss or norm leaves the parameters and the Adam state untouched. Returns
+    (updated, grad_norm); every rank of the group takes the same decision, since the loss is
+    reduced over the data-parallel ranks and the norm over the model-parallel ones."""
+    # the module's clip function at call time: on CPU, cpu_shim replaces it there
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    found_inf = optimizer.prepare_grads()
+    grad_norm = optimizer.get_grad_norm()
+    grad_norm = float("nan") if grad_norm is None else float(grad_norm)
+    if found_inf or not loss_is_finite or not math.isfinite(grad_norm):
+        return False, grad_norm
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if getattr(part, "is_stub_optimizer", False):
+            continue
+        params = part.get_parameters()
+        if params and part.config.clip_grad > 0.0:
+            megatron_optimizer.clip_grad_by_total_norm_fp32(
+                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
+            )
+    return bool(optimizer.step_with_ready_grads()), grad_norm

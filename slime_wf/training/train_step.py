@@ -3,7 +3,8 @@
 `train_rollout` is the whole algorithm for one rollout id, written top to bottom:
 
 1. the rollout's samples become `TrainItem`s and are split into `num_steps_per_rollout`
-   optimizer steps of `global_batch_size` samples (`batching`);
+   optimizer steps of `global_batch_size` samples (`batching`; a short rollout into fewer or
+   smaller steps);
 2. the reference model scores the responses when a KL term needs it, and the policy scores
    them before its first step when there is more than one step (the "old" policy; with one
    step the current log-probs, detached, are the old ones, as in slime); with ppo the critic
@@ -16,12 +17,20 @@
    the critic takes the same step on the value loss (metrics under `critic/`), alone during
    the first `num_critic_only_steps` rollouts.
 
+Nothing non-finite reaches the weights. A step whose inputs (rewards, advantages, the log-probs
+and values the loss reads) are not all finite is skipped before its forward pass; a step whose
+loss or gradient norm is not finite is skipped after its backward pass: gradients zeroed, no
+Adam update, no learning-rate schedule step (as Megatron-LM's train loop does when its
+optimizer reports an overflow). Each skip is counted; `max_consecutive_skipped_steps` skips in a
+row, across rollouts too, raise `NonFiniteTrainingError`.
+
 Every function takes the models and the optimizer as arguments; `trainer.Trainer` owns them.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +49,7 @@ from slime_wf.training.batching import (
 )
 from slime_wf.training.critic import Critic, needs_critic
 from slime_wf.training.model import forward_logits
+from slime_wf.training.nonfinite import NonFiniteTrainingError, describe, nonfinite_inputs, skip_message
 from slime_wf.training.objectives import (
     compute_advantages_and_returns,
     loss_function,
@@ -47,9 +57,12 @@ from slime_wf.training.objectives import (
     slice_responses,
     step_normalizer,
 )
+from slime_wf.training.optimizer import step_if_finite
 from slime_wf.training.train_args import needs_old_log_probs, needs_reference_model
 
 logger = logging.getLogger(__name__)
+
+_LOSS_SUM = "_loss_sum"  # the backpropagated losses' sum, whatever metrics the loss function returns
 
 
 def build_scheduler(optimizer, args: Any):
@@ -181,6 +194,10 @@ def _reduce_metrics(sums: dict[str, float], dp: DataParallel) -> dict[str, float
     return total
 
 
+def _lr(optimizer) -> float:
+    return float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else float("nan")
+
+
 def optimizer_step(
     ddp_model, optimizer, micro_batches: Sequence[PaddedBatch], args: Any, *, normalizer: float,
     dp: DataParallel, device: torch.device,
@@ -190,7 +207,8 @@ def optimizer_step(
     Each micro-batch's loss is its share of the step's mean (`normalizer` counts the samples or
     tokens of the whole step, every rank included), so the step's metrics are the sums of the
     shares. Megatron DDP averages gradients over the data-parallel ranks; scaling the loss by
-    their number turns that average into the sum of the shares.
+    their number turns that average into the sum of the shares. When the step's loss or gradient
+    norm is not finite the update is skipped (`update_skipped` 1) and the gradients are zeroed.
     """
     from megatron.core.distributed import finalize_model_grads
 
@@ -201,6 +219,7 @@ def optimizer_step(
         logits = _forward(ddp_model, mb)
         loss, metrics = loss_function(args, mb.loss_batch(device), logits, normalizer=normalizer)
         (loss * dp.size).backward()
+        sums[_LOSS_SUM] = sums.get(_LOSS_SUM, 0.0) + loss.detach().float()
         del logits, loss  # free the micro-batch's logits before the next forward
         for key, value in metrics.items():
             sums[key] = sums.get(key, 0.0) + value.detach().float()
@@ -208,14 +227,18 @@ def optimizer_step(
     # layernorm weights (Qwen3) get only their own heads' share of the gradient on each rank,
     # and finalize_model_grads sums those shares over the tensor-parallel group.
     finalize_model_grads([ddp_model])
-    lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else float("nan")
-    update_successful, grad_norm, _ = optimizer.step()
+    lr = _lr(optimizer)
     out = _reduce_metrics({k: float(v) for k, v in sums.items()}, dp)
+    loss_sum = out.pop(_LOSS_SUM, 0.0)
+    updated, grad_norm = step_if_finite(optimizer, math.isfinite(loss_sum))
+    if not updated:
+        ddp_model.zero_grad_buffer()
+        optimizer.zero_grad()
     if "entropy_loss" in out:
         out["entropy"] = out.pop("entropy_loss")
-    out["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    out["grad_norm"] = grad_norm
     out["lr"] = lr
-    out["update_skipped"] = float(not update_successful)
+    out["update_skipped"] = float(not updated)
     return out
 
 
@@ -232,21 +255,30 @@ def train_rollout(
     pad_to_multiple_of: int = 1,
     critic: Critic | None = None,
     train_actor: bool = True,
+    rollout_id: int | None = None,
+    consecutive_skipped_steps: int = 0,
 ) -> dict[str, Any]:
-    """Train on one rollout's items; returns the rollout's metrics (means over its steps) and
-    `steps`, the list of each step's metrics. `critic`: ppo's (see critic.py); `train_actor`
-    False trains the critic alone."""
+    """Train on one rollout's items; returns the rollout's metrics (means over its steps, leaving
+    out the non-finite values of skipped steps) and `steps`, the list of each step's metrics.
+    `critic`: ppo's (see critic.py); `train_actor` False trains the critic alone.
+    `consecutive_skipped_steps`: the skips in a row before this rollout (the trainer's count);
+    the metrics give it after the rollout, and `NonFiniteTrainingError` is raised when it
+    reaches `args.max_consecutive_skipped_steps`."""
     started = time.perf_counter()
     for flag in ("use_rollout_logprobs", "use_tis"):
         if getattr(args, flag) and items and items[0].rollout_log_probs is None:
             raise ValueError(f"{flag} needs the engine's log-probs: the samples carry no rollout_log_probs "
                              "(ask the engine for them, e.g. return_logprob)")
-    steps = split_steps(items, args.global_batch_size)
     if args.global_batch_size < dp.size:
         raise ValueError(
             f"global_batch_size={args.global_batch_size} is smaller than the data-parallel size {dp.size}: "
             "every replica needs samples in every step"
         )
+    steps = split_steps(items, args.global_batch_size, min_step_size=dp.size)
+    if len(items) < args.global_batch_size * args.num_steps_per_rollout:
+        logger.info("short rollout: %d samples instead of %d, trained in %d steps of %s samples", len(items),
+                    args.global_batch_size * args.num_steps_per_rollout, len(steps),
+                    "/".join(str(len(step)) for step in steps))
     plan = [
         [pad_micro_batch(mb, pad_to_multiple_of=pad_to_multiple_of, device=device)
          for mb in make_micro_batches(shard_for_data_parallel(step, dp.rank, dp.size),
@@ -277,53 +309,97 @@ def train_rollout(
     set_advantages(items, args)
     scored = time.perf_counter()
 
+    limit = int(args.max_consecutive_skipped_steps)
+    consecutive = int(consecutive_skipped_steps)
+    skips: list[str] = []
+    applied = 0
     step_metrics = []
-    for step_items, micro_batches in zip(steps, plan, strict=True):
+    for number, (step_items, micro_batches) in enumerate(zip(steps, plan, strict=True), start=1):
         step_start = time.perf_counter()
-        normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
-        metrics = {}
-        if critic is not None:
-            critic_metrics = optimizer_step(critic.ddp_model, critic.optimizer, micro_batches, critic.args,
-                                            normalizer=normalizer, dp=dp, device=device)
-            critic.scheduler.step(1)
-            critic.step += 1
-            metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
-        if train_actor:
-            metrics.update(optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer, dp=dp,
-                                          device=device))
-            scheduler.step(1)
+        metrics: dict[str, float] = {}
+        # Every rank holds the whole step's items, so every rank skips the same steps.
+        bad_inputs = nonfinite_inputs(step_items, args)
+        if bad_inputs:
+            reason = f"non-finite inputs: {describe(bad_inputs)}"
+            if critic is not None:
+                metrics.update({"critic/update_skipped": 1.0, "critic/lr": _lr(critic.optimizer)})
+            if train_actor:
+                metrics.update({"update_skipped": 1.0, "lr": _lr(optimizer)})
+        else:
+            reason = ""
+            normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
+            if critic is not None:
+                critic_metrics = optimizer_step(critic.ddp_model, critic.optimizer, micro_batches, critic.args,
+                                                normalizer=normalizer, dp=dp, device=device)
+                if critic_metrics["update_skipped"]:
+                    reason = (f"critic value loss {critic_metrics.get('value_loss', float('nan')):.4g}, "
+                              f"grad_norm {critic_metrics['grad_norm']:.4g}")
+                else:
+                    critic.scheduler.step(1)
+                    critic.step += 1
+                metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
+            if train_actor:
+                actor_metrics = optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer,
+                                               dp=dp, device=device)
+                if actor_metrics["update_skipped"]:
+                    reason = "; ".join(filter(None, [reason, f"loss {actor_metrics.get('loss', float('nan')):.4g}, "
+                                                             f"grad_norm {actor_metrics['grad_norm']:.4g}"]))
+                else:
+                    scheduler.step(1)
+                    applied += 1
+                metrics.update(actor_metrics)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         metrics["step_time_s"] = time.perf_counter() - step_start
         metrics["tokens"] = float(sum(it.total_length for it in step_items))
+        metrics["samples"] = float(len(step_items))
+        metrics["skipped"] = float(bool(reason))
         step_metrics.append(metrics)
-        logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g value_loss %.4g (%.2fs)", len(step_metrics),
-                    len(steps), metrics.get("loss", float("nan")), metrics.get("grad_norm", float("nan")),
-                    metrics.get("lr", float("nan")), metrics.get("critic/value_loss", float("nan")),
-                    metrics["step_time_s"])
+        if reason:
+            consecutive += 1
+            skips.append(f"step {number}/{len(steps)}: {reason}")
+            logger.warning("rollout %s step %d/%d skipped (%d in a row): %s", rollout_id, number, len(steps),
+                           consecutive, reason)
+            if consecutive >= limit:
+                raise NonFiniteTrainingError(skip_message(rollout_id, skips, consecutive, limit),
+                                             rollout_id=rollout_id, skips=skips, consecutive=consecutive,
+                                             applied_steps=applied)
+        else:
+            consecutive = 0
+            logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g value_loss %.4g (%.2fs)", number, len(steps),
+                        metrics.get("loss", float("nan")), metrics.get("grad_norm", float("nan")),
+                        metrics.get("lr", float("nan")), metrics.get("critic/value_loss", float("nan")),
+                        metrics["step_time_s"])
     finished = time.perf_counter()
 
     summary: dict[str, Any] = {}
-    for key in step_metrics[0]:
+    for key in dict.fromkeys(k for m in step_metrics for k in m):  # a skipped step may lack some keys
         values = [m[key] for m in step_metrics if key in m]
-        summary[key] = sum(values) / len(values)
+        finite = [v for v in values if math.isfinite(v)]
+        summary[key] = sum(finite) / len(finite) if finite else values[0]
     for key in ("lr", "critic/lr"):
-        if key in step_metrics[-1]:
-            summary[key] = step_metrics[-1][key]
+        last = [m[key] for m in step_metrics if key in m]
+        if last:
+            summary[key] = last[-1]
+    del summary["skipped"]
     train_time = finished - scored
     tokens = sum(it.total_length for it in items)
     padded_local = sum(mb.padded_tokens for mb in local_batches)
     real_local = sum(mb.num_tokens for mb in local_batches)
+    rewards = [it.reward for it in items if math.isfinite(it.reward)]
     summary.update(
         tokens=float(tokens),
         samples=float(len(items)),
         num_steps=float(len(steps)),
+        applied_steps=float(applied),
+        skipped_steps=float(len(skips)),
+        consecutive_skipped_steps=float(consecutive),
         tokens_per_s=tokens / train_time if train_time > 0 else float("nan"),
         train_time_s=train_time,
         score_time_s=scored - started,
         rollout_train_time_s=finished - started,
         padding_fraction=1.0 - real_local / padded_local if padded_local else 0.0,
-        mean_reward=sum(it.reward for it in items) / len(items),
+        mean_reward=sum(rewards) / len(rewards) if rewards else float("nan"),
         steps=step_metrics,
     )
     return summary

@@ -10,17 +10,23 @@ its optimizer and schedule, trained one rollout at a time.
 Every rank of a torchrun world builds one (`service.py` runs it there); every method is a
 collective and must be called on every rank with the same arguments.
 
-Where the weights come from (slime's semantics): from `load` when it holds a checkpoint (the
-checkpoint itself, or the latest under that folder: model, optimizer, schedule, step); else
-from the HF checkpoint. The reference model, built only when a KL term needs it, comes from
-`ref_load` (an HF directory or a trainer checkpoint) or else the same HF checkpoint. With
+Where the weights come from follows slime (`resolve_initial_weights`): a trainer checkpoint in
+`load` is resumed (model, optimizer, schedule, step); else the weights come from `load` when it is
+an HF directory, else from `ref_load`, else from the HF checkpoint (dequantized, which is lossy,
+when that is an FP8 rollout checkpoint). The reference model, built only when a KL term needs it,
+comes from `ref_load`, else from the same initial weights. With
 `advantage_estimator: ppo` the trainer also owns a critic (`critic.py`): from the `critic/`
 folder of the checkpoint it resumes from, else from `critic_load`, else the HF checkpoint's body
 with a zero value head; `save` writes it into the checkpoint's `critic/` folder.
+
+Optimizer steps skipped for non-finite values (`train_step`) are counted across rollouts; the
+count is saved with each checkpoint, so that a campaign resumed from one does not start it
+afresh, and `max_consecutive_skipped_steps` skips in a row raise `NonFiniteTrainingError`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -29,11 +35,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from slime_wf.checkpoint.layout import hf_quantization_config, is_hf_checkpoint, refuse_megatron_checkpoint
 from slime_wf.training import cpu_shim
 from slime_wf.training.batching import items_from_samples
 from slime_wf.training.checkpointing import load_checkpoint, read_trainer_state, save_checkpoint
 from slime_wf.training.critic import CRITIC_DIR, Critic, critic_source, needs_critic
 from slime_wf.training.model import build_gpt_model, check_tp_size, describe_hf_config
+from slime_wf.training.nonfinite import NonFiniteTrainingError
 from slime_wf.training.optimizer import build_optimizer
 from slime_wf.training.parallel import destroy_parallel, init_parallel
 from slime_wf.training.train_args import needs_reference_model, params_dtype, resolve_train_args
@@ -72,6 +80,84 @@ def find_checkpoint(path: str | os.PathLike | None) -> Path | None:
     return max(found)[-1] if found else None
 
 
+@dataclasses.dataclass(frozen=True)
+class InitialWeights:
+    """Where a model's first weights come from: `kind` is "trainer" (a trainer checkpoint's model),
+    "hf" or "hf_fp8" (an HF checkpoint; an FP8 one is dequantized, which is lossy), found through
+    the setting `origin` (load, ref_load or hf_checkpoint)."""
+
+    kind: str
+    path: str
+    origin: str
+
+    @property
+    def lossy(self) -> bool:
+        return self.kind == "hf_fp8"
+
+    def describe(self) -> str:
+        what = {"trainer": "trainer checkpoint", "hf": "HF checkpoint", "hf_fp8": "dequantized FP8 checkpoint"}
+        return f"{what[self.kind]} {self.path} (from {self.origin})"
+
+
+def _hf_weights(path: str | os.PathLike, origin: str) -> InitialWeights:
+    return InitialWeights("hf_fp8" if hf_quantization_config(path) else "hf", str(path), origin)
+
+
+def weights_source(ref_load: str | None, hf_checkpoint: str | os.PathLike) -> InitialWeights:
+    """`ref_load` (a trainer checkpoint, or the latest under that folder, else an HF directory), else `hf_checkpoint`."""
+    if not ref_load:
+        return _hf_weights(hf_checkpoint, "hf_checkpoint")
+    refuse_megatron_checkpoint(ref_load, "ref_load")
+    checkpoint = find_checkpoint(ref_load)
+    if checkpoint is not None:
+        return InitialWeights("trainer", str(checkpoint), "ref_load")
+    if is_hf_checkpoint(ref_load):
+        return _hf_weights(ref_load, "ref_load")
+    state = "does not exist" if not os.path.exists(ref_load) else "holds neither"
+    raise FileNotFoundError(
+        f"ref_load={ref_load!r} {state} a trainer checkpoint (trainer_state.json, here or in a folder below) nor an "
+        "HF checkpoint directory (config.json and *.safetensors): set it to the BF16 HF checkpoint of the policy"
+    )
+
+
+def resolve_initial_weights(
+    load: str | None, ref_load: str | None, hf_checkpoint: str | os.PathLike
+) -> tuple[Path | None, InitialWeights]:
+    """slime's rules (`slime_validate_args`), the first that applies:
+
+    1. `load` holds a trainer checkpoint (or a folder of them): resume from the latest;
+    2. `load` is an HF checkpoint directory: start from it;
+    3. `ref_load`: a trainer checkpoint's model, or an HF directory;
+    4. `hf_checkpoint`, dequantized when it is FP8 (lossy: FP8's rounding stays in the weights).
+
+    Returns (the checkpoint to resume or None, the initial weights). When resuming, the initial
+    weights are those the checkpoint records (what its campaign started from), else rules 3-4:
+    the reference model's default. Megatron-LM torch_dist checkpoints are refused with CheckpointError.
+    """
+    refuse_megatron_checkpoint(load, "load")
+    resume = find_checkpoint(load)
+    if resume is not None:
+        recorded = read_trainer_state(resume).get("extra", {}).get("initial_weights")
+        if recorded and os.path.exists(recorded.get("path", "")):
+            return resume, InitialWeights(**recorded)
+        return resume, weights_source(ref_load, hf_checkpoint)
+    if is_hf_checkpoint(load):
+        return None, _hf_weights(load, "load")
+    if load:
+        logger.info("load=%s holds no checkpoint: the initial weights come from %s", load,
+                    "ref_load" if ref_load else "hf_checkpoint")
+    return None, weights_source(ref_load, hf_checkpoint)
+
+
+def load_weights_into(model, source: InitialWeights) -> None:
+    """Copy `source`'s weights into a model built by `build_gpt_model` (no optimizer state)."""
+    if source.kind == "trainer":
+        load_checkpoint(source.path, model, restore_rng=False)
+    else:
+        describe_hf_config(source.path)
+        load_hf_checkpoint_into(model, source.path)
+
+
 class Trainer:
     """See the module docstring. `args`: a campaign's `cfg.args()` or any partial namespace/dict
     (completed by `resolve_train_args`)."""
@@ -99,12 +185,18 @@ class Trainer:
         from megatron.core import parallel_state
 
         args = self.args
-        resume = find_checkpoint(args.load)
-        if args.load and resume is None:
-            logger.info("load=%s holds no checkpoint: starting from %s", args.load, self.hf_checkpoint_dir)
+        resume, self.initial_weights = resolve_initial_weights(args.load, args.ref_load, self.hf_checkpoint_dir)
+        if self.initial_weights.lossy:
+            logger.warning(
+                "the policy %s the dequantized weights of the FP8 checkpoint %s: lossy, FP8's rounding error stays in "
+                "the trained weights (metric init_from_dequantized_fp8). Set ref_load to the BF16 HF checkpoint to "
+                "train from the original weights", "resumes a campaign that started from" if resume else "starts from",
+                self.initial_weights.path,
+            )
         self.actor = build_gpt_model(self.hf_checkpoint_dir, params_dtype=self.dtype)
         if resume is None:
-            load_hf_checkpoint_into(self.actor, self.hf_checkpoint_dir)
+            load_weights_into(self.actor, self.initial_weights)
+            logger.info("initial weights: %s", self.initial_weights.describe())
         self.ref = self._build_reference() if needs_reference_model(args) else None
         self.ddp_model, self.optimizer = build_optimizer(
             self.actor, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
@@ -123,25 +215,17 @@ class Trainer:
         )
         self.step = 0
         self.rollout_id: int | None = None
+        self.consecutive_skipped_steps = 0  # optimizer steps skipped in a row for non-finite values
         if resume is not None:
             self.load(resume)
 
     def _build_reference(self):
-        source = self.args.ref_load or self.hf_checkpoint_dir
+        source = weights_source(self.args.ref_load, self.hf_checkpoint_dir) if self.args.ref_load else self.initial_weights
         ref = build_gpt_model(self.hf_checkpoint_dir, params_dtype=self.dtype)
-        if (Path(source) / "trainer_state.json").is_file():
-            load_checkpoint(source, ref, restore_rng=False)
-        elif (Path(source) / "config.json").is_file():
-            describe_hf_config(source)
-            load_hf_checkpoint_into(ref, source)
-        else:
-            raise FileNotFoundError(
-                f"ref_load={source!r} is neither an HF checkpoint (config.json) nor a trainer checkpoint "
-                "(trainer_state.json)"
-            )
+        load_weights_into(ref, source)
         ref.eval()
         ref.requires_grad_(False)
-        logger.info("reference model loaded from %s", source)
+        logger.info("reference model: %s", source.describe())
         return ref
 
     # ---- the work -------------------------------------------------------------------------
@@ -157,15 +241,23 @@ class Trainer:
         items = items_from_samples(samples, self.args)
         # slime's num_critic_only_steps: the first rollouts train the critic alone
         train_actor = self.critic is None or int(rollout_id) >= self.args.num_critic_only_steps
-        metrics = train_rollout(
-            ddp_model=self.ddp_model, optimizer=self.optimizer, scheduler=self.scheduler, ref_model=self.ref,
-            items=items, args=self.args, dp=self.dp, device=self.info.device, critic=self.critic,
-            train_actor=train_actor,
-        )
-        if train_actor:
-            self.step += int(metrics["num_steps"])
+        try:
+            metrics = train_rollout(
+                ddp_model=self.ddp_model, optimizer=self.optimizer, scheduler=self.scheduler, ref_model=self.ref,
+                items=items, args=self.args, dp=self.dp, device=self.info.device, critic=self.critic,
+                train_actor=train_actor, rollout_id=int(rollout_id),
+                consecutive_skipped_steps=self.consecutive_skipped_steps,
+            )
+        except NonFiniteTrainingError as err:
+            self.step += err.applied_steps
+            self.consecutive_skipped_steps = err.consecutive
+            raise
+        self.step += int(metrics["applied_steps"])
+        self.consecutive_skipped_steps = int(metrics["consecutive_skipped_steps"])
         self.rollout_id = int(rollout_id)
         metrics.update(rollout_id=self.rollout_id, step=self.step)
+        if self.initial_weights.lossy:
+            metrics["init_from_dequantized_fp8"] = 1.0
         logger.info("rollout %d trained: %d steps, loss %.4g, %.0f tokens/s", rollout_id, metrics["num_steps"],
                     metrics.get("loss", float("nan")), metrics["tokens_per_s"])
         return metrics
@@ -176,7 +268,10 @@ class Trainer:
         rollout_id = self.rollout_id if rollout_id is None else int(rollout_id)
         save_checkpoint(
             _local_path(path, "save path"), self.ddp_model, self.optimizer, self.scheduler.state_dict(),
-            {"rollout_id": rollout_id, "hf_checkpoint": self.hf_checkpoint_dir}, step=self.step,
+            {"rollout_id": rollout_id, "hf_checkpoint": self.hf_checkpoint_dir,
+             "initial_weights": dataclasses.asdict(self.initial_weights),
+             "consecutive_skipped_steps": self.consecutive_skipped_steps},
+            step=self.step,
         )
         if self.critic is not None:
             self.critic.save(Path(path) / CRITIC_DIR, rollout_id)
@@ -194,6 +289,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler_state"])
         self.step = int(state.get("step") or 0)
         self.rollout_id = state.get("extra", {}).get("rollout_id")
+        self.consecutive_skipped_steps = int(state.get("extra", {}).get("consecutive_skipped_steps") or 0)
         if self.critic is not None:
             if (found / CRITIC_DIR).is_dir():
                 self.critic.load(found / CRITIC_DIR)

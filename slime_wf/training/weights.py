@@ -254,18 +254,59 @@ class SafetensorsCheckpoint(Mapping):
         return len(self._where)
 
 
+class DequantizedCheckpoint(Mapping):
+    """An FP8 HF checkpoint's weights as plain float32 tensors, dequantized one at a time on access;
+    the scale tensors are consumed and do not appear as names."""
+
+    def __init__(self, hf_dir: str | os.PathLike, quantization_config: Mapping):
+        self.raw = SafetensorsCheckpoint(hf_dir)
+        self.quantization_config = dict(quantization_config)
+        self._names = [n for n in self.raw if not n.endswith((".weight_scale", ".weight_scale_inv", ".input_scale"))]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from slime_wf.checkpoint.fp8 import FP8_DTYPE, dequantize_state_dict
+
+        tensor = self.raw[name]
+        if tensor.dtype != FP8_DTYPE:
+            return tensor
+        pair = {name: tensor, **{name + s: self.raw[name + s] for s in ("_scale_inv", "_scale") if name + s in self.raw}}
+        try:
+            return dequantize_state_dict(pair, self.quantization_config, dtype=torch.float32)[name]
+        except ValueError as err:
+            raise ValueError(f"{self.raw.root}: {err}") from err
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def open_hf_weights(hf_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
+    """The weights of an HF checkpoint by name; an FP8 checkpoint's come back dequantized (lossy: FP8
+    rounding is not undone)."""
+    config_file = Path(hf_dir) / "config.json"
+    quant = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
+    return DequantizedCheckpoint(hf_dir, quant) if quant else SafetensorsCheckpoint(hf_dir)
+
+
 @torch.no_grad()
 def load_hf_checkpoint_into(model, hf_dir: str | os.PathLike) -> None:
     """Copy an HF checkpoint's weights into a model built by `build_gpt_model` (this rank's shards).
 
+    An FP8 checkpoint is dequantized, with a warning: the model gets the FP8-rounded weights.
     Load before creating a mixed-precision optimizer: it keeps its own fp32 copies of the
     parameters, taken when it is built.
     """
     from megatron.core import parallel_state
 
     gpt = unwrap_model(model)
+    weights = open_hf_weights(hf_dir)
+    if isinstance(weights, DequantizedCheckpoint):
+        logger.warning("%s is an FP8 checkpoint: loading its dequantized weights, which keep FP8's rounding error "
+                       "(lossy); give the BF16 checkpoint to load the original weights", hf_dir)
     converted = hf_to_megatron(
-        SafetensorsCheckpoint(hf_dir),
+        weights,
         gpt.hf_arch,
         parallel_state.get_tensor_model_parallel_rank(),
         parallel_state.get_tensor_model_parallel_world_size(),
@@ -311,6 +352,10 @@ def save_hf_checkpoint(
         for path in sorted(config_dir.iterdir()):
             if path.is_file() and not path.name.endswith(_WEIGHT_FILE_SUFFIXES):
                 shutil.copy2(path, tmp / path.name)
+        config = json.loads((tmp / "config.json").read_text())
+        if config.pop("quantization_config", None) is not None:
+            # `state` holds plain weights: a config copied from an FP8 checkpoint must not claim otherwise
+            (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name, tensor in state.items():
