@@ -55,7 +55,9 @@ def train(config: CampaignConfig) -> dict[str, Any]:
     )
     name, total = config.campaign, config.rollout.num_rollout
     # the campaign is left first, so its engines stop while the last artifacts go out; then they are flushed
+    # leaving the campaign also releases its writer lease, whether the flow succeeded or failed
     with ArtifactPublisher(name, logger=logger) as artifacts, Campaign(config) as campaign:
+        t.acquire_lease(campaign)  # before any download: a second train of the campaign fails at once
         t.prepare_checkpoint(campaign)
         first = t.start_campaign(campaign)
         if first:
@@ -85,13 +87,13 @@ def prepare(config: CampaignConfig) -> dict[str, str]:
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(config: CampaignConfig) -> dict[str, float]:
-    """Evaluate the campaign's last committed policy on `eval.eval_datasets`."""
+    """Evaluate the campaign's last committed policy on `eval.eval_datasets`.
+
+    A reader: it may run while `train` runs. It serves the weights the manifest names, takes no
+    lease, and writes only `evaluations/<rollout id>.json` in the run store."""
     if not config.eval.eval_datasets:
         raise ValueError("eval.eval_datasets is empty: name at least one evaluation set")
-    storage = result_storage(config)
     with Campaign(config) as campaign:
         t.prepare_checkpoint(campaign)
-        t.start_campaign(campaign)
-        rid = campaign.last_committed()
-        rid = -1 if rid is None else rid
-        return _with_storage(t.evaluate, storage)(campaign, config.campaign, rid)
+        rid = t.open_for_evaluation(campaign)
+        return t.evaluate_committed(campaign, rid)

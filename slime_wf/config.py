@@ -260,6 +260,7 @@ class RewardConfig(Section):
     rm_timeout: float = Field(30.0, gt=0, description="Seconds one reward call may take before it is abandoned.")
     rm_failure_reward: float = Field(
         0.0,
+        allow_inf_nan=False,
         description="Reward given to a sample whose grading timed out, returned NaN or inf (counted as "
         "rollout/rm/non_finite), or raised (with rm_on_error: failure_reward).",
     )

@@ -5,6 +5,7 @@ Retries follow what is safe to repeat: a rollout restores its data-source state 
 and a weight sync is idempotent, so both retry on engine faults. Training never retries blindly:
 a failed step may have half-applied an optimizer update, so the trainer is rebuilt from the
 committed checkpoint first (possible when that checkpoint is the state right before this id).
+Taking the writer lease never retries: a live holder is another train, and waiting would not help.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from prefect import get_run_logger, task
 from slime_wf.campaign import Campaign
 from slime_wf.rollout.engine_client import EngineError
 from slime_wf.rollout.engines import EngineStartError
+from slime_wf.training.nonfinite import NonFiniteTrainingError
 
 ENGINE_FAULTS = (EngineError, EngineStartError, ConnectionError, TimeoutError)
 
@@ -48,6 +50,12 @@ def _prepare(campaign: Campaign) -> dict[str, str]:
     return campaign.prepare()
 
 
+def _acquire_lease(campaign: Campaign) -> dict[str, Any]:
+    campaign.acquire_lease()
+    record = campaign.lease.record
+    return {"host": record["host"], "pid": record["pid"], "lease": campaign.store.url("lease.json")}
+
+
 def _start(campaign: Campaign) -> int:
     return campaign.start()
 
@@ -64,6 +72,8 @@ def _generate_rollout(campaign: Campaign, campaign_name: str, rollout_id: int) -
 def _train_step(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
     try:
         return campaign.train(rollout_id)
+    except NonFiniteTrainingError:
+        raise  # the same checkpoint and samples would skip the same steps again: the user must change something
     except Exception as err:
         if not campaign.can_restart_trainer_for(rollout_id):
             raise
@@ -83,14 +93,29 @@ def _evaluate(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[s
     return campaign.evaluate(rollout_id)
 
 
+def _open_for_evaluation(campaign: Campaign) -> int | None:
+    return campaign.open_for_evaluation()
+
+
+def _evaluate_committed(campaign: Campaign, rollout_id: int | None) -> dict[str, float]:
+    return campaign.evaluate_committed(rollout_id)
+
+
 def _save_checkpoint(campaign: Campaign, campaign_name: str, rollout_id: int, metrics: dict) -> dict[str, Any]:
     return campaign.finish(rollout_id, metrics)
 
 
+# Tasks whose results are not kept say so: otherwise Prefect hashes their inputs, the whole Campaign, for a
+# cache key, and fails (with an error in the log) once it holds a lease or engines (threads and locks).
 prepare_checkpoint = task(_prepare, name="prepare_checkpoint", retries=2, retry_delay_seconds=10,
-                          retry_condition_fn=_retry_on_engine_fault)
+                          retry_condition_fn=_retry_on_engine_fault, persist_result=False)
+acquire_lease = task(_acquire_lease, name="acquire_lease", persist_result=False)
 start_campaign = task(_start, name="start_campaign", retries=1, retry_delay_seconds=5,
-                      retry_condition_fn=_retry_on_engine_fault)
+                      retry_condition_fn=_retry_on_engine_fault, persist_result=False)
+open_for_evaluation = task(_open_for_evaluation, name="open_for_evaluation", retries=1, retry_delay_seconds=5,
+                           retry_condition_fn=_retry_on_engine_fault, persist_result=False)
+evaluate_committed = task(_evaluate_committed, name="evaluate_committed", retries=2, retry_delay_seconds=5,
+                          retry_condition_fn=_retry_on_engine_fault, persist_result=False)
 generate_rollout = _persisted(_generate_rollout, "generate_rollout", retries=2, retry_delay_seconds=5,
                               retry_condition_fn=_retry_on_engine_fault)
 train_step = _persisted(_train_step, "train_step")

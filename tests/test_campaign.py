@@ -1,12 +1,19 @@
-"""A whole campaign through the library (no Prefect): rollout, train, sync, checkpoint, resume."""
+"""A whole campaign through the library (no Prefect): rollout, train, sync, checkpoint, resume; and
+the run ledger on a real campaign's store: the invariant, a foreign store refused, evaluate reading only."""
 
 from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
 
 import pytest
 from tiny_campaign import campaign_dict, make_assets
 
 from slime_wf.campaign import Campaign, check_campaign_invariant
 from slime_wf.config import CampaignConfig
+from slime_wf.ledger import InvariantError, OrphanedRolloutsError, read_lease
 from slime_wf.store import RunStore
 
 pytestmark = pytest.mark.slow
@@ -28,12 +35,23 @@ def campaign_config(assets, store, tmp_path, *overrides):
     return CampaignConfig.from_dict(cfg, list(overrides))
 
 
+def _scratch_copies(tmp_path) -> list[str]:
+    """Checkpoint copies left in scratch (an s3:// store uploads them, then needs no local copy)."""
+    found = []
+    for sub in ("checkpoints", "restore"):
+        folder = tmp_path / "scratch" / "t" / sub
+        found += [str(p) for p in folder.iterdir()] if folder.is_dir() else []
+    return found
+
+
 def test_campaign_runs_resumes_and_accounts_for_every_group(assets, store_root, tmp_path):
-    cfg = campaign_config(assets, store_root, tmp_path)
+    cfg = campaign_config(assets, store_root, tmp_path, "keep_checkpoints=1")
     with Campaign(cfg) as campaign:
         manifest = campaign.run()
     assert manifest["last_completed_rollout_id"] == 1
     store = RunStore.for_campaign(cfg)
+    assert store.checkpoint_ids() == [1]  # save_interval 1 saved 0 and 1; keep_checkpoints=1 pruned 0
+    assert _scratch_copies(tmp_path) == []
     for rid in (0, 1):
         for name in ("samples.jsonl", "ledger.json", "metrics.json", "data_source.json"):
             assert store.exists(RunStore.rollout_file(rid, name)), (rid, name)
@@ -43,9 +61,10 @@ def test_campaign_runs_resumes_and_accounts_for_every_group(assets, store_root, 
     first = check_campaign_invariant(store)
 
     # the same command with more rollouts continues after the last committed id
-    more = campaign_config(assets, store_root, tmp_path, "num_rollout=4")
+    more = campaign_config(assets, store_root, tmp_path, "num_rollout=4", "keep_checkpoints=2")
     with Campaign(more) as campaign:
         assert campaign.start() == 2
+        assert _scratch_copies(tmp_path) == []  # the restored checkpoint's download is gone once loaded
         for rid in (2, 3):
             campaign.rollout(rid)
             metrics = campaign.train(rid)
@@ -60,16 +79,23 @@ def test_campaign_runs_resumes_and_accounts_for_every_group(assets, store_root, 
         assert all(set(s["weight_versions"]) <= {"init", "0", "1"} for s in samples)
     report = check_campaign_invariant(store)
     assert report["committed"] == 3 and report["groups"] > first["groups"]
+    assert store.checkpoint_ids() == [2, 3]  # never the committed one, and the newest before it
+    assert _scratch_copies(tmp_path) == []
 
 
 def test_uncommitted_rollout_is_reused_after_a_crash(assets, tmp_path):
     cfg = campaign_config(assets, str(tmp_path / "store"), tmp_path, "num_rollout=3")
+    store = RunStore.for_campaign(cfg)
     with Campaign(cfg) as campaign:
         campaign.start()
-        campaign.rollout(0)
+        first = campaign.rollout(0)  # the process "dies" before its first commit
+    # the store is this campaign's (its manifest says nothing is committed), so the restart resumes it
+    assert store.read_manifest()["last_completed_rollout_id"] is None
+    with Campaign(cfg) as campaign:
+        assert campaign.start() == 0
+        assert campaign.rollout(0) == first
         campaign.finish(0, campaign.train(0) | campaign.sync_weights(0))
         summary = campaign.rollout(1)  # the process "dies" here: rollout 1 stored, not trained
-    store = RunStore.for_campaign(cfg)
     samples_before = store.read_text(RunStore.rollout_file(1, "samples.jsonl"))
     with Campaign(cfg) as campaign:
         assert campaign.start() == 1
@@ -100,3 +126,130 @@ def test_ppo_campaign_keeps_its_critic_across_a_restart(assets, s3_bucket, tmp_p
         campaign.rollout(2)
         campaign.finish(2, campaign.train(2) | campaign.sync_weights(2))
     check_campaign_invariant(store)
+
+
+# ---- the run ledger on a real campaign's store ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(assets, tmp_path_factory):
+    """A finished 2-id campaign on a local store: (its config, the store folder). Tests copy the store."""
+    root = tmp_path_factory.mktemp("trained")
+    cfg = campaign_config(assets, str(root / "store"), root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(assets))
+        with Campaign(cfg) as campaign:
+            campaign.run()
+    return cfg, root / "store"
+
+
+def _copy(trained, tmp_path, *overrides) -> tuple[CampaignConfig, RunStore]:
+    """A copy of the trained store, and the campaign's config pointing at it (the scratch stays shared:
+    the manifest names the weight export there)."""
+    cfg, source = trained
+    shutil.copytree(source, tmp_path / "store")
+    data = json.loads(cfg.model_dump_json())
+    data["storage"]["store"] = str(tmp_path / "store")
+    copy = CampaignConfig.from_dict(data, list(overrides))
+    return copy, RunStore.for_campaign(copy)
+
+
+def _rewrite_jsonl(store: RunStore, rel: str, keep) -> None:
+    store.write_jsonl(rel, [row for row in store.read_jsonl(rel) if keep(row)])
+
+
+def test_invariant_holds_on_a_real_campaign(trained, tmp_path):
+    _, store = _copy(trained, tmp_path)
+    report = check_campaign_invariant(store)
+    state = store.read_json(RunStore.rollout_file(1, "data_source.json"))
+    assert report["committed"] == 1 and report["groups"] == state["sample_group_index"] > 0
+    assert report["trained"] == 4  # 2 ids x rollout_batch_size 2
+
+
+def _drop_a_trained_group(store: RunStore) -> str:
+    gone = store.read_json(RunStore.rollout_file(1, "ledger.json"))["trained"][0]
+    _rewrite_jsonl(store, RunStore.rollout_file(1, "samples.jsonl"), lambda row: row["group_index"] != gone)
+    return rf"rollout 1: groups trained per ledger.json but absent from samples.jsonl: \[{gone}\]"
+
+
+def _advance_the_counter(store: RunStore) -> str:
+    rel = RunStore.rollout_file(1, "data_source.json")
+    state = store.read_json(rel)
+    handed_out = state["sample_group_index"]
+    state["sample_group_index"] += 1
+    store.write_json(rel, state)
+    return (rf"groups the data source handed out \(its counter is {handed_out + 1} after rollout 1\) that no "
+            rf"ledger drew: \[{handed_out}\]")
+
+
+def _lose_the_manifest(store: RunStore) -> str:
+    store.delete(RunStore.MANIFEST)
+    return r"holds rollouts \[0, 1\] and checkpoints \[0, 1\] but no manifest.json"
+
+
+@pytest.mark.parametrize("breakage", [_drop_a_trained_group, _advance_the_counter, _lose_the_manifest])
+def test_invariant_names_what_is_broken(trained, tmp_path, breakage):
+    _, store = _copy(trained, tmp_path)
+    expected = breakage(store)
+    with pytest.raises(InvariantError, match=expected):
+        check_campaign_invariant(store)
+
+
+def test_start_refuses_rollouts_without_a_manifest(trained, tmp_path):
+    cfg, store = _copy(trained, tmp_path)
+    store.delete(RunStore.MANIFEST)
+    with Campaign(cfg) as campaign, pytest.raises(OrphanedRolloutsError) as err:
+        campaign.start()
+    message = str(err.value)
+    assert "holds rollouts [0, 1]" in message and "no manifest.json" in message
+    assert f"delete the folder {store.uri}" in message and "--set campaign=t-2" in message
+    assert store.rollout_ids() == [0, 1] and store.checkpoint_ids() == [0, 1]  # nothing deleted
+    assert store.read_manifest() is None
+
+
+EVAL = ["eval_datasets=[{name: words, path: PROMPTS, max_response_len: 4}]"]
+
+
+def _eval_overrides(assets) -> list[str]:
+    return [o.replace("PROMPTS", str(assets / "prompts.jsonl")) for o in EVAL]
+
+
+@pytest.mark.slow
+def test_evaluate_flow_only_reads(trained, assets, tmp_path, prefect_server):
+    """The evaluate flow may run beside train: it serves the manifest's export without a trainer, deletes
+    no provisional rollout, leaves config.yaml alone and writes only evaluations/<id>.json."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.campaign
+
+    cfg, store = _copy(trained, tmp_path, *_eval_overrides(assets))
+    shutil.copytree(store.local_path(RunStore.rollout_dir(1)), store.local_path(RunStore.rollout_dir(3)))
+    config_before, manifest, lease = store.read_text(RunStore.CONFIG), store.read_manifest(), read_lease(store)
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        metrics = flows.campaign.evaluate(cfg)
+    assert "eval/words/reward" in metrics
+    assert store.rollout_ids() == [0, 1, 3]  # a running train's provisional rollout survives
+    assert store.read_text(RunStore.CONFIG) == config_before
+    assert store.read_manifest() == manifest
+    assert read_lease(store) == lease  # a reader takes no lease (this one is the training run's, released)
+    record = store.read_json(RunStore.evaluation_file(1))
+    assert record["rollout_id"] == 1 and record["weight_version"] == "1"
+    assert not store.exists(RunStore.rollout_file(1, "eval.json"))  # train's own record is left alone
+    trained_scratch = os.path.join(cfg.storage.scratch_dir, cfg.campaign)
+    assert not os.path.exists(os.path.join(trained_scratch, "weights", "resume-1"))  # no trainer re-export
+
+
+def test_evaluate_rebuilds_a_missing_export_from_the_committed_checkpoint(trained, assets, tmp_path, caplog):
+    cfg, store = _copy(trained, tmp_path, *_eval_overrides(assets))
+    manifest = store.read_manifest()
+    manifest["weights"]["path"] = str(tmp_path / "pruned-export")  # trained elsewhere, or pruned
+    store.write_manifest(manifest)
+    with caplog.at_level(logging.WARNING, logger="slime_wf.campaign"), Campaign(cfg) as campaign:
+        rid = campaign.open_for_evaluation()
+        served = campaign.fleet.model_path
+        assert rid == 1 and campaign.trainer is None and campaign.lease is None
+        assert "eval/words/reward" in campaign.evaluate_committed(rid)
+    assert "is not on this machine" in caplog.text and store.url("checkpoints/000001") in caplog.text
+    assert served.startswith(os.path.join(cfg.storage.scratch_dir, cfg.campaign, "eval"))
+    assert not os.path.exists(served)  # the rebuilt export was this evaluation's own, removed at close
+    assert store.read_manifest() == manifest

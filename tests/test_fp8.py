@@ -590,3 +590,94 @@ def test_unaligned_block_warning_is_given_once_per_model(tiny_qwen3, tmp_path, c
     with caplog.at_level("WARNING", logger=fp8_convert.log.name):  # other block sizes: other shapes
         convert_checkpoint(str(tiny_qwen3), str(tmp_path / "b96"), "block", (96, 96), progress=False)
     assert any("not multiples of the 96x96 block" in r.getMessage() for r in caplog.records)
+
+
+# ---- casting into an FP8 checkpoint's own layout (weight sync into a published FP8 checkpoint) ----
+
+
+def _single_shard(folder: Path, tensors: dict[str, torch.Tensor], config: dict) -> Path:
+    """Rewrite `folder` as one shard holding `tensors`, with `config` as config.json."""
+    for old in [*folder.glob("*.safetensors"), *folder.glob("*.index.json")]:
+        old.unlink()
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def tailored_fp8(bf16_dir: Path, out: Path, strategy: str, block, keep: str, scale_dtype: torch.dtype) -> Path:
+    """An FP8 checkpoint unlike slime-wf's own copies: `keep` left in BF16 (and listed in the config's skip
+    list), scales stored as `scale_dtype`, `block` blocks: what a published checkpoint may look like."""
+    convert_checkpoint(str(bf16_dir), str(out), strategy, block, progress=False)
+    tensors, original = load_dir(out), load_dir(bf16_dir)
+    tensors[keep] = original[keep]
+    del tensors[scale_name(keep, strategy)]
+    for name in list(tensors):
+        if name.endswith(("_scale", "_scale_inv")):
+            tensors[name] = tensors[name].to(scale_dtype)
+    config = json.loads((out / "config.json").read_text())
+    skip_key = "ignore" if strategy == "channel" else "modules_to_not_convert"
+    config["quantization_config"][skip_key].append(keep.removesuffix(".weight"))
+    return _single_shard(out, tensors, config)
+
+
+@pytest.mark.parametrize(("strategy", "block", "scale_dtype"), [("block", (16, 32), torch.float32),
+                                                                 ("channel", None, torch.bfloat16)])
+def test_conversion_into_a_checkpoints_own_format_reproduces_its_layout(tiny_qwen3, tmp_path, strategy, block,
+                                                                        scale_dtype):
+    from slime_wf.checkpoint.fp8_format import Fp8Format
+
+    keep = "model.layers.1.mlp.down_proj.weight"  # quantized by slime-wf's own rule, kept by this checkpoint
+    assert should_quantize(keep, torch.empty(8, 8))
+    published = tailored_fp8(tiny_qwen3, tmp_path / "published", strategy, block, keep, scale_dtype)
+    fmt = Fp8Format.of_checkpoint(published)
+    assert (fmt.strategy, fmt.block_size) == (strategy, block) and len(fmt.scales) == 13 and keep not in fmt.scales
+
+    out = tmp_path / "synced"
+    convert_checkpoint(str(tiny_qwen3), str(out), fmt=fmt, progress=False)  # the trainer's BF16 weights
+    assert fmt.check_export(out) == 13
+    want, got = load_dir(published), load_dir(out)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and got[name].shape == t.shape, name
+        same = torch.equal(got[name].view(torch.uint8), t.view(torch.uint8)) if t.dtype == FP8 else torch.equal(got[name], t)
+        assert same, name
+    assert json.loads((out / "config.json").read_text())["quantization_config"] == fmt.quantization_config
+
+
+def test_formats_that_a_weight_sync_cannot_reproduce_are_refused(tiny_qwen3, tmp_path):
+    from slime_wf.checkpoint import CheckpointError
+    from slime_wf.checkpoint.fp8_format import Fp8Format
+
+    base = tmp_path / "base"
+    convert_checkpoint(str(tiny_qwen3), str(base), "block", (32, 32), progress=False)
+    tensors, config = load_dir(base), json.loads((base / "config.json").read_text())
+    assert Fp8Format.of_checkpoint(tiny_qwen3) is None  # plain weights: no format
+
+    def variant(name, tensors=tensors, **quant):
+        folder = tmp_path / name
+        shutil.copytree(tiny_qwen3, folder)
+        return _single_shard(folder, dict(tensors), {**config, "quantization_config": {
+            **config["quantization_config"], **quant}})
+
+    with pytest.raises(CheckpointError, match="quant_method='awq' is not supported"):
+        Fp8Format.of_checkpoint(variant("awq", quant_method="awq"))
+    with pytest.raises(CheckpointError, match="activation_scheme='static'.*only dynamic"):
+        Fp8Format.of_checkpoint(variant("static", activation_scheme="static"))
+    no_scale = {k: v for k, v in tensors.items() if k != "model.layers.0.mlp.up_proj.weight_scale_inv"}
+    with pytest.raises(CheckpointError, match="up_proj.weight is float8 but has no"):
+        Fp8Format.of_checkpoint(variant("no-scale", tensors=no_scale))
+    listed = config["quantization_config"]["modules_to_not_convert"] + ["model.layers.0.self_attn"]
+    with pytest.raises(CheckpointError, match="is float8 but its module is listed in modules_to_not_convert"):
+        Fp8Format.of_checkpoint(variant("listed", modules_to_not_convert=listed))
+
+    fmt = Fp8Format.of_checkpoint(base)
+    smaller = tmp_path / "smaller"  # the trained model lacks a weight the rollout checkpoint quantizes
+    shutil.copytree(tiny_qwen3, smaller)
+    _single_shard(smaller, {k: v for k, v in load_dir(tiny_qwen3).items() if "layers.1.mlp.up_proj" not in k},
+                  json.loads((tiny_qwen3 / "config.json").read_text()))
+    with pytest.raises(ConversionError, match="has no model.layers.1.mlp.up_proj.weight .*stores in FP8"):
+        convert_checkpoint(str(smaller), str(tmp_path / "o"), fmt=fmt, progress=False)
+    default = tmp_path / "default"  # slime-wf's own 128x128 layout is not this checkpoint's 32x32 one
+    convert_checkpoint(str(tiny_qwen3), str(default), progress=False)
+    with pytest.raises(CheckpointError, match="differs from the rollout checkpoint's"):
+        fmt.check_export(default)

@@ -849,10 +849,10 @@ def test_config_file_gives_flags_and_the_command_line_wins(tmp_path):
     from slime_wf.rollout.local_server_args import parse_args
 
     config = tmp_path / "engine.yaml"
-    config.write_text("api-key: from-file\nadmin_api_key: admin-from-file\nmax-queued-requests: 7\nport: 1234\n")
+    config.write_text("api-key: from-file\nadmin_api_key: -starts-like-a-flag\nmax-queued-requests: 7\nport: 1234\n")
     args = parse_args(["--model-path", "m", "--config", str(config), "--port", "4321"])
     assert (args.api_key, args.admin_api_key, args.max_queued_requests, args.port) == (
-        "from-file", "admin-from-file", 7, 4321)
+        "from-file", "-starts-like-a-flag", 7, 4321)
     (tmp_path / "bad.yaml").write_text("no_such_flag: 1\n")
     with pytest.raises(SystemExit):
         parse_args(["--model-path", "m", "--config", str(tmp_path / "bad.yaml")])

@@ -94,7 +94,9 @@ def test_hf_parity_exact(hf_checkpoint, family, tied):
     report = run_hf_parity(str(hf_checkpoint(family, tied)))
     assert report["model_type"] == family and report["tied_embeddings"] == tied
     assert report["max_abs_logit_diff"] < 1e-4
-    assert report["max_abs_pad_diff"] < 1e-5
+    # A padded row against the same sequence alone: fp32 rounding of differently shaped matmuls, whose size
+    # depends on the CPU's kernels (1.0e-5 seen on an AMD EPYC for logits of magnitude ~10).
+    assert report["max_abs_pad_diff"] < 5e-5
     assert report["roundtrip_exact"], report["roundtrip_mismatched"]
     assert report["roundtrip_tensors"] == len(SafetensorsCheckpoint(hf_checkpoint(family, tied)))
 

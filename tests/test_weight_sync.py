@@ -10,6 +10,8 @@ import torch
 from tiny_models import make_tiny_model
 
 from slime_wf.checkpoint import CheckpointError
+from slime_wf.checkpoint.fp8_convert import convert_checkpoint
+from slime_wf.checkpoint.fp8_format import Fp8Format
 from slime_wf.checkpoint.sync import sync_weights, verify_served_weights
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.engines import EngineFleet
@@ -93,3 +95,48 @@ def test_verification_catches_stale_weights(setup):
 
     with pytest.raises(CheckpointError, match="does not serve"):
         asyncio.run(run())
+
+
+def published_fp8(model_dir, out, keep: str):
+    """An FP8 checkpoint in a layout of its own: 16x32 blocks, and `keep` left in high precision (listed in
+    modules_to_not_convert) although slime-wf's own rule would quantize it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    convert_checkpoint(str(model_dir), str(out), "block", (16, 32), progress=False)
+    tensors = load_file(out / "model.safetensors")
+    tensors[keep] = load_file(model_dir / "model.safetensors")[keep]
+    del tensors[keep + "_scale_inv"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / "model.safetensors.index.json").unlink()
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["modules_to_not_convert"].append(keep.removesuffix(".weight"))
+    (out / "config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_sync_casts_to_the_served_fp8_checkpoints_own_format(setup):
+    from safetensors import safe_open
+
+    trainer, fleet, root = setup
+    keep = "model.layers.0.self_attn.o_proj.weight"
+    fmt = Fp8Format.of_checkpoint(published_fp8(root / "model", root / "published", keep))
+    out = root / "weights-4"
+    metrics = sync_weights(fleet, trainer, str(out), "4", fp8=fmt, verify=True)
+    assert metrics["sync/max_logprob_diff"] < 1e-3  # the engine serves the trainer's weights, FP8-cast
+
+    exported = Fp8Format.of_checkpoint(out)
+    assert exported.scales == fmt.scales and exported.quantization_config == fmt.quantization_config
+    assert (exported.strategy, exported.block_size) == ("block", (16, 32))
+    with safe_open(out / "model.safetensors", "pt") as f:
+        dtypes = {name: f.get_tensor(name).dtype for name in f.keys()}
+    assert {n for n, d in dtypes.items() if d == torch.float8_e4m3fn} == set(fmt.scales) and len(fmt.scales) == 13
+    assert dtypes[keep] == torch.float32 and dtypes["model.layers.0.mlp.down_proj.weight_scale_inv"] == torch.float32
+
+    async def served():
+        async with fleet.session() as session:
+            return await session.client(fleet.urls[0]).model_info()
+
+    info = asyncio.run(served())
+    assert (info["model_path"], info["weight_version"]) == (str(out), "4")

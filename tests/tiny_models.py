@@ -140,3 +140,32 @@ def perturb_checkpoint(src: str | Path, dst: str | Path, seed: int = 1, scale: f
                 tensors[name] = t + scale * torch.randn(t.shape, generator=gen, dtype=t.dtype)
         save_file(tensors, shard, metadata={"format": "pt"})
     return dst
+
+
+# Characters that break naive line handling (str.splitlines splits at all of them) or terminals.
+HOSTILE_CHARS = ["\u0085", "\u2028", "\u2029", "\x1c", "\x1d", "\x1e", "\x0b", "\x0c", "\r"]
+
+
+def make_byte_tokenizer(out_dir: str | Path, extra_tokens: list[str] = HOSTILE_CHARS) -> Path:
+    """A byte-level BPE tokenizer (GPT-2's byte alphabet, no merges) saved to `out_dir`.
+
+    A random model over it emits arbitrary bytes, which decode to arbitrary Unicode (invalid UTF-8
+    becomes U+FFFD), as real byte-level tokenizers do. `extra_tokens` are added as ordinary tokens so
+    that a random model emits each of them often.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate([*SPECIAL, *alphabet])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in extra_tokens])
+    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    fast.chat_template = CHAT_TEMPLATE
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fast.save_pretrained(out)
+    return out

@@ -10,6 +10,9 @@ writes, under --out:
     base/           the randomly initialized Qwen3 checkpoint
     model/          base/ after a supervised warm start through the project's Megatron trainer
                     (loss_type sft_loss): the policy the campaign starts from
+    model-fp8/      model/ cast to block-wise FP8 (SGLang's format) by the converter behind
+                    `slime-wf convert-fp8`: the rollout checkpoint of campaign-fp8-slime.yaml,
+                    standing in for a published FP8 checkpoint such as Qwen/Qwen3-4B-FP8
     assets.json     the settings each part was made with, and what the warm start reached
 
 How the warm start leaves room for RL, in two phases through the same trainer:
@@ -52,6 +55,7 @@ BOXED = "\\boxed{"
 PRE_TOKEN_PATTERN = r"\\boxed\{|[A-Za-z]+|\d|\s|[^\sA-Za-z\d]"
 WORDS = "what is user assistant system answer the plus minus times".split()
 SYMBOLS = [" ", "\n", BOXED, "{", "}", "\\", "+", "-", "*", "=", "?", ".", ",", ":"]
+FP8_BLOCK_SIZE = (128, 128)  # slime-wf convert-fp8's default, as in published block-FP8 checkpoints
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -84,7 +88,9 @@ class Settings:
         }
         fields["model"] = [*fields["dataset"], *fields["base"], "sft_batch_size", "sft_steps", "sft_lr",
                            "blur_steps", "blur_lr", "blur_correct_fraction"]
-        return {"version": 2, **{k: getattr(self, k) for k in fields[name]}}
+        fields["model_fp8"] = fields["model"]
+        extra = {"fp8": ["block", *FP8_BLOCK_SIZE]} if name == "model_fp8" else {}
+        return {"version": 2, **{k: getattr(self, k) for k in fields[name]}, **extra}
 
 
 def _digest(settings: dict[str, Any]) -> str:
@@ -316,7 +322,7 @@ def make_assets(out: str | Path, settings: Settings = Settings(), *, measure: bo
     out.mkdir(parents=True, exist_ok=True)
     manifest = Manifest(out)
     report: dict[str, Any] = {}
-    tok_dir, base_dir, model_dir = out / "tokenizer", out / "base", out / "model"
+    tok_dir, base_dir, model_dir, fp8_dir = out / "tokenizer", out / "base", out / "model", out / "model-fp8"
     train_path, test_path = out / "train.jsonl", out / "test.jsonl"
 
     def part(name: str, outputs: list[Path], make) -> None:
@@ -350,7 +356,15 @@ def make_assets(out: str | Path, settings: Settings = Settings(), *, measure: bo
     part("tokenizer", [tok_dir], lambda: build_tokenizer(tok_dir) and None)
     part("dataset", [train_path, test_path], make_dataset)
     part("base", [base_dir], lambda: make_base_model(base_dir, tok_dir, settings) and None)
+    def make_fp8():
+        from slime_wf.checkpoint.fp8_convert import convert_checkpoint
+
+        summary = convert_checkpoint(str(model_dir), str(fp8_dir), "block", FP8_BLOCK_SIZE, overwrite=True,
+                                     progress=False)
+        return {"fp8_weights": summary.quantized}
+
     part("model", [model_dir], make_model)
+    part("model_fp8", [fp8_dir], make_fp8)
     return report
 
 

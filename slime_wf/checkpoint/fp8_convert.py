@@ -29,17 +29,18 @@ from tqdm import tqdm
 
 from slime_wf.checkpoint.fp8 import (
     DEFAULT_BLOCK_SIZE,
+    QUANTIZABLE_DTYPES,
     _block_size,
     check_strategy,
     quantization_config,
     quantize_fp8,
-    scale_name,
-    should_quantize,
 )
+from slime_wf.checkpoint.fp8_format import Fp8Format, ScaleSpec
 from slime_wf.checkpoint.safetensors_stream import (
     TORCH_DTYPES,
     StreamingWriter,
     TensorEntry,
+    _itemsize,
     read_header,
     read_tensor,
 )
@@ -75,7 +76,7 @@ class _Shard:
     src: str
     dst: str
     entries: list[TensorEntry]
-    quantize: set[str]
+    quantize: dict[str, ScaleSpec]  # weight -> its scale
     layout: list[tuple[str, str, tuple[int, ...], int]]
     remaining: int = 0
     src_fd: int = -1
@@ -113,14 +114,21 @@ def convert_checkpoint(
     *,
     overwrite: bool = False,
     progress: bool = True,
+    fmt: Fp8Format | None = None,
 ) -> ConversionSummary:
     """Write an FP8 copy of the Hugging Face checkpoint in `model_dir` to `save_dir`.
 
     `strategy` is "block" (scales per `block_size` tile), "channel" or "tensor"; `max_workers`
     threads (default: one per CPU core) quantize tensors concurrently. `save_dir` must be new or
     empty unless `overwrite`. Raises ConversionError for bad input.
+
+    `fmt` (instead of `strategy` and `block_size`): write exactly that layout, e.g. an FP8
+    checkpoint's own (`Fp8Format.of_checkpoint`): its float8 weights, scale names, shapes and
+    dtypes, and its quantization_config unchanged.
     """
     started = time.perf_counter()
+    if fmt is not None:
+        strategy, block_size = fmt.strategy, fmt.block_size
     try:
         check_strategy(strategy)
         block = _block_size(block_size or DEFAULT_BLOCK_SIZE) if strategy == "block" else None
@@ -133,11 +141,10 @@ def convert_checkpoint(
     shard_names = _input_shards(model_dir)
     _prepare_save_dir(model_dir, save_dir, overwrite)
 
-    shards = [
-        _plan_shard(os.path.join(model_dir, n), os.path.join(save_dir, n), strategy, block or DEFAULT_BLOCK_SIZE)
-        for n in shard_names
-    ]
+    fmt = fmt or Fp8Format.from_settings(strategy, block or DEFAULT_BLOCK_SIZE)
+    shards = [_plan_shard(os.path.join(model_dir, n), os.path.join(save_dir, n), fmt) for n in shard_names]
     _check_unique_names(shards)
+    _check_covers_format(shards, fmt, model_dir)
     _warn_unaligned_blocks(shards, block)
     _copy_other_files(model_dir, save_dir)
     bytes_in = sum(e.nbytes for s in shards for e in s.entries)
@@ -149,7 +156,7 @@ def convert_checkpoint(
         e.name[: -len(".weight")] for s in shards for e in s.entries
         if e.name.endswith(".weight") and e.name not in s.quantize
     ]
-    quant_cfg = quantization_config(strategy, block or DEFAULT_BLOCK_SIZE, kept_modules)
+    quant_cfg = fmt.quantization_config or quantization_config(strategy, block or DEFAULT_BLOCK_SIZE, kept_modules)
     index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(os.path.join(save_dir, INDEX_NAME), index)
     _write_json(os.path.join(save_dir, "config.json"), {**config, "quantization_config": quant_cfg})
@@ -178,8 +185,9 @@ def _run(shards: list[_Shard], strategy: str, block, workers: int, total: int, p
                 w = read_tensor(shard.src_fd, entry)
                 q, scale = quantize_fp8(w, strategy, block or DEFAULT_BLOCK_SIZE)
                 del w
+                spec = shard.quantize[entry.name]
                 shard.writer.write(entry.name, q)
-                shard.writer.write(scale_name(entry.name, strategy), scale)
+                shard.writer.write(spec.name, scale.to(TORCH_DTYPES[spec.dtype]))
             else:
                 shard.writer.copy_from(entry.name, shard.src_fd, entry.begin)
             with bar_lock:
@@ -219,25 +227,31 @@ def _run(shards: list[_Shard], strategy: str, block, workers: int, total: int, p
         bar.close()
 
 
-def _plan_shard(src: str, dst: str, strategy: str, block: tuple[int, int]) -> _Shard:
+def _plan_shard(src: str, dst: str, fmt: Fp8Format) -> _Shard:
     try:
         entries, _ = read_header(src)
     except ValueError as err:
         raise ConversionError(str(err)) from None
     names = {e.name for e in entries}
-    quantize: set[str] = set()
+    quantize: dict[str, ScaleSpec] = {}
     layout: list[tuple[str, str, tuple[int, ...], int]] = []
     for e in entries:
         dtype = TORCH_DTYPES.get(e.dtype)
-        if dtype is not None and should_quantize(e.name, torch.empty(e.shape, dtype=dtype, device="meta")):
-            scale = scale_name(e.name, strategy)
-            if scale in names:
-                raise ConversionError(f"{src} already holds {scale}: the checkpoint looks quantized already")
+        if dtype is not None and fmt.quantizes(e.name, torch.empty(e.shape, dtype=dtype, device="meta")):
+            if dtype not in QUANTIZABLE_DTYPES or len(e.shape) != 2:
+                raise ConversionError(
+                    f"{src}: {e.name} is {e.dtype} {list(e.shape)}, but {fmt.source} stores it as an FP8 matrix"
+                )
+            try:
+                scale = fmt.scale_for(e.name, e.shape)
+            except ValueError as err:
+                raise ConversionError(f"{src}: {err}") from None
+            if scale.name in names:
+                raise ConversionError(f"{src} already holds {scale.name}: the checkpoint looks quantized already")
             n, k = e.shape
-            scale_shape = {"block": (-(-n // block[0]), -(-k // block[1])), "channel": (n, 1), "tensor": (1,)}[strategy]
             layout.append((e.name, "F8_E4M3", e.shape, n * k))
-            layout.append((scale, "F32", scale_shape, 4 * _numel(scale_shape)))
-            quantize.add(e.name)
+            layout.append((scale.name, scale.dtype, scale.shape, _itemsize(scale.dtype) * _numel(scale.shape)))
+            quantize[e.name] = scale
         else:
             layout.append((e.name, e.dtype, e.shape, e.nbytes))
     return _Shard(src=src, dst=dst, entries=entries, quantize=quantize, layout=layout, remaining=len(entries))
@@ -310,6 +324,18 @@ def _prepare_save_dir(model_dir: str, save_dir: str, overwrite: bool) -> None:
     for name in existing:
         if name.endswith((".safetensors", ".safetensors.tmp")) or name == INDEX_NAME:
             os.unlink(os.path.join(save_dir, name))  # stale shards would be picked up by loaders
+
+
+def _check_covers_format(shards: list[_Shard], fmt: Fp8Format, model_dir: str) -> None:
+    """Every weight the format stores as FP8 is in the input: else the engines would keep stale ones."""
+    if fmt.scales is None:
+        return
+    missing = sorted(set(fmt.scales) - {name for s in shards for name in s.quantize})
+    if missing:
+        raise ConversionError(
+            f"{model_dir} has no {missing[0]} ({len(missing)} weights missing), which {fmt.source} stores in FP8: "
+            "the trained model and the rollout checkpoint are different architectures"
+        )
 
 
 def _check_unique_names(shards: list[_Shard]) -> None:

@@ -1,5 +1,9 @@
 """Weight sync: trainer weights -> HF checkpoint on disk (cast to FP8 when the rollout runs in FP8) -> engines.
 
+The FP8 cast produces the layout the engines were started with (`fp8_format.Fp8Format`): a published
+FP8 checkpoint's own block size, scale names and kept modules, or those of slime-wf's FP8 copy; each
+export is checked against that layout before any engine loads it.
+
 `disk` mode, the one mode that works between processes on CPU and with SGLang servers on other
 hosts that share a filesystem: the trainer writes a complete HF checkpoint into the scratch folder,
 then every engine loads it with `/update_weights_from_disk`, tagged with `weight_version` = the
@@ -20,6 +24,7 @@ import time
 from typing import Any
 
 from slime_wf.checkpoint import CheckpointError
+from slime_wf.checkpoint.fp8_format import Fp8Format
 
 logger = logging.getLogger(__name__)
 
@@ -28,28 +33,31 @@ def dir_size(path: str) -> int:
     return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)
 
 
-def export_weights(trainer: Any, out_dir: str, *, fp8: dict[str, Any] | None = None) -> str:
+def export_weights(trainer: Any, out_dir: str, *, fp8: Fp8Format | dict[str, Any] | None = None) -> str:
     """Write the trainer's current weights as an HF checkpoint at `out_dir`.
 
-    With `fp8` ({"strategy", "block_size"}), the weights are cast by the same quantizer that made the
-    FP8 rollout checkpoint, so the engines receive the format they serve.
+    With `fp8` (an `Fp8Format`, or {"strategy", "block_size"} for slime-wf's own layout), the weights
+    are cast by the quantizer that makes FP8 checkpoints, into that layout, and the result is checked
+    against it, so the engines receive the format they serve.
     """
     if os.path.exists(out_dir):
         shutil.rmtree(out_dir)
     if fp8 is None:
         return trainer.export_hf(out_dir)
-    from slime_wf.checkpoint.fp8_convert import convert_checkpoint
+    from slime_wf.checkpoint.fp8_convert import ConversionError, convert_checkpoint
 
+    fmt = fp8 if isinstance(fp8, Fp8Format) else Fp8Format.from_settings(fp8["strategy"], fp8["block_size"])
     staging = out_dir.rstrip("/") + ".bf16"
     if os.path.exists(staging):
         shutil.rmtree(staging)
     trainer.export_hf(staging)
     try:
-        convert_checkpoint(
-            staging, out_dir, strategy=fp8["strategy"], block_size=tuple(fp8["block_size"]), progress=False
-        )
+        convert_checkpoint(staging, out_dir, fmt=fmt, progress=False)
+    except ConversionError as err:
+        raise CheckpointError(f"weight export to {out_dir} in {fmt.describe()}: {err}") from err
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    fmt.check_export(out_dir)
     return out_dir
 
 

@@ -150,6 +150,9 @@ class EngineFleet:
                 sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", self.model_path,
                 "--host", host, "--port", str(port), "--dtype", a.local_engine_dtype,
                 "--num-threads", str(threads), "--weight-version", self.weight_version, "--parent-pid", str(os.getpid()),
+                # The session sends at most sglang_server_concurrency per engine; the bound is for other
+                # clients (a router, slime's own client), who then get 503 + Retry-After and back off.
+                "--max-queued-requests", str(4 * a.sglang_server_concurrency),
                 *self._key_args(),
             ]
         cmd = [
@@ -205,8 +208,9 @@ class EngineFleet:
         text = redact_url(_log_tail(engine.log_path))
         return text.replace(self.api_key, "***") if self.api_key else text
 
-    def start(self) -> EngineFleet:
-        """Launch (or attach to) the engines and the router; on any failure, stop what was started."""
+    def start(self, wait: bool = True) -> EngineFleet:
+        """Launch (or attach to) the engines and, unless `wait` is false, wait for them and start the
+        router (see `wait_ready`); on any failure, stop what was started."""
         if self.started:
             raise RuntimeError(
                 f"this engine fleet is already started (engines {[redact_url(u) for u in self.urls]}); "
@@ -215,13 +219,29 @@ class EngineFleet:
         self.started = True
         atexit.register(self.shutdown)  # a fleet that is never shut down still stops its servers at exit
         try:
-            self._start()
+            self._launch()
+        except BaseException:
+            self.shutdown()
+            raise
+        if wait:
+            self.wait_ready()
+        return self
+
+    def wait_ready(self) -> EngineFleet:
+        """Wait until every launched engine is healthy, then start the router; a failure stops them all.
+        `start(wait=False)` then this lets a campaign build its trainer while the engines load."""
+        try:
+            for i, engine in enumerate(self.engines):
+                if engine.managed:
+                    self._wait_healthy(engine, f"engine {i}")
+            if self.args.use_router and self.router is None:
+                self._start_router()
         except BaseException:
             self.shutdown()
             raise
         return self
 
-    def _start(self) -> None:
+    def _launch(self) -> None:
         a = self.args
         self.api_key = self._resolve_api_key()
         if a.engine_urls:
@@ -249,10 +269,6 @@ class EngineFleet:
                 self.engines.append(engine)  # before the spawn: a failed start stops what is listed
                 self._spawn(engine)
             logger.info("launching %d %s engine(s): %s", len(self.engines), a.engine_type, self.urls)
-            for i, engine in enumerate(self.engines):
-                self._wait_healthy(engine, f"engine {i}")
-        if a.use_router:
-            self._start_router()
 
     def _resolve_api_key(self) -> str | None:
         name = self.args.engine_api_key_env
@@ -264,7 +280,8 @@ class EngineFleet:
                     "in this process: export the engines' API key under that name where the campaign runs."
                 )
             return key
-        return None if self.args.engine_urls else secrets.token_urlsafe(32)
+        # hex: a key never starts with '-', which a command line (SGLang's --config merge too) reads as a flag
+        return None if self.args.engine_urls else secrets.token_hex(32)
 
     def _start_router(self) -> None:
         a = self.args

@@ -41,8 +41,10 @@ def _merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
         flag = "--" + str(key).replace("_", "-")
         if flag not in known or flag == "--config":
             parser.error(f"--config {path}: {key!r} is not a flag of this server (see --help)")
-        if value is not None:
-            merged += [flag, str(value)]
+        if value is True:
+            merged.append(flag)
+        elif value is not None and value is not False:
+            merged.append(f"{flag}={value}")  # one token: a value that starts with "-" is not read as a flag
     return merged + argv[:at] + argv[at + 2 :]
 
 
