@@ -290,6 +290,7 @@ def test_recipe_serves_fp8_in_the_checkpoints_layout_at_every_version(recipe_ass
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # progress decides the kill; the limit only stops a hung run on a slow machine
 def test_recipe_resumes_after_kill_9(recipe_assets, tmp_path, prefect_server):
     for name in ("model", "model-fp8", "prompts.jsonl", "tiny_rewards.py"):
         (tmp_path / name).symlink_to(recipe_assets / name)

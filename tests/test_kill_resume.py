@@ -22,7 +22,8 @@ from tiny_campaign import campaign_dict, make_assets
 from slime_wf.campaign import check_campaign_invariant
 from slime_wf.store import RunStore
 
-pytestmark = pytest.mark.slow
+# Progress, not time, decides each kill; the limit only stops a hung run (one slow core takes ~3x longer).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 NUM_ROLLOUT = 5
 

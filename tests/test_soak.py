@@ -30,7 +30,8 @@ from tiny_models import HOSTILE_CHARS, make_byte_tokenizer, make_tiny_model
 from slime_wf.campaign import check_campaign_invariant
 from slime_wf.store import RunStore
 
-pytestmark = pytest.mark.slow
+# Progress, not time, decides each kill; the limit only stops a hung run (one slow core takes ~3x longer).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 NUM_ROLLOUT = 40
 KEEP_WEIGHT_EXPORTS = 2
