@@ -512,6 +512,19 @@ def test_evaluation_per_dataset(fleet, model_dir, prompts):
     assert again["eval/greedy/reward"] == metrics["eval/greedy/reward"]
 
 
+def test_evaluation_refuses_prompts_over_the_engines_context(fleet, model_dir, prompts):
+    """An eval prompt the engines would refuse (prompt plus max_response_len over the 512-token context) is a
+    bad row named at load, as in the training data."""
+    from transformers import AutoTokenizer
+
+    from slime_wf.rollout.dataset import DataError
+    from slime_wf.rollout.evaluation import evaluate
+
+    args = make_args(model_dir, prompts, f"eval.eval_datasets=[{{name: long, path: '{prompts}', max_response_len: 510}}]")
+    with pytest.raises(DataError, match=r"prompts.jsonl:1: .*over the engine's context length of 512"):
+        evaluate(args, 0, fleet, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+
+
 def _real_sglang_available() -> bool:
     import torch
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from slime_wf.rollout.data_source import engine_context_length
 from slime_wf.rollout.dataset import Dataset
 from slime_wf.rollout.generate import (
     RolloutContext,
@@ -64,6 +65,11 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
             apply_chat_template=args.apply_chat_template,
             apply_chat_template_kwargs=args.apply_chat_template_kwargs,
             skip_bad_rows=args.skip_bad_rows,
+            # a prompt the engines would refuse is a bad row here too, named at load
+            context_length=engine_context_length(args),
+            max_response_len=ds_cfg.get("max_response_len") or args.rollout_max_response_len,
+            s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
+            s3_region=getattr(args, "s3_region", None),
         )
         ctx = RolloutContext(args=eval_args, session=session, tokenizer=tokenizer, rollout_id=rollout_id,
                              reward_kwargs={"hub": hub})
