@@ -30,6 +30,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+from tiny_models import load_safetensors_dir as load_dir
 
 from slime_wf import cli
 from slime_wf.checkpoint.fp8 import (
@@ -241,12 +242,6 @@ def tiny_qwen3(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
-def load_dir(d: Path) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for f in sorted(d.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            tensors.update({k: h.get_tensor(k) for k in h.keys()})
-    return tensors
 
 
 def logits_of(config_dict: dict, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:

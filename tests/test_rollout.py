@@ -253,6 +253,20 @@ def test_unrequested_engine_abort_is_continued(fleet, model_dir, prompts):
         assert all(m == 1 for m in s.loss_mask)  # continued within the rollout: on-policy, nothing masked
 
 
+def rollout_through(fleet, args, wrap):
+    """Rollout 0 through `wrap(real_session, first_prompt_ids)`: a session in front of the real engines
+    that misbehaves for the first prompt's requests."""
+    tokenizer = load_tokenizer(args.hf_checkpoint)
+    ds = RolloutDataSourceWithBuffer(args)
+    first_prompt_ids = tokenizer.encode(ds.dataset.samples[0].prompt, add_special_tokens=False)
+
+    async def run():
+        async with fleet.session() as real:
+            return await generate_rollout_async(args, 0, ds, wrap(real, first_prompt_ids), tokenizer)
+
+    return asyncio.run(run())
+
+
 class AbortingSession:
     """Real engines, except that every request for one prompt is aborted after one token, as an
     engine that keeps aborting a request would do."""
@@ -275,17 +289,10 @@ class AbortingSession:
 
 
 def test_engine_that_keeps_aborting_drops_the_group_as_engine_abort(fleet, model_dir, prompts):
-    args = make_args(model_dir, prompts)
-    tokenizer = load_tokenizer(model_dir)
-    ds = RolloutDataSourceWithBuffer(args)
-    first_prompt = ds.dataset.samples[0].prompt
-
-    async def run():
-        async with fleet.session() as real:
-            session = AbortingSession(real, tokenizer.encode(first_prompt, add_special_tokens=False))
-            return await generate_rollout_async(args, 0, ds, session, tokenizer), session.aborted_payloads
-
-    out, payloads = asyncio.run(run())
+    sessions = []
+    out = rollout_through(fleet, make_args(model_dir, prompts),
+                          lambda real, ids: sessions.append(AbortingSession(real, ids)) or sessions[-1])
+    payloads = sessions[0].aborted_payloads
     check_ledger(out.ledger)
     assert len(out.groups) == 3 and out.ledger["dropped"]["engine_abort"] == [0]
     assert set(out.ledger["dropped"]) <= {"engine_abort", "aborted", "surplus"}
@@ -332,17 +339,8 @@ class FailingSession:
 )
 def test_a_request_the_engine_fails_or_cannot_take_drops_only_its_group(fleet, model_dir, prompts, error, passes,
                                                                        reason):
-    args = make_args(model_dir, prompts)
-    tokenizer = load_tokenizer(model_dir)
-    ds = RolloutDataSourceWithBuffer(args)
-    first_prompt = ds.dataset.samples[0].prompt
-
-    async def run():
-        async with fleet.session() as real:
-            session = FailingSession(real, tokenizer.encode(first_prompt, add_special_tokens=False), error, passes)
-            return await generate_rollout_async(args, 0, ds, session, tokenizer)
-
-    out = asyncio.run(run())
+    out = rollout_through(fleet, make_args(model_dir, prompts),
+                          lambda real, ids: FailingSession(real, ids, error, passes))
     check_ledger(out.ledger)
     assert len(out.groups) == 3
     if reason is None:

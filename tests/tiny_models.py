@@ -28,7 +28,6 @@ def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int | None = None) -> P
     model with a realistic vocabulary still decodes every id it can emit.
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     tokens = [*SPECIAL, *WORDS, *"0123456789+-*=?"]
     if vocab_size is not None:
@@ -40,6 +39,14 @@ def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int | None = None) -> P
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
     )
+    return _save_chat_tokenizer(tok, out_dir)
+
+
+def _save_chat_tokenizer(tok, out_dir: str | Path) -> Path:
+    """Save a `tokenizers` tokenizer as a transformers one, with `<|im_start|>` / `<|im_end|>` (= EOS) and
+    the chat template."""
+    from transformers import PreTrainedTokenizerFast
+
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
     fast.chat_template = CHAT_TEMPLATE
@@ -47,6 +54,17 @@ def make_tiny_tokenizer(out_dir: str | Path, vocab_size: int | None = None) -> P
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
     return out
+
+
+def load_safetensors_dir(folder: str | Path) -> dict:
+    """Every tensor of a checkpoint folder's *.safetensors shards, by name."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+    return tensors
 
 
 def tiny_config(
@@ -154,7 +172,6 @@ def make_byte_tokenizer(out_dir: str | Path, extra_tokens: list[str] = HOSTILE_C
     that a random model emits each of them often.
     """
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
 
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {t: i for i, t in enumerate([*SPECIAL, *alphabet])}
@@ -162,10 +179,4 @@ def make_byte_tokenizer(out_dir: str | Path, extra_tokens: list[str] = HOSTILE_C
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in extra_tokens])
-    tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fast.save_pretrained(out)
-    return out
+    return _save_chat_tokenizer(tok, out_dir)

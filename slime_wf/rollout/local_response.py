@@ -50,16 +50,8 @@ def generate_response(
         if pos != -1:
             text = text[: pos + len(matched)] if p.no_stop_trim else text[:pos]
     spans = version_spans(version_events, current_version, len(output_ids))
-    meta: dict[str, Any] = {
-        "id": req.rid,
-        "finish_reason": finish_reason,
-        "prompt_tokens": len(req.input_ids),
-        "completion_tokens": len(output_ids),
-        "cached_tokens": 0,
-        "weight_version": spans[-1]["version"],
-        "weight_versions": spans,
-        "e2e_latency": time.perf_counter() - req.arrival,
-    }
+    meta = _meta(req, output_ids, finish_reason, spans[-1]["version"])
+    meta["weight_versions"] = spans
     if req.return_logprob:
         texts = [tokenizer.decode([t]) for t in output_ids] if req.return_text_in_logprobs else [None] * len(output_ids)
         meta["output_token_logprobs"] = [
@@ -84,13 +76,17 @@ def waiting_abort_response(req: Request, current_version: str) -> dict[str, Any]
 
 def error_response(req: Request, output_ids: list[int], finish_reason: dict, current_version: str) -> dict[str, Any]:
     """The answer to a request the engine failed, built without the tokenizer (which may be what failed)."""
-    meta: dict[str, Any] = {
+    return {"text": "", "output_ids": list(output_ids), "meta_info": _meta(req, output_ids, finish_reason, current_version)}
+
+
+def _meta(req: Request, output_ids: list[int], finish_reason: dict, weight_version: str) -> dict[str, Any]:
+    """SGLang's meta_info of a scheduled request (no prefix cache here: cached_tokens is 0)."""
+    return {
         "id": req.rid,
         "finish_reason": finish_reason,
         "prompt_tokens": len(req.input_ids),
         "completion_tokens": len(output_ids),
         "cached_tokens": 0,
-        "weight_version": current_version,
+        "weight_version": weight_version,
         "e2e_latency": time.perf_counter() - req.arrival,
     }
-    return {"text": "", "output_ids": list(output_ids), "meta_info": meta}
