@@ -17,8 +17,8 @@ never pickle.
 JSON lines are split on "\n" only, and written so that no other character can break a line:
 `str.splitlines()` (and many editors and tools) also break at U+0085, U+2028 and U+2029, which
 `json.dumps(ensure_ascii=False)` leaves raw inside strings, and a model's response may hold any of
-them. Lone surrogates (which UTF-8 cannot encode) are written as `\\uXXXX` escapes, so any Python
-string round-trips.
+them. Those three and lone surrogates (which UTF-8 cannot encode) are written as JSON's own
+backslash-u escapes, so any Python string round-trips.
 """
 
 from __future__ import annotations
@@ -48,8 +48,8 @@ class StoreConflict(StoreError):
     """A conditional write (`RunStore.write_if`) lost: the object changed, appeared or vanished since it was read."""
 
 
-# Outside string literals json.dumps emits ASCII only, so every match is inside a string, where a
-# \uXXXX escape decodes to the same character.
+# Outside string literals json.dumps emits ASCII only, so every match is inside a string, where its
+# backslash-u escape decodes to the same character.
 _LINE_UNSAFE = re.compile("[\u0085\u2028\u2029\ud800-\udfff]")
 
 

@@ -60,12 +60,14 @@ def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], what: str) 
     return False
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 120) -> None:
+def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 120):
+    """Poll `condition` until it is truthy and return its value; the deadline only stops a hang."""
     deadline = time.monotonic() + timeout_s
-    while not condition():
+    while not (value := condition()):
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+            raise AssertionError(f"still waiting for {what} after {timeout_s} s")
+        time.sleep(0.02)
+    return value
 
 
 def processes_matching(pattern: str) -> str:

@@ -19,13 +19,13 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import weakref
 
 import psutil
 import pytest
+from campaign_killer import wait_until
 from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
@@ -130,16 +130,6 @@ def assert_released(ref: weakref.ref) -> None:
     assert ref() is None, "the shut-down fleet is still referenced (an atexit handler that was not removed?)"
 
 
-def poll(condition, what: str, deadline_s: float = 60.0):
-    """Wait for observed progress; the deadline only stops a hang."""
-    deadline = time.monotonic() + deadline_s
-    while not (result := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for {what} after {deadline_s} s")
-        time.sleep(0.05)
-    return result
-
-
 def http_status(url: str, body: dict | None = None, key: str | None = None) -> int:
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     data = json.dumps(body).encode() if body is not None else None
@@ -239,7 +229,7 @@ def test_router_metrics_stay_on_loopback_and_two_fleets_run_at_once(stand_in, tm
                 sockets = listening(procs)
                 return sockets if port in {p for _, p in sockets} else None
 
-            sockets = poll(metrics_listener, "the router's metrics listener")
+            sockets = wait_until(metrics_listener, "the router's metrics listener")
             assert {fleet.router.port, metrics_port} <= {port for _, port in sockets}
             assert all(ip == "127.0.0.1" for ip, _ in sockets), sockets  # nothing on 0.0.0.0 / ::
             assert 29000 not in {port for _, port in sockets}
@@ -376,7 +366,7 @@ def test_router_and_sglang_servers_die_with_their_launcher(stand_in, tmp_path):
     def all_gone():
         return not [p for p in members if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
 
-    poll(all_gone, "the router and the server to exit after their launcher was killed")
+    wait_until(all_gone, "the router and the server to exit after their launcher was killed")
 
 
 # ---- the local engine server --------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from campaign_killer import wait_until
 from tiny_campaign import campaign_dict
 
 from slime_wf.campaign import Campaign
@@ -36,15 +37,6 @@ def _foreign_holder(**fields):
     return {"host": "elsewhere", "boot_id": "b", "pid_namespace": "ns", "pid": 4242, "pid_started_at": 1.0,
             "token": "theirs", "started_at": now - 3600, "heartbeat_at": now, "timeout_s": 120.0,
             "released_at": None, **fields}
-
-
-def _wait_for(condition, what: str, timeout_s: float = 60.0):
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-    return value
 
 
 def test_second_holder_is_refused_with_the_holder_named(store):
@@ -100,7 +92,7 @@ def test_heartbeat_renews_and_notices_a_takeover(store):
     lease = Lease(store, timeout_s=120, heartbeat_s=0.05).acquire()
     try:
         first_beat = read_lease(store)["heartbeat_at"]
-        _wait_for(lambda: read_lease(store)["heartbeat_at"] > first_beat, "a heartbeat")
+        wait_until(lambda: read_lease(store)["heartbeat_at"] > first_beat, "a heartbeat")
 
         # another train takes the lease over (as it would once this holder looked stale), racing the heartbeat
         def take_over():
@@ -110,8 +102,8 @@ def test_heartbeat_renews_and_notices_a_takeover(store):
             except StoreConflict:
                 return None
 
-        _wait_for(take_over, "a takeover between two heartbeats")
-        _wait_for(lambda: lease.lost, "the heartbeat to notice the takeover")
+        wait_until(take_over, "a takeover between two heartbeats")
+        wait_until(lambda: lease.lost, "the heartbeat to notice the takeover")
         with pytest.raises(LeaseLostError, match="lost its writer lease .* taken by host elsewhere pid 4242"):
             lease.check()
         with pytest.raises(LeaseLostError):
@@ -124,7 +116,7 @@ def test_heartbeat_renews_and_notices_a_takeover(store):
 def test_confirm_renews_synchronously(store):
     with Lease(store, timeout_s=120, heartbeat_s=3600) as lease:
         before = read_lease(store)["heartbeat_at"]
-        _wait_for(lambda: time.time() > before, "the clock to move")
+        wait_until(lambda: time.time() > before, "the clock to move")
         lease.confirm()
         assert read_lease(store)["heartbeat_at"] > before
 
