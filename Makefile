@@ -25,10 +25,13 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
+# ruff, and the import contracts in pyproject.toml (layers, no cycles, what the engine server may import)
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/lint-imports --no-cache
 
 # Regenerate the configuration reference embedded in README.md.
 docs: venv

@@ -86,9 +86,9 @@ def train_args(opts, budget: int):
 def measure(opts, cfg: dict, budget: int, dtype: torch.dtype) -> dict:
     from slime_wf.training.batching import items_from_samples
     from slime_wf.training.model import build_gpt_model
-    from slime_wf.training.optimizer import build_optimizer
+    from slime_wf.training.optimizer import build_optimizer, build_scheduler
     from slime_wf.training.parallel import destroy_parallel, init_parallel
-    from slime_wf.training.train_step import DataParallel, build_scheduler, train_rollout
+    from slime_wf.training.train_step import DataParallel, train_rollout
 
     info = init_parallel(1, seed=0)
     try:

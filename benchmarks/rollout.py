@@ -23,12 +23,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from tiny_models import make_tiny_model
 
-from slime_wf.config import CampaignConfig  # noqa: E402
-from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer  # noqa: E402
-from slime_wf.rollout.engines import EngineFleet  # noqa: E402
-from slime_wf.rollout.rollout import generate_rollout  # noqa: E402
+from slime_wf.config import CampaignConfig
+from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
+from slime_wf.rollout.engines import EngineFleet
+from slime_wf.rollout.rollout import generate_rollout
 
 
 async def length_reward(args, sample):

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from flows.prefect_settings import configure_prefect_environment
 from slime_wf.config import CampaignConfig, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ def build_deployments(cfg: CampaignConfig, cron: str | None = None) -> list[Any]
 
 def serve(config_path: str, overrides: list[str] | None = None, cron: str | None = None) -> None:
     """Load the campaign config, register its deployments and run their flow runs until interrupted."""
+    configure_prefect_environment()  # an entry point: before Prefect is imported
     cfg = CampaignConfig.from_yaml(config_path, overrides)
     url = api_url()
     deployments = build_deployments(cfg, cron)

@@ -1,6 +1,4 @@
 """Prefect flows: the campaign loop, checkpoint preparation and evaluation (thin wrappers over tasks).
 
-Importing `tasks` first applies Prefect's offline settings before Prefect itself is imported.
+Importing them changes no setting: the entry points apply Prefect's settings (`prefect_settings`).
 """
-
-import tasks  # noqa: F401

@@ -24,6 +24,7 @@ own `evaluations/<id>.json`, and no trainer unless the committed weight export h
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import time
@@ -114,6 +115,7 @@ class Campaign:
         self.tokenizer = None
         self.lease: Lease | None = None
         self._eval_exports: str | None = None
+        self._weight_group = None  # the distributed weight sync over the current fleet (weight_sync.fleet_sync)
         self.timings: dict[int, dict[str, float]] = {}
 
     # ---- preparation and start ---------------------------------------------------------------
@@ -205,7 +207,7 @@ class Campaign:
             else:  # serve the restored policy
                 version = str(last if last is not None else INITIAL_WEIGHT_VERSION)
                 weights = os.path.join(self.scratch, "weights", f"resume-{version}")
-                from slime_wf.checkpoint.sync import export_weights
+                from slime_wf.weight_sync.disk import export_weights
 
                 export_weights(self.trainer, weights, fp8=self._fp8())
             launch(weights, version)
@@ -236,14 +238,23 @@ class Campaign:
             self.prepare()
         return self._sync_format
 
-    def _build_trainer(self, checkpoint: str | None, restore_dir: str):
-        """A trainer from the store's `checkpoint` (or from the config's `load` / hf_checkpoint when None).
-        From an s3:// store the checkpoint is downloaded to `restore_dir`, and that copy is removed once
-        the trainer has read it (it reads everything while it is built)."""
-        from slime_wf.training.trainer import Trainer
+    def _build_trainer(self, checkpoint: str | None, work_dir: str, log_dir: str, *, this_node_only: bool = False):
+        """A trainer from the store's `checkpoint` (or from the config's `load` / hf_checkpoint when None):
+        in this process for a world of one, else a torchrun group (`train.actor_*`) with its files in
+        `work_dir` and its log in `log_dir`/trainer.log. From an s3:// store the checkpoint is downloaded
+        to `restore/` beside `work_dir`, and that copy is removed once the trainer has read it (it reads
+        everything while it is built). `this_node_only` (an export for the evaluate flow, which may run
+        beside train) keeps the group on this node."""
+        from slime_wf.training.trainer_client import make_trainer
+        from slime_wf.training.trainer_group import threads_per_rank
 
         trainer_args = self.cfg.args()
         trainer_args.hf_checkpoint = self.paths["hf_dir"]
+        if this_node_only and trainer_args.actor_num_nodes > 1:  # a checkpoint loads at any TP size
+            trainer_args.actor_num_nodes = 1
+            trainer_args.tensor_model_parallel_size = math.gcd(trainer_args.tensor_model_parallel_size,
+                                                               trainer_args.actor_num_gpus_per_node)
+        restore_dir = os.path.join(os.path.dirname(work_dir), "restore")
         local_copy = None
         if checkpoint:
             if self.store.is_local:
@@ -252,7 +263,9 @@ class Campaign:
                 local_copy = os.path.join(restore_dir, os.path.basename(checkpoint))
                 trainer_args.load = self.store.get_dir(checkpoint, local_copy)
         try:
-            return Trainer(trainer_args, self.paths["hf_dir"])
+            return make_trainer(trainer_args, self.paths["hf_dir"], work_dir=work_dir,
+                                log_path=os.path.join(log_dir, "trainer.log"),
+                                threads_per_rank=threads_per_rank(trainer_args.actor_num_gpus_per_node))
         finally:
             if local_copy is not None:
                 shutil.rmtree(local_copy, ignore_errors=True)
@@ -308,10 +321,32 @@ class Campaign:
         self._time(rid, "train", time.perf_counter() - t0)
         return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
 
-    def can_restart_trainer_for(self, rid: int) -> bool:
-        """Whether the committed checkpoint is the state right before training `rid`."""
-        last = self.last_committed()
-        return (last is None and not self.args.load) or last == rid - 1
+    def train_with_recovery(self, rid: int, warn=logger.warning) -> dict[str, Any]:
+        """`train`, and after a trainer fault (a rank died, the torchrun group or a command failed) once more on a
+        trainer rebuilt from the committed checkpoint: the whole group restarts, the rollout ids trained since
+        that checkpoint are trained again from their stored samples, then `rid`. Non-finite training is no fault
+        (the same samples would fail the same way) and is raised at once, as are faults where the committed
+        checkpoint does not tell the trainer's state (a `load` setting before the first commit)."""
+        from slime_wf.training.nonfinite import NonFiniteTrainingError
+
+        try:
+            return self.train(rid)
+        except NonFiniteTrainingError:
+            raise
+        except Exception as err:
+            last = self.last_committed()
+            replay = list(range(0 if last is None else last + 1, rid))
+            if (last is None and self.args.load) or not all(
+                    self.store.exists(RunStore.rollout_file(i, "samples.jsonl")) for i in replay):
+                raise
+            warn("training rollout %d failed (%s: %s); restarting the trainer from the committed checkpoint (rollout "
+                 "%s) and training %s again", rid, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                 last, ", ".join(map(str, [*replay, rid])))
+        self.restart_trainer()
+        for earlier in replay:
+            rows = self.store.read_jsonl(RunStore.rollout_file(earlier, "samples.jsonl"))
+            self.trainer.train([Sample.from_dict(r) for r in rows], earlier)
+        return self.train(rid)
 
     def restart_trainer(self) -> None:
         """Rebuild the trainer from the committed checkpoint (after a failure mid-step).
@@ -324,11 +359,12 @@ class Campaign:
         if self.trainer is not None:
             self.trainer.shutdown()
             self.trainer = None
-        self.trainer = self._build_trainer(self.manifest().get("last_checkpoint"), os.path.join(self.scratch, "restore"))
+        self.trainer = self._build_trainer(self.manifest().get("last_checkpoint"), os.path.join(self.scratch, "trainer"),
+                                           os.path.join(self.scratch, "logs"))
         initial = getattr(self.trainer, "initial_weights", None)
         fresh = self.fleet is None and self.last_committed() is None and not self.args.load  # else start() exports
         if fresh and initial is not None and initial.origin != "hf_checkpoint":
-            from slime_wf.checkpoint.sync import export_weights
+            from slime_wf.weight_sync.disk import export_weights
 
             fmt = self._fp8()
             self.paths["rollout_dir"] = export_weights(self.trainer, os.path.join(self.scratch, "weights", "initial"),
@@ -337,8 +373,10 @@ class Campaign:
                         fmt.describe() if fmt is not None else "plain weights")
 
     def sync_weights(self, rid: int) -> dict[str, float]:
-        from slime_wf.checkpoint.sync import prune_exports, sync_weights
+        from slime_wf.weight_sync.disk import prune_exports, sync_weights
 
+        if self.cfg.storage.weight_sync_mode == "distributed":
+            return self._sync_distributed(rid)
         folder = os.path.join(self.scratch, "weights")
         out_dir = os.path.join(folder, f"{rid:06d}")
         t0 = time.perf_counter()
@@ -347,6 +385,29 @@ class Campaign:
         self._time(rid, "sync", time.perf_counter() - t0)
         prune_exports(folder, self.cfg.storage.keep_weight_exports, out_dir)
         return metrics
+
+    def _sync_distributed(self, rid: int) -> dict[str, float]:
+        """`storage.weight_sync_mode: distributed`: one weight-update group per fleet start, which also gives a
+        restarted engine the current weights before it serves again (the fleet's `after_restart`)."""
+        from slime_wf.weight_sync.fleet_sync import DistributedWeightSync
+
+        if self._weight_group is None or self._weight_group.fleet is not self.fleet:
+            self._weight_group = DistributedWeightSync(self.args, self.fleet)
+            self.fleet.after_restart = lambda url: self._weight_group.rejoin(self.trainer, url)
+        verify = os.path.join(self.scratch, "weights", f"verify-{rid:06d}")
+        t0 = time.perf_counter()
+        metrics = self._weight_group.sync(self.trainer, str(rid), fp8=self._fp8(),
+                                          verify_dir=verify if self.cfg.storage.check_weight_update_equal else None)
+        self._time(rid, "sync", time.perf_counter() - t0)
+        return metrics
+
+    def _served_weights(self) -> dict[str, Any]:
+        """The manifest's record of what the engines serve: the folder a restarted engine loads, or after a
+        distributed sync only the version (no folder holds it: a resume exports the committed policy again)."""
+        group = self._weight_group
+        if group is not None and group.fleet is self.fleet and group.version is not None:
+            return {"path": None, "version": group.version}
+        return {"path": self.fleet.model_path, "version": self.fleet.weight_version}
 
     def should_save(self, rid: int) -> bool:
         interval = self.cfg.checkpoint.save_interval
@@ -383,7 +444,7 @@ class Campaign:
                 "num_rollout": self.cfg.rollout.num_rollout,
                 "last_completed_rollout_id": rid,
                 "last_checkpoint": checkpoint,
-                "weights": {"path": self.fleet.model_path, "version": self.fleet.weight_version},
+                "weights": self._served_weights(),
                 "created_at": self.manifest().get("created_at"),
                 "updated_at": time.time(),
             })
@@ -453,7 +514,7 @@ class Campaign:
         path = exported.get("path")
         if path and os.path.isfile(os.path.join(path, "config.json")):
             return path, version
-        from slime_wf.checkpoint.sync import export_weights
+        from slime_wf.weight_sync.disk import export_weights
 
         checkpoint = manifest.get("last_checkpoint")
         logger.warning(
@@ -463,7 +524,8 @@ class Campaign:
             self.cfg.campaign, path or "(none named)", self.store.url(checkpoint) if checkpoint else self.args.load,
         )
         self._eval_exports = os.path.join(self.scratch, "eval", f"weights-{os.getpid()}")
-        trainer = self._build_trainer(checkpoint, os.path.join(self._eval_exports, "restore"))
+        trainer = self._build_trainer(checkpoint, os.path.join(self._eval_exports, "trainer"),
+                                      os.path.join(self.scratch, "eval", "logs"), this_node_only=True)
         try:
             return export_weights(trainer, os.path.join(self._eval_exports, version), fp8=self._fp8()), version
         finally:
@@ -520,7 +582,7 @@ class Campaign:
             first = self.start()
             for rid in range(first, self.cfg.rollout.num_rollout):
                 self.rollout(rid)
-                metrics = self.train(rid)
+                metrics = self.train_with_recovery(rid)
                 metrics.update(self.sync_weights(rid))
                 if self.should_evaluate(rid):
                     metrics.update(self.evaluate(rid))

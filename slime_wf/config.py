@@ -205,6 +205,20 @@ class EngineConfig(Section):
     sglang_mem_fraction_static: float | None = Field(
         None, gt=0, lt=1, description="SGLang's --mem-fraction-static. null: SGLang's default."
     )
+    sglang_python: str | None = Field(
+        None,
+        description="Python interpreter that launches SGLang servers (engine_type sglang). SGLang pins its own torch "
+        "(0.5.23: torch 2.14.1), so on a GPU machine it usually lives in a virtual environment of its own: give "
+        "that environment's bin/python. null: this interpreter.",
+    )
+    engine_base_gpu: int | None = Field(
+        None,
+        ge=0,
+        description="First GPU of the launched SGLang servers (engine i takes rollout_num_gpus_per_engine GPUs from "
+        "engine_base_gpu + i x rollout_num_gpus_per_engine; indices count within CUDA_VISIBLE_DEVICES when it is "
+        "set). null: right after the trainer's GPUs on this node (train.actor_num_gpus_per_node), as slime places "
+        "rollout GPUs after the actor's. 0 with sglang_mem_fraction_static: share the trainer's GPUs.",
+    )
     sglang_server_args: dict[str, Any] = Field(
         {},
         description="Extra SGLang server flags, passed through as --key value (true: a bare flag), e.g. "
@@ -340,6 +354,32 @@ class StorageConfig(Section):
         description="After each weight sync, check that every engine serves exactly the exported weights (greedy "
         "tokens and log-probs against a reference forward pass). Debug mode; costs a model load per sync.",
     )
+    weight_sync_mode: Literal["disk", "distributed"] = Field(
+        "disk",
+        description="How trained weights reach the engines. disk: an HF export in scratch_dir, loaded with "
+        "/update_weights_from_disk (the trainer's rank 0 and the engines need a shared filesystem). distributed: "
+        "SGLang's weight-update group; trainer rank 0 broadcasts the weights in buckets (NCCL to SGLang, gloo to "
+        "the local engine); every engine must reach weight_sync_master_address:weight_sync_master_port, and rank 0 "
+        "the engines' HTTP ports. A restarted engine is given the current weights before it serves again.",
+    )
+    weight_sync_master_address: str = Field(
+        "127.0.0.1",
+        description="distributed mode: the address of the trainer's rank 0 as the engines reach it (the host of "
+        "the weight-update group's store). Set it to that host's address when engines run on other hosts.",
+    )
+    weight_sync_master_port: int = Field(
+        0, ge=0, lt=65536,
+        description="distributed mode: the port of the weight-update group's store on the trainer's rank 0. 0: a "
+        "free port, chosen each time the group is built.",
+    )
+    weight_sync_backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="distributed mode: the group's backend. auto: nccl with SGLang engines, gloo with local ones."
+    )
+    weight_sync_bucket_mb: float = Field(
+        512.0, gt=0,
+        description="distributed mode: megabytes of weights per /update_weights_from_distributed call (slime's "
+        "update_weight_buffer_size); the trainer's rank 0 holds about two buckets at a time.",
+    )
 
 
 class TrainConfig(Section):
@@ -442,6 +482,43 @@ class TrainConfig(Section):
     tensor_model_parallel_size: int = Field(
         1, gt=0, description="Tensor-parallel size; the trainer's world size must be a multiple of it."
     )
+    # The trainer group (slime's flags): world size = actor_num_nodes x actor_num_gpus_per_node, data
+    # parallelism = world size / tensor_model_parallel_size. A world of one trains in the campaign's process.
+    actor_num_nodes: int = Field(
+        1,
+        ge=1,
+        description="Trainer nodes. Above 1 the campaign's node is node 0 (it runs global rank 0) and waits at "
+        "trainer_rdzv_endpoint for the others, which join with the `slime-wf trainer-node` command it prints.",
+    )
+    actor_num_gpus_per_node: int = Field(
+        1,
+        ge=1,
+        description="Trainer processes per node: one per GPU (on a machine without CUDA, CPU processes). Above 1 "
+        "(or with actor_num_nodes above 1) the trainer runs as a torchrun group.",
+    )
+    trainer_rdzv_endpoint: str | None = Field(
+        None,
+        description="host:port where the head node's torchrun agent waits for the other trainer nodes (torchrun's "
+        "static rendezvous: --rdzv-endpoint with --node-rank). host must be an address of the campaign's node that "
+        "the other nodes reach, port a free TCP port there. Required when actor_num_nodes > 1; unused otherwise.",
+    )
+    trainer_rdzv_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="How long each start (and restart after a fault) of a many-node trainer group waits for every "
+        "node to join before it fails.",
+    )
+
+    @field_validator("trainer_rdzv_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.1:29500): the address of the campaign's node "
+                             "that the other trainer nodes reach, and a free TCP port there")
+        return value
     seed: int = Field(1234, description="Seed of the trainer's weight initialization and random streams.")
     params_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Parameter dtype of the trained model. auto: bfloat16 on GPU, float32 on CPU."
@@ -524,6 +601,25 @@ def check_train_settings(train: Any, rollout_batch_size: int, n_samples_per_prom
     gbs, steps = resolve_batch_sizes(
         rollout_batch_size, n_samples_per_prompt, train.global_batch_size, train.num_steps_per_rollout
     )
+    world = train.actor_num_nodes * train.actor_num_gpus_per_node
+    tp = train.tensor_model_parallel_size
+    if world % tp:
+        raise ValueError(
+            f"train.tensor_model_parallel_size={tp} does not divide the trainer's world size {world} (train.actor_num_nodes="
+            f"{train.actor_num_nodes} x train.actor_num_gpus_per_node={train.actor_num_gpus_per_node}): make the world a "
+            "multiple of it (data parallelism is the world size divided by it)"
+        )
+    if gbs < world // tp:
+        raise ValueError(
+            f"the global batch size {gbs} (samples per optimizer step) is smaller than the data-parallel size "
+            f"{world // tp} (world size {world} / tensor_model_parallel_size {tp}): every data-parallel rank needs a "
+            "sample per step; raise train.global_batch_size (or rollout_batch_size) or lower the data parallelism"
+        )
+    if train.actor_num_nodes > 1 and not train.trainer_rdzv_endpoint:
+        raise ValueError(
+            f"train.actor_num_nodes={train.actor_num_nodes} needs train.trainer_rdzv_endpoint: host:port of the "
+            "campaign's node, reachable from the other trainer nodes, where they join the group"
+        )
     if train.max_tokens_per_gpu is None and gbs % train.micro_batch_size:
         raise ValueError(
             f"train.micro_batch_size={train.micro_batch_size} does not divide the global batch size {gbs} "

@@ -1,6 +1,6 @@
 """The run store: one folder (local or `s3://`) holding everything a campaign produces.
 
-Layout of a campaign (ARCHITECTURE.md):
+Layout of a campaign (ARCHITECTURE.md at the repository root, "The run store"):
 
     <store>/<campaign>/manifest.json
     <store>/<campaign>/config.yaml

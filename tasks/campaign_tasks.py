@@ -3,8 +3,8 @@ returns a small JSON manifest that Prefect persists per rollout id.
 
 Retries follow what is safe to repeat: a rollout restores its data-source state before a retry,
 and a weight sync is idempotent, so both retry on engine faults. Training never retries blindly:
-a failed step may have half-applied an optimizer update, so the trainer is rebuilt from the
-committed checkpoint first (possible when that checkpoint is the state right before this id).
+a failed step may have half-applied an optimizer update, so the trainer (the whole torchrun group)
+is rebuilt from the committed checkpoint first (`Campaign.train_with_recovery`).
 Taking the writer lease never retries: a live holder is another train, and waiting would not help.
 """
 
@@ -17,7 +17,7 @@ from prefect import get_run_logger, task
 from slime_wf.campaign import Campaign
 from slime_wf.rollout.engine_client import EngineError
 from slime_wf.rollout.engines import EngineStartError
-from slime_wf.training.nonfinite import NonFiniteTrainingError
+from slime_wf.training.trainer_group import join_commands
 
 ENGINE_FAULTS = (EngineError, EngineStartError, ConnectionError, TimeoutError)
 
@@ -57,6 +57,12 @@ def _acquire_lease(campaign: Campaign) -> dict[str, Any]:
 
 
 def _start(campaign: Campaign) -> int:
+    t = campaign.cfg.train
+    if t.actor_num_nodes > 1:  # start() waits for them
+        for command in join_commands(t.trainer_rdzv_endpoint, t.actor_num_nodes, t.actor_num_gpus_per_node,
+                                     t.trainer_rdzv_timeout_s):
+            get_run_logger().warning("the trainer group waits for its other nodes at %s; join with: %s",
+                                     t.trainer_rdzv_endpoint, command)
     return campaign.start()
 
 
@@ -70,19 +76,7 @@ def _generate_rollout(campaign: Campaign, campaign_name: str, rollout_id: int) -
 
 
 def _train_step(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
-    try:
-        return campaign.train(rollout_id)
-    except NonFiniteTrainingError:
-        raise  # the same checkpoint and samples would skip the same steps again: the user must change something
-    except Exception as err:
-        if not campaign.can_restart_trainer_for(rollout_id):
-            raise
-        get_run_logger().warning(
-            "training rollout %d failed (%s); rebuilding the trainer from the committed checkpoint and retrying once",
-            rollout_id, err,
-        )
-        campaign.restart_trainer()
-        return campaign.train(rollout_id)
+    return campaign.train_with_recovery(rollout_id, warn=get_run_logger().warning)
 
 
 def _sync_weights(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:

@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from slime_wf.store import RunStore
@@ -22,11 +22,13 @@ POLL_S = 0.05
 STALL_S = 900  # a generous guard against a campaign that hangs; progress, not this, decides each kill
 
 
-def start_train(config: Path, api_url: str, log_name: str = "train.log") -> subprocess.Popen:
+def start_train(config: Path, api_url: str, log_name: str = "train.log", overrides: Sequence[str] = ()) -> subprocess.Popen:
+    """`slime-wf train --config <config>`, with `--set` for each of `overrides`."""
     env = dict(os.environ, PREFECT_API_URL=api_url, PYTHONPATH=str(config.parent))
-    log = open(config.parent / log_name, "ab")  # noqa: SIM115 - closed by the child's exit
+    log = open(config.parent / log_name, "ab")  # closed by the child's exit
+    sets = [arg for item in overrides for arg in ("--set", item)]
     return subprocess.Popen(
-        [sys.executable, "-m", "slime_wf.cli", "train", "--config", str(config)],
+        [sys.executable, "-m", "slime_wf_cli", "train", "--config", str(config), *sets],
         cwd=config.parent, env=env, stdout=log, stderr=subprocess.STDOUT,
     )
 

@@ -122,7 +122,7 @@ def test_ppo_campaign_keeps_its_critic_across_a_restart(assets, s3_bucket, tmp_p
                            "num_critic_only_steps=1")
     with Campaign(more) as campaign:
         assert campaign.start() == 2
-        assert campaign.trainer.critic.step == 2  # one step per rollout, rollouts 0 and 1
+        assert campaign.trainer.ping()["critic_step"] == 2  # one step per rollout, rollouts 0 and 1
         campaign.rollout(2)
         campaign.finish(2, campaign.train(2) | campaign.sync_weights(2))
     check_campaign_invariant(store)

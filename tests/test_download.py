@@ -11,7 +11,7 @@ import os
 import pytest
 from conftest import free_port
 
-from slime_wf import cli
+import slime_wf_cli as cli
 from slime_wf.checkpoint import s3_download
 from slime_wf.checkpoint.download import MANIFEST_NAME, CheckpointError, download_s3, resolve_checkpoint
 from slime_wf.store import s3_filesystem

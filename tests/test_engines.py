@@ -30,7 +30,7 @@ from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.engine_client import EngineError
-from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port, shown
+from slime_wf.rollout.engines import EngineFleet, EngineStartError, engine_gpus, free_port, shown
 
 STAND_IN = r'''
 """A stand-in for `python -m sglang.launch_server`: SGLang's flags it needs, its health endpoints, /generate,
@@ -383,3 +383,25 @@ def test_local_engines_require_the_fleet_key(tmp_path):
         assert http_status(url + "/generate", GENERATE, key=fleet.api_key) == 200
         assert generate_through(fleet)["meta_info"]["completion_tokens"] >= 1
         assert all(fleet.check_health().values())
+
+
+def test_sglang_engines_take_the_gpus_after_the_trainers():
+    def args(**over):
+        cfg = CampaignConfig.from_dict({}, [f"{k}={v}" for k, v in over.items()])
+        return cfg.args()
+
+    # slime's placement: the actor's GPUs first, then one group per engine
+    two = args(actor_num_gpus_per_node=2, rollout_num_gpus_per_engine=2)
+    assert [engine_gpus(two, i, {}) for i in range(2)] == [["2", "3"], ["4", "5"]]
+    # indices count within the devices slime-wf was given
+    assert engine_gpus(two, 0, {"CUDA_VISIBLE_DEVICES": "7,6,5,4,3"}) == ["5", "4"]
+    with pytest.raises(EngineStartError, match=r"(?s)needs GPUs \[4, 5\].*has 5.*engine_base_gpu: 0"):
+        engine_gpus(two, 1, {"CUDA_VISIBLE_DEVICES": "7,6,5,4,3"})
+    # sharing the trainer's GPU, as on a one-GPU machine
+    assert engine_gpus(args(engine_base_gpu=0), 0, {}) == ["0"]
+
+
+def test_sglang_servers_run_with_the_configured_python(tmp_path):
+    cfg = CampaignConfig.from_dict({}, ["engine_type=sglang", "sglang_python=/opt/sglang-env/bin/python"])
+    fleet = EngineFleet(cfg.args(), str(tmp_path), log_dir=str(tmp_path / "logs"))
+    assert fleet._server_cmd(30000)[:3] == ["/opt/sglang-env/bin/python", "-m", "sglang.launch_server"]

@@ -25,7 +25,7 @@ def test_train_flow_on_s3(tmp_path, s3_server, s3_bucket, prefect_server):
     config.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, PREFECT_API_URL=prefect_server, PYTHONPATH=str(tmp_path))
     done = subprocess.run(
-        [sys.executable, "-m", "slime_wf.cli", "train", "--config", str(config)],
+        [sys.executable, "-m", "slime_wf_cli", "train", "--config", str(config)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -24,7 +24,7 @@ import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from types import MappingProxyType
-from typing import Optional  # noqa: UP035 - SGLang's extracted functions annotate with these
+from typing import Optional  # SGLang's extracted functions annotate with these
 
 import pytest
 import torch
@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tiny_models import load_safetensors_dir as load_dir
 
-from slime_wf import cli
+import slime_wf_cli as cli
 from slime_wf.checkpoint.fp8 import (
     dequantize_block_fp8,
     dequantize_channel_fp8,
@@ -451,10 +451,13 @@ def test_an_empty_shard_without_an_index_still_gets_its_output(tmp_path):
     assert (tmp_path / "out" / "b.safetensors").exists()
 
 
-def test_converter_is_importable_from_the_fp8_module():
-    from slime_wf.checkpoint import fp8
+def test_block_size_check_is_public_and_names_the_bad_value():
+    from slime_wf.checkpoint.fp8 import check_block_size
 
-    assert fp8.convert_checkpoint is convert_checkpoint
+    assert check_block_size([64, 32]) == (64, 32) and check_block_size((128, 128)) == (128, 128)
+    for bad in ([128], [128, 0], [128.5, 128], "ab", None):
+        with pytest.raises(ValueError, match=r"block size must be two .*integers \[rows, cols\], got"):
+            check_block_size(bad)
 
 
 def test_output_does_not_depend_on_the_number_of_workers(odd_checkpoint, tmp_path):
@@ -547,7 +550,7 @@ def test_a_broken_weight_names_the_tensor_and_leaves_no_finished_output(tmp_path
 def test_cli_converts_end_to_end(tiny_qwen3, tmp_path):
     out = tmp_path / "cli-out"
     run = subprocess.run(
-        [sys.executable, "-m", "slime_wf.cli", "convert-fp8", "--model-dir", str(tiny_qwen3), "--save-dir", str(out),
+        [sys.executable, "-m", "slime_wf_cli", "convert-fp8", "--model-dir", str(tiny_qwen3), "--save-dir", str(out),
          "--strategy", "block", "--block-size", "32", "32", "--max-workers", "2", "--no-progress"],
         capture_output=True, text=True, timeout=120,
     )

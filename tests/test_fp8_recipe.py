@@ -23,7 +23,7 @@ from tiny_campaign import campaign_dict, make_assets
 from tiny_models import load_safetensors_dir as tensors
 from tiny_models import make_tiny_model
 
-from slime_wf import cli
+import slime_wf_cli as cli
 from slime_wf.checkpoint import CheckpointError
 from slime_wf.checkpoint.fp8_format import Fp8Format
 from slime_wf.checkpoint.layout import (

@@ -485,8 +485,8 @@ def test_health_and_info(server, tiny_qwen3):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_engine_serves_other_architectures(arch, tmp_path):
     """The engine in-process (no HTTP) on Qwen2 / Llama checkpoints: concurrent greedy equals the reference."""
-    from slime_wf.rollout.local_engine import LocalEngine, Request
-    from slime_wf.rollout.local_sampling import SamplingParams
+    from slime_wf.rollout.local_engine import LocalEngine
+    from slime_wf.rollout.local_sampling import Request, SamplingParams
 
     model_dir = make_tiny_model(tmp_path / arch, arch=arch, seed=3)
     engine = LocalEngine(str(model_dir))
@@ -830,6 +830,22 @@ def test_auth_matches_sglangs_own_decision():
                     ours = auth_refusal("POST", path, header, api_key, admin_key)
                     expected = None if theirs.allowed else theirs.error_status_code
                     assert ours == expected, (path, api_key, admin_key, header)
+
+
+def test_sglang_files_load_by_path_without_entering_sys_modules():
+    """SGLang's schema and its auth rules load by file path, work, and leave sys.modules as it was."""
+    from slime_wf.rollout import sglang_schema
+
+    if not schema_available():
+        pytest.skip("SGLang's schema (sglang --no-deps) is not installed")
+    sglang_schema.load_api_types.cache_clear()  # load it afresh here, whatever loaded it before
+    api = sglang_schema.load_api_types()
+    auth = sglang_schema.load_sglang_file("srt/utils/auth.py")
+    assert [name for name in sys.modules if name.startswith("_slime_wf_sglang")] == []
+    assert api.GenerateRequest.from_json_value({"text": "hi", "sampling_params": {"max_new_tokens": 2}}).text == "hi"
+    decision = auth.decide_request_auth(method="POST", path="/generate", authorization_header=None, api_key="k",
+                                        admin_api_key=None, auth_level=auth.AuthLevel.NORMAL)
+    assert not decision.allowed and decision.error_status_code == 401
 
 
 def test_refuses_a_non_loopback_host_without_a_key(tmp_path):

@@ -10,6 +10,8 @@ import json
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import psutil
@@ -456,7 +458,7 @@ def test_exported_checkpoint_loads_in_transformers(hf_checkpoint, tiny_tokenizer
 
 
 def test_hf_parity_cli_rejects_bad_input(hf_checkpoint, tmp_path, capsys):
-    from slime_wf.cli import build_parser
+    from slime_wf_cli import build_parser
 
     for args, message in (
         ([str(tmp_path)], "no config.json"),
@@ -480,3 +482,30 @@ def test_cpu_shim_patches_only_megatron_modules():
     assert cpu_shim.distributed_backend() == "gloo"
     with pytest.raises(ValueError, match="float32"):
         cpu_shim.check_trainable(torch.bfloat16, use_distributed_optimizer=False)
+
+
+def test_megatron_fallback_warnings_are_silenced_only_around_its_import():
+    """Importing slime_wf.training installs no process-wide warnings filter; megatron's own import, through
+    `cpu_shim.import_megatron` (which the trainer's entry points call), gives no Apex / Transformer
+    Engine warning and leaves no filter about them. A fresh process: megatron imports once."""
+    code = """
+import json, sys, warnings
+import torch  # adds filters of its own
+warnings.simplefilter("always")
+before = list(warnings.filters)
+import slime_wf.training
+from slime_wf.training import cpu_shim
+after_import = list(warnings.filters)
+with warnings.catch_warnings(record=True) as seen:
+    warnings.simplefilter("always")
+    cpu_shim.import_megatron()
+    import megatron.core.models.gpt.gpt_layer_specs, megatron.core.optimizer
+ours = [f for f in warnings.filters if f[1] is not None and "Apex" in f[1].pattern]
+print(json.dumps({"same_at_import": before == after_import, "filters_left": len(ours),
+                  "megatron": "megatron.core" in sys.modules, "warned": [str(w.message) for w in seen]}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["same_at_import"] and got["filters_left"] == 0 and got["megatron"], got
+    assert not [w for w in got["warned"] if "not installed" in w], got["warned"]

@@ -87,7 +87,7 @@ def test_hf_parity_cli_tp2(tmp_path):
     hf_dir = make_hf_checkpoint(tmp_path / "hf", "qwen3", tied=False, seed=4)
     export = tmp_path / "export"
     proc = _run(
-        [sys.executable, "-m", "slime_wf.cli", "hf-parity", "--hf-checkpoint", str(hf_dir), "--tp", "2",
+        [sys.executable, "-m", "slime_wf_cli", "hf-parity", "--hf-checkpoint", str(hf_dir), "--tp", "2",
          "--export-dir", str(export)],
         timeout=240,
     )

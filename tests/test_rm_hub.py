@@ -20,8 +20,8 @@ from slime_wf.rollout.rm_hub import (
     RewardHub,
     async_rm,
     batched_async_rm,
-    close_default_hub,
     rules,
+    using_hub,
 )
 from slime_wf.rollout.rm_hub.deepscaler import get_deepscaler_rule_based_reward
 from slime_wf.rollout.rm_hub.f1 import f1_score
@@ -210,17 +210,20 @@ def test_bad_rm_type_and_missing_reward_model_name_the_sample():
         run(with_hub(lambda hub: hub.async_rm(make_args(), Sample(index=5))))
 
 
-def test_default_hub_is_used_without_one():
-    async def body():
-        args = make_args(rm_type="math")
-        one = await async_rm(args, Sample(response="\\boxed{2}", label="2"))
-        many = await batched_async_rm(args, [Sample(response="\\boxed{2}", label="3")])
-        return one, many
+def test_calls_without_a_hub_use_the_rollouts_and_there_is_no_process_wide_one():
+    args = make_args(rm_type="math")
 
-    try:
-        assert run(body()) == (1, [0])
-    finally:
-        close_default_hub()
+    async def body(hub):
+        with using_hub(hub):  # as the rollout loop does with the campaign's hub
+            one = await async_rm(args, Sample(response="\\boxed{2}", label="2"))
+            many = await batched_async_rm(args, [Sample(response="\\boxed{2}", label="3")])
+        with pytest.raises(RuntimeError, match=r"no reward hub: outside a rollout, pass hub=RewardHub\(\)"):
+            await async_rm(args, Sample(response="\\boxed{2}", label="2"))  # the block is over
+        return one, many, hub.metrics()["rollout/rm/samples"]
+
+    assert run(with_hub(body)) == (1, [0], 2.0)
+    with pytest.raises(RuntimeError, match="no reward hub"):
+        run(async_rm(args, Sample(response="\\boxed{2}", label="2")))
 
 
 # ---- custom functions ------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from slime_wf.rollout.filter_hub import DynamicFilterOutput
 from slime_wf.rollout.generate import (
     MAX_ENGINE_ABORT_RETRIES,
     RolloutContext,
+    current_context,
     generate,
+    rollout_context,
     sampling_params_from_args,
-    set_context,
 )
 from slime_wf.rollout.rollout import check_ledger, generate_rollout, generate_rollout_async
 from slime_wf.rollout.sglang_schema import (
@@ -388,8 +389,8 @@ def test_request_timeout_is_retried_once_then_failed(fleet, model_dir, prompts):
     async def run():
         async with fleet.session() as session:
             ctx = RolloutContext(args=args, session=session, tokenizer=AutoTokenizer.from_pretrained(model_dir), rollout_id=0)
-            set_context(ctx)
-            sample = await generate(args, Sample(index=0, prompt="what is one plus one"), sampling_params_from_args(args))
+            with rollout_context(ctx):
+                sample = await generate(args, Sample(index=0, prompt="what is one plus one"), sampling_params_from_args(args))
             return sample, ctx
 
     sample, ctx = asyncio.run(run())
@@ -508,6 +509,32 @@ def test_evaluation_per_dataset(fleet, model_dir, prompts):
     # greedy decoding is deterministic: a second evaluation gives the same reward
     again = evaluate(args, 1, fleet, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     assert again["eval/greedy/reward"] == metrics["eval/greedy/reward"]
+
+
+def test_rollout_and_evaluation_leave_no_context_behind(fleet, model_dir, prompts):
+    """The rollout context and the reward hub that a rollout or an evaluation sets for its tasks are reset
+    when it returns; the campaign's hub it was given stays open."""
+    from slime_wf.rollout import rm_hub
+    from slime_wf.rollout.evaluation import evaluate_async
+
+    args = make_args(model_dir, prompts, "rollout_max_response_len=4",
+                     f"eval.eval_datasets=[{{name: e, path: '{prompts}', n_samples_per_eval_prompt: 1}}]")
+    tokenizer = load_tokenizer(model_dir)
+
+    async def run():
+        async with fleet.session() as session, rm_hub.RewardHub() as hub:
+            for step in (
+                generate_rollout_async(args, 0, RolloutDataSourceWithBuffer(args), session, tokenizer, reward_hub=hub),
+                evaluate_async(args, 0, session, tokenizer, reward_hub=hub),
+            ):
+                await step
+                with pytest.raises(RuntimeError, match="no engine context"):
+                    current_context()
+                with pytest.raises(RuntimeError, match="no reward hub"):
+                    await rm_hub.async_rm(args, Sample(index=0, response="one", label="1"))
+            assert not hub.closed
+
+    asyncio.run(run())
 
 
 def test_evaluation_refuses_prompts_over_the_engines_context(fleet, model_dir, prompts):

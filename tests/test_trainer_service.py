@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_train_step import BASE, random_samples
 from tiny_models import make_tiny_model
 
+from slime_wf.training.nonfinite import NonFiniteTrainingError
 from slime_wf.training.service import LocalTrainer, RemoteTrainer, TrainerServiceError, make_trainer
 from slime_wf.training.trainer import Trainer
 
@@ -24,9 +25,21 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*",
 # Adam's first update is about lr * sign(g): a gradient entry near zero moves by +-lr depending on the
 # last bits of its fp32 sum, which differ between TP=1 and TP=2. A larger adam_eps keeps such entries
 # still, so that the comparison measures the parallel computation and not that amplification.
+# The per-token loss keeps the first step's loss away from zero (per-sample means of group-centred advantages
+# cancel), so that comparing it on the same batch and weights means something.
 SETTINGS = {**BASE, "num_steps_per_rollout": 2, "micro_batch_size": 2, "use_kl_loss": True, "kl_loss_coef": 0.1,
-            "adam_eps": 1e-4}
+            "adam_eps": 1e-4, "calculate_per_token_loss": True}
 STEP_KEYS = ("loss", "pg_loss", "kl_loss", "ppo_kl", "entropy")
+
+
+def assert_first_step_matches(expected: list[dict], got: list[dict]) -> None:
+    """Issue 12: on the same batch and the same weights (the first step), the group gives the loss and the
+    gradient norm of the in-process trainer within 1e-5 relative. Later steps start from weights that
+    differ in their last bits, which Adam amplifies: they are compared with the looser tolerances."""
+    want, have = expected[0]["steps"][0], got[0]["steps"][0]
+    assert abs(want["loss"]) > 0.01
+    for key in ("loss", "grad_norm"):
+        assert have[key] == pytest.approx(want[key], rel=1e-5), key
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +98,7 @@ def test_torchrun_service_matches_in_process_and_survives_a_dead_rank(tiny_dir, 
                 for key in STEP_KEYS:
                     assert have_step[key] == pytest.approx(want_step[key], abs=1e-5), key
                 assert have_step["grad_norm"] == pytest.approx(want_step["grad_norm"], rel=1e-5)
+        assert_first_step_matches(expected, got)
         assert got[1]["steps"][0]["grad_norm"] > 0.1 and abs(got[1]["kl_loss"]) > 1e-5
         time.sleep(1.5)  # idle for a few heartbeats: the ranks stay in step
         assert remote.ping() == {"step": 4, "rollout_id": 1}
@@ -115,18 +129,23 @@ def test_torchrun_service_matches_in_process_and_survives_a_dead_rank(tiny_dir, 
 
 
 @pytest.mark.slow
-def test_service_startup_error_is_reported(tiny_dir, tmp_path):
-    with pytest.raises(TrainerServiceError, match="(?s)failed startup.*num_key_value_heads=2 is not divisible"):
-        RemoteTrainer({**SETTINGS, "tensor_model_parallel_size": 4}, tiny_dir, nproc_per_node=2,
-                      work_dir=tmp_path / "service", startup_timeout=240)
+def test_service_startup_error_names_the_rank_and_the_missing_path(tmp_path):
+    """Every rank checks the paths it reads (on another node they may be missing) and says which are not there."""
+    missing = tmp_path / "nowhere"
+    with pytest.raises(TrainerServiceError, match=rf"(?s)failed startup.*\[rank 1\] trainer node 0 \(.*\), rank 1: "
+                                                  rf"not found here: hf_checkpoint {missing}\. Every trainer node"):
+        RemoteTrainer(SETTINGS, missing, nproc_per_node=2, work_dir=tmp_path / "service", startup_timeout=240)
 
 
 @pytest.mark.slow
 def test_data_parallel_service_matches_in_process(tiny_dir, tmp_path):
     """2 ranks at TP=1 are 2 data-parallel replicas: each trains on half of every step, and the
-    KL reward penalty's log-probs, computed per replica, are shared before the advantages."""
+    KL reward penalty's log-probs, computed per replica, are shared before the advantages. Training
+    stopped by non-finite values raises NonFiniteTrainingError through the service too (the campaign
+    does not retry it, unlike a fault of the group)."""
     settings = {**SETTINGS, "use_kl_loss": False, "advantage_estimator": "reinforce_plus_plus_baseline",
-                "normalize_advantages": True, "kl_coef": 0.05, "calculate_per_token_loss": True, "micro_batch_size": 1}
+                "normalize_advantages": True, "kl_coef": 0.05, "calculate_per_token_loss": True, "micro_batch_size": 1,
+                "max_consecutive_skipped_steps": 2}
     rollouts = [random_samples(8, seed=50 + k) for k in range(2)]
     local = Trainer(settings, tiny_dir)
     try:
@@ -136,9 +155,17 @@ def test_data_parallel_service_matches_in_process(tiny_dir, tmp_path):
     with RemoteTrainer(settings, tiny_dir, nproc_per_node=2, work_dir=tmp_path / "service", threads_per_rank=1,
                        startup_timeout=240, command_timeout=240) as remote:
         got = [remote.train(rollouts[k], k) for k in range(2)]
+        poisoned = random_samples(8, seed=52)
+        for sample in poisoned:
+            sample.reward = float("nan")
+        with pytest.raises(NonFiniteTrainingError, match="rollout 2: 2 optimizer steps in a row were skipped") as caught:
+            remote.train(poisoned, 2)
+        assert (caught.value.rollout_id, caught.value.consecutive, caught.value.applied_steps) == (2, 2, 0)
+        assert remote.ping() == {"step": 4, "rollout_id": 1}
     for want, have in zip(expected, got, strict=True):
         for want_step, have_step in zip(want["steps"], have["steps"], strict=True):
             for key in ("loss", "pg_loss", "ppo_kl", "entropy"):
                 assert have_step[key] == pytest.approx(want_step[key], abs=1e-5), key
             assert have_step["grad_norm"] == pytest.approx(want_step["grad_norm"], rel=1e-5)
+    assert_first_step_matches(expected, got)
     assert abs(got[1]["steps"][1]["ppo_kl"]) > 1e-4

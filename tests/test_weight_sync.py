@@ -12,12 +12,13 @@ from tiny_models import make_tiny_model
 from slime_wf.checkpoint import CheckpointError
 from slime_wf.checkpoint.fp8_convert import convert_checkpoint
 from slime_wf.checkpoint.fp8_format import Fp8Format
-from slime_wf.checkpoint.sync import sync_weights, verify_served_weights
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.engines import EngineFleet
 from slime_wf.training.model import forward_logits
 from slime_wf.training.trainer import Trainer
 from slime_wf.types import Sample
+from slime_wf.weight_sync.disk import sync_weights
+from slime_wf.weight_sync.verify import verify_served_weights
 
 pytestmark = pytest.mark.slow
 

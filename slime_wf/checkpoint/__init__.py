@@ -11,7 +11,6 @@
   own block size, scale names and kept modules), which every weight sync reproduces.
 - `layout`: what a folder holds (HF checkpoint, FP8 or not; trainer checkpoint; slime's
   Megatron-LM torch_dist checkpoint, which is refused with the way out).
-- `sync`: weight export (cast to the served FP8 layout), push to the engines, served-weights check.
 
 Submodules are imported on demand, so that a download does not pay for importing torch.
 """

@@ -64,7 +64,7 @@ def quantize_block_fp8(
     Shapes that are not multiples of the block are zero-padded internally (zeros never raise a
     block's amax) and cropped back.
     """
-    bn, bk = _block_size(block_size)
+    bn, bk = check_block_size(block_size)
     _check_weight(w, "quantize_block_fp8")
     n, k = w.shape
     n_blocks, k_blocks = math.ceil(n / bn), math.ceil(k / bk)
@@ -159,7 +159,7 @@ def dequantize_block_fp8(
     dtype: torch.dtype = torch.bfloat16,
 ) -> torch.Tensor:
     """fp8 × scale_inv per bn×bk block, as `dtype`."""
-    bn, bk = _block_size(block_size)
+    bn, bk = check_block_size(block_size)
     _check_fp8(fp8, "dequantize_block_fp8")
     n, k = fp8.shape
     expected = (math.ceil(n / bn), math.ceil(k / bk))
@@ -243,7 +243,7 @@ def quantization_config(
     if strategy in ("block", "tensor"):
         cfg: dict[str, Any] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
         if strategy == "block":
-            cfg["weight_block_size"] = list(_block_size(block_size))
+            cfg["weight_block_size"] = list(check_block_size(block_size))
         cfg["modules_to_not_convert"] = skipped
         return cfg
     args = {"actorder": None, "block_structure": None, "group_size": None, "num_bits": 8, "symmetric": True,
@@ -271,7 +271,7 @@ def strategy_of(quant_config: Mapping[str, Any]) -> tuple[str, tuple[int, int] |
     method = str(quant_config.get("quant_method", ""))
     if method == "fp8":
         block = quant_config.get("weight_block_size")
-        return ("block", _block_size(block)) if block else ("tensor", None)
+        return ("block", check_block_size(block)) if block else ("tensor", None)
     if method == "compressed-tensors":
         weights = [g.get("weights") or {} for g in (quant_config.get("config_groups") or {}).values()]
         kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy"), tuple(w.get("block_structure") or ()))
@@ -287,7 +287,7 @@ def strategy_of(quant_config: Mapping[str, Any]) -> tuple[str, tuple[int, int] |
                 f"compressed-tensors weights type={kind!r} num_bits={bits!r} strategy={strategy!r} are not "
                 "FP8 (expected type 'float', num_bits 8, strategy block / channel / tensor)"
             )
-        return strategy, (_block_size(block) if strategy == "block" else None)
+        return strategy, (check_block_size(block) if strategy == "block" else None)
     raise ValueError(
         f"quantization_config.quant_method={method!r} is not supported: expected 'fp8' or "
         "'compressed-tensors' (float-quantized)"
@@ -352,7 +352,8 @@ def check_strategy(strategy: str) -> None:
         raise ValueError(f"unknown FP8 strategy {strategy!r}: choose one of {', '.join(STRATEGIES)}")
 
 
-def _block_size(block_size: Any) -> tuple[int, int]:
+def check_block_size(block_size: Any) -> tuple[int, int]:
+    """`block_size` as (rows, cols), two positive integers; anything else raises ValueError naming it."""
     try:
         bn, bk = (int(b) for b in block_size)
     except (TypeError, ValueError):
@@ -379,13 +380,3 @@ def _check_fp8(t: torch.Tensor, fn: str) -> None:
 def _check_finite(amax: torch.Tensor, fn: str) -> None:
     if not bool(torch.isfinite(amax).all()):
         raise ValueError(f"{fn}: the weight contains NaN or inf; it cannot be scaled into FP8")
-
-
-def __getattr__(name: str) -> Any:
-    # The whole-checkpoint converter lives beside this module (file I/O); it is importable from here
-    # too, lazily, because it imports this module.
-    if name == "convert_checkpoint":
-        from slime_wf.checkpoint.fp8_convert import convert_checkpoint
-
-        return convert_checkpoint
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,24 +30,25 @@ from tqdm import tqdm
 from slime_wf.checkpoint.fp8 import (
     DEFAULT_BLOCK_SIZE,
     QUANTIZABLE_DTYPES,
-    _block_size,
+    check_block_size,
     check_strategy,
     quantization_config,
     quantize_fp8,
 )
 from slime_wf.checkpoint.fp8_format import Fp8Format, ScaleSpec
 from slime_wf.checkpoint.safetensors_stream import (
+    INDEX_NAME,
     TORCH_DTYPES,
     StreamingWriter,
     TensorEntry,
     _itemsize,
+    list_shards,
     read_header,
     read_tensor,
 )
 
 log = logging.getLogger(__name__)
 
-INDEX_NAME = "model.safetensors.index.json"
 # Weights in other formats are not converted and would only confuse loaders if copied beside FP8 ones.
 _OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 
@@ -131,7 +132,7 @@ def convert_checkpoint(
         strategy, block_size = fmt.strategy, fmt.block_size
     try:
         check_strategy(strategy)
-        block = _block_size(block_size or DEFAULT_BLOCK_SIZE) if strategy == "block" else None
+        block = check_block_size(block_size or DEFAULT_BLOCK_SIZE) if strategy == "block" else None
     except ValueError as err:
         raise ConversionError(str(err)) from None
     workers = max_workers if max_workers is not None else (os.cpu_count() or 1)
@@ -283,30 +284,10 @@ def _read_config(model_dir: str) -> dict[str, Any]:
 
 
 def _input_shards(model_dir: str) -> list[str]:
-    index_path = os.path.join(model_dir, INDEX_NAME)
-    on_disk = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
-    if os.path.isfile(index_path):
-        try:
-            with open(index_path) as f:
-                listed = sorted(set(json.load(f)["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-            raise ConversionError(f"{index_path} is not a valid safetensors index ({err!r})") from None
-        missing = [n for n in listed if n not in on_disk]
-        if missing:
-            raise ConversionError(
-                f"{index_path} lists {len(missing)} shard(s) that are not in {model_dir} (first: {missing[0]}); "
-                "the download is incomplete"
-            )
-        extra = [n for n in on_disk if n not in listed]
-        if extra:
-            log.warning("ignoring %d .safetensors file(s) not listed in %s: %s", len(extra), index_path, extra[:3])
-        return listed
-    if not on_disk:
-        raise ConversionError(
-            f"no *.safetensors files in {model_dir}: convert-fp8 reads safetensors checkpoints "
-            "(save with save_pretrained(..., safe_serialization=True))"
-        )
-    return on_disk
+    try:
+        return list_shards(model_dir)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _prepare_save_dir(model_dir: str, save_dir: str, overwrite: bool) -> None:

@@ -31,7 +31,7 @@ import torch
 from slime_wf.checkpoint import CheckpointError
 from slime_wf.checkpoint.fp8 import (
     DEFAULT_BLOCK_SIZE,
-    _block_size,
+    check_block_size,
     check_strategy,
     scale_name,
     should_quantize,
@@ -62,7 +62,7 @@ class Fp8Format:
     @classmethod
     def from_settings(cls, strategy: str = "block", block_size=DEFAULT_BLOCK_SIZE) -> Fp8Format:
         check_strategy(strategy)
-        return cls(strategy, _block_size(block_size) if strategy == "block" else None)
+        return cls(strategy, check_block_size(block_size) if strategy == "block" else None)
 
     @classmethod
     def of_checkpoint(cls, path: str | os.PathLike) -> Fp8Format | None:
@@ -192,13 +192,12 @@ def _matches(module: str, patterns: list[str]) -> bool:
 
 def _read_scales(folder: Path) -> dict[str, ScaleSpec]:
     """float8 weight name -> its scale, from the safetensors headers of `folder`."""
-    from slime_wf.checkpoint.fp8_convert import ConversionError, _input_shards
-    from slime_wf.checkpoint.safetensors_stream import read_header
+    from slime_wf.checkpoint.safetensors_stream import list_shards, read_header
 
     try:
-        shards = _input_shards(str(folder))
+        shards = list_shards(str(folder))
         entries = {e.name: e for s in shards for e in read_header(os.path.join(folder, s))[0]}
-    except (ConversionError, ValueError, OSError) as err:
+    except (ValueError, OSError) as err:
         raise CheckpointError(f"cannot read the tensors of {folder}: {err}") from None
     scales: dict[str, ScaleSpec] = {}
     for name, e in entries.items():

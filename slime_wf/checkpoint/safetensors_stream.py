@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import struct
 import sys
@@ -20,6 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER_BYTES = 100 * 2**20
 
 TORCH_DTYPES = {
@@ -46,6 +50,35 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute file offset of the first byte
     nbytes: int
+
+
+def list_shards(model_dir: str) -> list[str]:
+    """The safetensors shard names of a checkpoint folder: those its index lists, or every
+    `*.safetensors` file when it has no index. Raises ValueError for a broken or incomplete one."""
+    index_path = os.path.join(model_dir, INDEX_NAME)
+    on_disk = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
+    if os.path.isfile(index_path):
+        try:
+            with open(index_path) as f:
+                listed = sorted(set(json.load(f)["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{index_path} is not a valid safetensors index ({err!r})") from None
+        missing = [n for n in listed if n not in on_disk]
+        if missing:
+            raise ValueError(
+                f"{index_path} lists {len(missing)} shard(s) that are not in {model_dir} (first: {missing[0]}); "
+                "the download is incomplete"
+            )
+        extra = [n for n in on_disk if n not in listed]
+        if extra:
+            log.warning("ignoring %d .safetensors file(s) not listed in %s: %s", len(extra), index_path, extra[:3])
+        return listed
+    if not on_disk:
+        raise ValueError(
+            f"no *.safetensors files in {model_dir}: only safetensors checkpoints are read "
+            "(save with save_pretrained(..., safe_serialization=True))"
+        )
+    return on_disk
 
 
 def read_header(path: str) -> tuple[list[TensorEntry], dict[str, str]]:

@@ -184,6 +184,11 @@ class EngineClient:
         }
         return await self._request("POST", "/update_weights_from_disk", json=body, timeout=timeout, admin=True)
 
+    async def control(self, path: str, body: dict[str, Any], timeout: float | None = 600) -> Any:
+        """Any other management call (admin key), e.g. the weight-update group endpoints of
+        `slime_wf.weight_sync.distributed`; raises EngineRejected on a 4xx answer."""
+        return await self._request("POST", path, json=body, timeout=timeout, admin=True)
+
     async def model_info(self, timeout: float = 30) -> dict[str, Any]:
         return await self._request("GET", "/model_info", timeout=timeout)
 

@@ -38,6 +38,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +66,28 @@ _ROUTER_MAIN = (
     f"import os, sys; key = os.environ.pop({ROUTER_KEY_ENV!r}, ''); sys.argv += ['--api-key', key] if key else []; "
     "from sglang_router.launch_router import main; main()"
 )
+
+
+def engine_gpus(args: Any, index: int, env: dict[str, str]) -> list[str]:
+    """The GPUs (CUDA_VISIBLE_DEVICES entries) of launched SGLang engine `index`: one group of
+    rollout_num_gpus_per_engine per engine, in launch order, from engine_base_gpu (default: after
+    the trainer's GPUs on this node), counted within the CUDA_VISIBLE_DEVICES given to slime-wf."""
+    tp = args.rollout_num_gpus_per_engine
+    base = args.engine_base_gpu
+    if base is None:
+        base = getattr(args, "actor_num_gpus_per_node", 1)
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    devices = [d.strip() for d in visible.split(",") if d.strip()] if visible else None
+    wanted = [base + index * tp + i for i in range(tp)]
+    if devices is None:
+        return [str(i) for i in wanted]
+    if wanted[-1] >= len(devices):
+        raise EngineStartError(
+            f"SGLang engine {index} needs GPUs {wanted} (engine.engine_base_gpu={base}, rollout_num_gpus_per_engine="
+            f"{tp}) but CUDA_VISIBLE_DEVICES={visible} has {len(devices)}; lower num_engines, or share the trainer's "
+            "GPUs with engine_base_gpu: 0 and sglang_mem_fraction_static"
+        )
+    return [devices[i] for i in wanted]
 
 
 def _get(url: str, timeout: float, api_key: str | None = None) -> int:
@@ -138,6 +161,9 @@ class EngineFleet:
         self._key_file: str | None = None  # the engines' --config file that holds the key
         self.started = False
         self._restart_tasks: set[asyncio.Task] = set()
+        # Called with a restarted engine's URL before it takes requests again: the `distributed` weight
+        # sync gives it the current weights there (`weight_sync.fleet_sync`); if it raises, the engine is stopped.
+        self.after_restart: Callable[[str], Any] | None = None
 
     # ---- launching -----------------------------------------------------------------------
 
@@ -156,7 +182,7 @@ class EngineFleet:
                 *self._key_args(),
             ]
         cmd = [
-            sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
+            a.sglang_python or sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
             "--port", str(port), "--tp-size", str(a.rollout_num_gpus_per_engine),
             "--weight-version", self.weight_version, *self._key_args(),
         ]
@@ -176,11 +202,8 @@ class EngineFleet:
     def _spawn(self, engine: Engine, env: dict[str, str] | None = None) -> None:
         os.makedirs(self.log_dir, exist_ok=True)
         env = {**os.environ, **(env or {})}
-        if engine.cmd[2] == "sglang.launch_server" and "CUDA_VISIBLE_DEVICES" not in env:
-            # one GPU group per engine, in launch order
-            tp = self.args.rollout_num_gpus_per_engine
-            first = engine.extra["index"] * tp
-            env["CUDA_VISIBLE_DEVICES"] = ",".join(str(first + i) for i in range(tp))
+        if engine.cmd[2] == "sglang.launch_server":
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(engine_gpus(self.args, engine.extra["index"], env))
         cmd = engine.cmd
         if not engine.watches_parent:
             cmd = [sys.executable, "-m", "slime_wf.rollout.parent_watch", "--parent-pid", str(os.getpid()), "--", *cmd]
@@ -347,6 +370,13 @@ class EngineFleet:
         self._kill(engine)
         self._spawn(engine)
         self._wait_healthy(engine, f"restarted engine {url}")
+        if self.after_restart is not None:
+            try:
+                self.after_restart(url)
+            except Exception as err:
+                self._kill(engine)  # it would serve the weights it was launched with, not the current ones
+                raise EngineStartError(f"restarted engine {redact_url(url)} was stopped again: giving it the current "
+                                       f"weights failed: {err}") from err
 
     def session(self, *, validate=None) -> EngineSession:
         """An `EngineSession` over this fleet whose dead engines are restarted in the background."""

@@ -15,8 +15,8 @@ from slime_wf.rollout.generate import (
     RolloutContext,
     generate,
     reward_samples,
+    rollout_context,
     sampling_params_from_args,
-    set_context,
 )
 from slime_wf.types import Sample
 
@@ -49,9 +49,14 @@ async def _generate_and_reward(ctx: RolloutContext, sample: Sample, params: dict
 
 
 async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: Any, *, reward_hub: Any = None) -> dict:
+    """Per-dataset eval metrics on an open engine session. `reward_hub`: the campaign's; without one, a
+    hub for this evaluation alone, closed when it ends."""
     from slime_wf.rollout import rm_hub
 
-    hub = reward_hub if reward_hub is not None else rm_hub.default_hub()
+    if reward_hub is None:
+        async with rm_hub.RewardHub() as own_hub:
+            return await evaluate_async(args, rollout_id, session, tokenizer, reward_hub=own_hub)
+    hub = reward_hub
     metrics: dict[str, float] = {}
     for ds_cfg in args.eval_datasets:
         ds_cfg = dict(ds_cfg)
@@ -73,7 +78,6 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
         )
         ctx = RolloutContext(args=eval_args, session=session, tokenizer=tokenizer, rollout_id=rollout_id,
                              reward_kwargs={"hub": hub})
-        set_context(ctx)
         params = _eval_params(args, ds_cfg)
         samples = []
         for i, prompt in enumerate(dataset.samples):
@@ -81,7 +85,8 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
                 s = prompt.clone()
                 s.index = i * ds_cfg["n_samples_per_eval_prompt"] + j
                 samples.append(s)
-        with tqdm(total=len(samples), desc=f"eval {ds_cfg['name']}", leave=False) as pbar:
+        with (rollout_context(ctx), rm_hub.using_hub(hub),
+              tqdm(total=len(samples), desc=f"eval {ds_cfg['name']}", leave=False) as pbar):
             done = await asyncio.gather(*(_generate_and_reward(ctx, s, params, pbar) for s in samples))
         scored = [s for s in done if s.status != Sample.Status.FAILED]
         rewards = [float(s.get_reward_value(eval_args)) for s in scored]

@@ -8,11 +8,13 @@ context (`current_context()`), which the rollout loop sets for the tasks it star
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
 import uuid
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,8 +72,14 @@ def current_context() -> RolloutContext:
         raise RuntimeError("generate() runs only inside a rollout (no engine context is set)") from None
 
 
-def set_context(ctx: RolloutContext) -> contextvars.Token:
-    return _context.set(ctx)
+@contextlib.contextmanager
+def rollout_context(ctx: RolloutContext) -> Iterator[RolloutContext]:
+    """Make `ctx` the rollout context of this block (and of the tasks it starts); reset on the way out."""
+    token = _context.set(ctx)
+    try:
+        yield ctx
+    finally:
+        _context.reset(token)
 
 
 def sampling_params_from_args(args: Any) -> dict[str, Any]:

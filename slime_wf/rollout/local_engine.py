@@ -49,7 +49,7 @@ from slime_wf.rollout.local_model import (
     read_state_dict,
 )
 from slime_wf.rollout.local_response import error_response, generate_response, waiting_abort_response
-from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams, sample
+from slime_wf.rollout.local_sampling import InvalidRequest, Request, sample
 
 logger = logging.getLogger(__name__)
 
@@ -58,19 +58,6 @@ HEALTH_CHECK_RID_PREFIX = "HEALTH_CHECK"
 
 class QueueFull(RuntimeError):
     """The waiting queue holds `max_queued_requests` requests already (SGLang answers HTTP 503)."""
-
-
-@dataclasses.dataclass
-class Request:
-    """A validated `/generate` request, as the scheduler sees it."""
-
-    rid: str
-    input_ids: list[int]
-    params: SamplingParams
-    return_logprob: bool = False
-    return_text_in_logprobs: bool = False
-    arrival: float = dataclasses.field(default_factory=time.perf_counter)
-    future: concurrent.futures.Future = dataclasses.field(default_factory=concurrent.futures.Future)
 
 
 @dataclasses.dataclass(eq=False)  # identity: list.remove must not compare tensors field by field
@@ -274,6 +261,17 @@ class LocalEngine:
             return False, f"Failed to update weights from {model_path}: {err}. The old weights keep serving.", 0
         if abort_all_requests:
             self.abort(abort_all=True)
+        num_paused = self.swap_weights(checked, weight_version, model_path=str(model_path))
+        message = f"Succeeded to update model weights from {model_path}."
+        if weight_version is not None:
+            message += f" Weight version updated to {weight_version}."
+        logger.info(message)
+        return True, message, num_paused
+
+    def swap_weights(self, checked: dict[str, torch.Tensor], weight_version: str | None,
+                     model_path: str | None = None) -> int:
+        """Copy checked tensors (`check_state_dict`) into the model between two decode steps and move to
+        `weight_version` (None: the version stays); returns the number of requests in flight."""
 
         def swap() -> int:
             copy_weights_(self.model, checked)
@@ -283,15 +281,11 @@ class LocalEngine:
                     if active.output_ids:
                         active.version_events.append((self.weight_version, len(active.output_ids)))
                 self.weight_version = weight_version
-            self.model_path = str(model_path)
+            if model_path is not None:
+                self.model_path = model_path
             return len(running)
 
-        num_paused = self.run_in_loop(swap)
-        message = f"Succeeded to update model weights from {model_path}."
-        if weight_version is not None:
-            message += f" Weight version updated to {weight_version}."
-        logger.info(message)
-        return True, message, num_paused
+        return self.run_in_loop(swap)
 
     # ---- scheduler thread ------------------------------------------------------------------
 

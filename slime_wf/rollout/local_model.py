@@ -90,8 +90,9 @@ def load_model(model_path: str | Path, dtype: torch.dtype):
     return model.eval()
 
 
-def check_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Match checkpoint tensors to the model's: every weight present (tied ones may be absent), shapes equal.
+def check_state_dict(model, state: dict[str, torch.Tensor], *, partial: bool = False) -> dict[str, torch.Tensor]:
+    """Match checkpoint tensors to the model's: every weight present (tied ones may be absent; with
+    `partial`, any may be, as an update over a weight-update group names only what it sends), shapes equal.
 
     Returns the tensors to copy, cast to the model's dtype. Raises `WeightLoadError` before anything
     is changed, so a bad checkpoint never leaves the model half-updated.
@@ -100,7 +101,7 @@ def check_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.T
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
     ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
-    missing = sorted(k for k in own if k not in state and k not in tied)
+    missing = [] if partial else sorted(k for k in own if k not in state and k not in tied)
     unexpected = sorted(k for k in state if k not in own and not any(p.search(k) for p in ignore))
     wrong_shape = [
         f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"

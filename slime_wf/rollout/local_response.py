@@ -9,10 +9,9 @@ version produced and `weight_version` is the last span's, as SGLang 0.5.23 repor
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from slime_wf.rollout.local_engine import Request
+from slime_wf.rollout.local_sampling import Request
 
 
 def version_spans(events: list[tuple[str, int]], current: str, num_tokens: int) -> list[dict]:

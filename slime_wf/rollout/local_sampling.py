@@ -7,11 +7,16 @@
   torch-native sampler;
 - `sampling_seed` draws from a per-request `torch.Generator`, so a request is reproducible
   whatever else is in the batch (given the same logits).
+
+`Request` is a validated request with its `SamplingParams`: what the scheduler (`local_engine`)
+runs and the response builder (`local_response`) answers.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +44,19 @@ _UNSUPPORTED_DEFAULTS = {
 
 class InvalidRequest(ValueError):
     """A request the engine refuses (HTTP 400); the text names the field and the fix."""
+
+
+@dataclass
+class Request:
+    """A validated `/generate` request, as the engine's scheduler sees it; its answer arrives on `future`."""
+
+    rid: str
+    input_ids: list[int]
+    params: SamplingParams
+    return_logprob: bool = False
+    return_text_in_logprobs: bool = False
+    arrival: float = field(default_factory=time.perf_counter)
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
 @dataclass

@@ -7,7 +7,8 @@
 Serves any Hugging Face causal-LM checkpoint directory (FP8 block-quantized ones are dequantized
 on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/abort_request`,
 `/pause_generation`, `/continue_generation`, `/flush_cache`, `/update_weights_from_disk`,
-`/health`, `/health_generate`, `/model_info`, `/server_info`. Every `/generate` body is checked
+`/health`, `/health_generate`, `/model_info`, `/server_info`, and the weight-update group endpoints
+of the `distributed` weight sync (`local_weight_update`). Every `/generate` body is checked
 against SGLang's own schema when it is installed (unknown `sampling_params` keys are a 400, as
 in SGLang). Differences from SGLang: one sample per request (`n` must be 1), no streaming, no
 batched (list) inputs, no prefix cache (`cached_tokens` is 0, `/flush_cache` has nothing to
@@ -48,8 +49,9 @@ from typing import Any
 
 from aiohttp import web
 
-from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull, Request
-from slime_wf.rollout.local_sampling import InvalidRequest, SamplingParams
+from slime_wf.rollout import local_weight_update
+from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull
+from slime_wf.rollout.local_sampling import InvalidRequest, Request, SamplingParams
 from slime_wf.rollout.local_server_args import check_args, parse_args
 from slime_wf.rollout.sglang_schema import generate_request_error
 
@@ -60,7 +62,8 @@ ARGS = web.AppKey("args", argparse.Namespace)
 _UNSUPPORTED_TOP_LEVEL = ("image_data", "video_data", "audio_data", "lora_path", "session_params", "custom_logit_processor")
 # SGLang's `AuthLevel.ADMIN_OPTIONAL` endpoints among those served here (`srt/entrypoints/http_server.py`).
 ADMIN_PATHS = frozenset(
-    {"/abort_request", "/pause_generation", "/continue_generation", "/flush_cache", "/update_weights_from_disk"}
+    {"/abort_request", "/pause_generation", "/continue_generation", "/flush_cache", "/update_weights_from_disk",
+     *local_weight_update.PATHS}
 )
 # Probes stay open whatever the keys, as in SGLang (`srt/utils/auth.py`), for health checks without secrets.
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
@@ -390,6 +393,7 @@ def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
     app.router.add_post("/continue_generation", continue_generation)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
+    local_weight_update.add_routes(app, engine)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/model_info", "/get_model_info"):

@@ -39,8 +39,8 @@ from slime_wf.rollout.generate import (
     RolloutContext,
     failure_reason,
     generate_and_reward_group,
+    rollout_context,
     sampling_params_from_args,
-    set_context,
 )
 from slime_wf.types import Group, Sample
 
@@ -296,18 +296,23 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
 async def generate_rollout_async(
     args: Any, rollout_id: int, data_source: Any, session: Any, tokenizer: Any, *, reward_hub: Any = None
 ) -> RolloutOutput:
+    """One rollout id on an open engine session. `reward_hub`: the campaign's; without one, a hub for
+    this rollout alone, closed when it ends."""
     from slime_wf.rollout import rm_hub
 
-    hub = reward_hub if reward_hub is not None else rm_hub.default_hub()
+    if reward_hub is None:
+        async with rm_hub.RewardHub() as own_hub:
+            return await generate_rollout_async(args, rollout_id, data_source, session, tokenizer, reward_hub=own_hub)
+    hub = reward_hub
     hub.reset_cache()  # identical gradings are shared within a rollout, not across weight versions
     hub.metrics(reset=True)
     ctx = RolloutContext(args=args, session=session, tokenizer=tokenizer, rollout_id=rollout_id,
                          reward_kwargs={"hub": hub})
-    set_context(ctx)
-    loop = _Loop(args, rollout_id, data_source, ctx)
-    start = time.perf_counter()
-    kept = await loop.run()
-    elapsed = time.perf_counter() - start
+    with rollout_context(ctx), rm_hub.using_hub(hub):
+        loop = _Loop(args, rollout_id, data_source, ctx)
+        start = time.perf_counter()
+        kept = await loop.run()
+        elapsed = time.perf_counter() - start
     kept.sort(key=lambda g: g[0].group_index)
     loop.ledger["trained"] = [g[0].group_index for g in kept]
     for key in ("drawn_new", "from_buffer", "to_buffer"):
@@ -328,6 +333,7 @@ def generate_rollout(
     The batch has `rollout_batch_size` groups, or fewer when the draw budget ran out first
     (`rollout/filter/shortfall_groups` says how many fewer).
 
+    `reward_hub` is the campaign's `RewardHub`; without one, the rollout makes its own and closes it.
     `rollout_function_path` replaces this whole function with the user's (slime's signature).
     """
     if args.rollout_function_path:

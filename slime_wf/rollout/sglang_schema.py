@@ -53,8 +53,8 @@ def load_api_types() -> ModuleType:
         raise SchemaUnavailableError("SGLang's schema needs msgspec: pip install msgspec") from err
     spec = importlib.util.spec_from_file_location(_MODULE_NAME, path)
     module = importlib.util.module_from_spec(spec)
-    # The generated file uses postponed annotations that msgspec resolves through sys.modules.
-    sys.modules[_MODULE_NAME] = module
+    # Not registered in sys.modules: the generated `from_json_value` decoders need no type resolution
+    # (only msgspec's own typed decoders would look the module's annotations up there).
     spec.loader.exec_module(module)
     return module
 
@@ -76,8 +76,13 @@ def load_sglang_file(relative: str, source_only: bool = False) -> ModuleType | s
     name = "_slime_wf_sglang_" + relative.removesuffix(".py").replace("/", "_")
     file_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(file_spec)
-    sys.modules[name] = module  # dataclasses resolve their module through sys.modules
-    file_spec.loader.exec_module(module)
+    # `@dataclass` looks a class's module up in sys.modules while the class is created (postponed
+    # annotations), so the module is registered while it runs and removed afterwards.
+    sys.modules[name] = module
+    try:
+        file_spec.loader.exec_module(module)
+    finally:
+        sys.modules.pop(name, None)
     return module
 
 
@@ -123,8 +128,3 @@ def validate_generate_response(body: Any) -> Any:
 def validate_model_info(body: Any) -> Any:
     """Decode a `/model_info` response with SGLang's schema."""
     return _decode("GetModelInfoResponse", body, "/model_info response body")
-
-
-def validate_abort_request(body: Any) -> Any:
-    """Decode an `/abort_request` body with SGLang's schema."""
-    return _decode("AbortRequest", body, "/abort_request body")

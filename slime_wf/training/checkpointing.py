@@ -238,6 +238,25 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return state
 
 
+def find_checkpoint(path: str | os.PathLike | None) -> Path | None:
+    """The trainer checkpoint at `path`, or the latest one in the folder `path` (by rollout id,
+    then step), or None when there is none (a missing folder included)."""
+    if not path:
+        return None
+    root = Path(path)
+    if (root / _STATE_FILE).is_file():
+        return root
+    if not root.is_dir():
+        return None
+    found = []
+    for child in root.iterdir():
+        if child.is_dir() and not child.name.startswith(".") and (child / _STATE_FILE).is_file():
+            state = read_trainer_state(child)
+            rollout_id = state.get("extra", {}).get("rollout_id")
+            found.append((-1 if rollout_id is None else int(rollout_id), state.get("step") or 0, child.name, child))
+    return max(found)[-1] if found else None
+
+
 def _load_megatron(sharded: dict, directory: Path) -> dict:
     """`dist_checkpointing.load`, with torch's CheckpointException (a BaseException, which
     `except Exception` does not catch) turned into the error it wraps, or a RuntimeError."""

@@ -7,6 +7,8 @@ with CUDA enabled". This module is the only place in slime-wf that knows about t
 
 - `install()` patches those assumptions, and only when `torch.cuda.is_available()` is False;
   with CUDA it does nothing, so callers call it unconditionally.
+- `import_megatron()` (which `install()` calls first) imports megatron-core with its warnings about
+  the missing fused kernels silenced for that import only.
 - `distributed_backend()`, `rng_tracker_options()` and `local_device()` answer the few
   questions whose answer differs between CPU and GPU, so no other module branches on CUDA.
 
@@ -31,6 +33,7 @@ import functools
 import importlib
 import logging
 import types
+import warnings
 
 import torch
 
@@ -177,9 +180,33 @@ def is_active() -> bool:
     return not torch.cuda.is_available()
 
 
+# megatron-core warns when imported that the optional fused kernels (Apex, Transformer Engine) are
+# missing and that it falls back to plain torch: slime-wf uses those fallbacks on purpose, on any device.
+_FUSED_KERNEL_WARNING = r".*(Apex|Transformer Engine).* (is|are) not installed"
+# The modules whose import gives that warning: megatron.core itself, the GPT model and its layer specs.
+_MODULES_WARNING_AT_IMPORT = (
+    "megatron.core",
+    "megatron.core.models.gpt",
+    "megatron.core.models.gpt.gpt_layer_specs",
+)
+
+
+@functools.cache
+def import_megatron() -> None:
+    """Import megatron-core, with the fused-kernel fallback warnings silenced around that import alone
+    (a process-wide filter would also hide them from the rest of the process). Call it before any
+    other import of megatron; `install()` does."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_FUSED_KERNEL_WARNING, category=UserWarning)
+        for name in _MODULES_WARNING_AT_IMPORT:
+            importlib.import_module(name)
+
+
 def install() -> None:
-    """Patch megatron-core for CPU; a no-op when CUDA is available or when already installed."""
+    """Import megatron-core (`import_megatron`) and patch it for CPU; the patching is a no-op when CUDA
+    is available or when already installed."""
     global _installed
+    import_megatron()
     if _installed or not is_active():
         return
     for module_name in _MODULES_USING_CUDA:

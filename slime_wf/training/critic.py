@@ -2,11 +2,10 @@
 clipped value loss next to the policy.
 
 It is built like the policy from the HF checkpoint (the transformer body comes from it, or from
-`critic_load`); the vocabulary output layer is replaced by a map hidden -> 1 that starts at zero,
-so the first values are 0 and the first advantages are the plain discounted returns. The head's
-weight is replicated on every tensor-parallel rank: it reads the final hidden state, which every
-rank holds whole, so all ranks compute the same gradient and need no reduction, and a checkpoint
-of it loads at any TP size.
+`critic_load`); the vocabulary output layer is replaced by a map hidden -> 1 that starts at zero
+(`model.ValueHead`), so the first values are 0 and the first advantages are the plain discounted
+returns. The head's weight is replicated on every tensor-parallel rank, so a checkpoint of it
+loads at any TP size.
 
 A response token's value is read at the position that predicts the token, like its log-prob
 (`train_step.score_values`): the value at position t-1 estimates the return of the state in
@@ -28,39 +27,14 @@ from typing import Any
 
 import torch
 
-from slime_wf.training.checkpointing import load_checkpoint, save_checkpoint
-from slime_wf.training.optimizer import build_optimizer
+from slime_wf.training.checkpointing import find_checkpoint, load_checkpoint, save_checkpoint
+from slime_wf.training.model import build_gpt_model
+from slime_wf.training.optimizer import build_optimizer, build_scheduler
+from slime_wf.training.weights import load_hf_checkpoint_into
 
 logger = logging.getLogger(__name__)
 
 CRITIC_DIR = "critic"
-
-
-def needs_critic(args: Any) -> bool:
-    """PPO's advantages come from the critic's values (GAE)."""
-    return getattr(args, "advantage_estimator", None) == "ppo"
-
-
-class ValueHead(torch.nn.Module):
-    """hidden -> 1, in the place of GPTModel's output layer (same call signature)."""
-
-    def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
-        super().__init__()
-        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
-
-    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
-        return torch.nn.functional.linear(hidden_states, self.weight), None
-
-
-def attach_value_head(model) -> None:
-    """Replace a GPTModel's output layer by a zero `ValueHead` (the model must not tie its
-    output layer to the embedding: build it with `value_head=True`)."""
-    if model.share_embeddings_and_output_weights:
-        raise ValueError("a value head needs an untied output layer; build the model with value_head=True")
-    device = model.embedding.word_embeddings.weight.device
-    model.output_layer = ValueHead(model.config.hidden_size, model.config.params_dtype, device)
-    model.is_critic = True
 
 
 def critic_args(args: Any) -> argparse.Namespace:
@@ -90,10 +64,6 @@ class Critic:
         """A critic with the body of the HF checkpoint and a zero head, or the weights and optimizer
         state of the critic checkpoint `source`; `initialize=False` leaves the body random (the
         caller loads a checkpoint into it next)."""
-        from slime_wf.training.model import build_gpt_model
-        from slime_wf.training.train_step import build_scheduler
-        from slime_wf.training.weights import load_hf_checkpoint_into
-
         cargs = critic_args(args)
         model = build_gpt_model(hf_checkpoint_dir, params_dtype=params_dtype, value_head=True)
         if source is None and initialize:
@@ -114,8 +84,6 @@ class Critic:
                         {"rollout_id": rollout_id, "role": "critic"}, step=self.step)
 
     def load(self, path: Path) -> None:
-        from slime_wf.training.train_step import build_scheduler
-
         state = load_checkpoint(path, self.ddp_model, self.optimizer)
         if state.get("extra", {}).get("role") != "critic":
             raise ValueError(f"{str(path)!r} is a policy checkpoint, not a critic's (its role is not 'critic')")
@@ -129,8 +97,6 @@ class Critic:
 def critic_source(path: str | Path | None) -> Path | None:
     """The critic checkpoint `critic_load` names: the folder itself, or the `critic/` folder of a
     trainer checkpoint (or of the latest one in a folder of checkpoints); None when unset."""
-    from slime_wf.training.trainer import find_checkpoint
-
     if not path:
         return None
     root = Path(path)
@@ -145,4 +111,4 @@ def critic_source(path: str | Path | None) -> Path | None:
     return found / CRITIC_DIR
 
 
-__all__ = ["CRITIC_DIR", "Critic", "ValueHead", "attach_value_head", "critic_args", "critic_source", "needs_critic"]
+__all__ = ["CRITIC_DIR", "Critic", "critic_args", "critic_source"]

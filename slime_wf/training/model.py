@@ -2,7 +2,8 @@
 
 `describe_hf_config` reads and validates the HF config into an `Architecture` (everything the
 model and the weight converter need); `build_gpt_model` turns it into a `GPTModel` with
-Megatron's local (pure-torch) layer spec; `forward_logits` runs it with an explicit causal +
+Megatron's local (pure-torch) layer spec, or into a critic whose output layer is a `ValueHead`;
+`forward_logits` runs it with an explicit causal +
 padding mask and position ids, and returns full-vocabulary logits with the same meaning as
 the HF model's.
 """
@@ -186,7 +187,7 @@ def build_gpt_model(
 ):
     """A Megatron `GPTModel` with the architecture of `hf_config` (random weights).
 
-    With `value_head`, the output layer is a zero hidden -> 1 head (a critic, see `critic.py`):
+    With `value_head`, the output layer is a zero hidden -> 1 `ValueHead` (a critic, see `critic.py`):
     the model's "logits" are then values `[b, s, 1]`.
 
     Call after `init_parallel`: the tensor-parallel size comes from Megatron's parallel state.
@@ -194,12 +195,12 @@ def build_gpt_model(
     The model carries its `Architecture` as `model.hf_arch` (used by the weight converter and
     by `forward_logits` to crop the vocabulary padding).
     """
+    cpu_shim.install()  # before megatron's first import (see cpu_shim.import_megatron)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cpu_shim.install()
     arch = describe_hf_config(hf_config)
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     check_tp_size(arch, tp_size)
@@ -261,10 +262,34 @@ def build_gpt_model(
     model.hf_arch = arch
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     if value_head:
-        from slime_wf.training.critic import attach_value_head
-
         attach_value_head(model)
     return model
+
+
+class ValueHead(torch.nn.Module):
+    """hidden -> 1, in the place of GPTModel's output layer (same call signature): a critic's head.
+
+    Its weight is replicated on every tensor-parallel rank: it reads the final hidden state, which
+    every rank holds whole, so all ranks compute the same gradient and need no reduction, and a
+    checkpoint of it loads at any TP size."""
+
+    def __init__(self, hidden_size: int, dtype: torch.dtype, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
+
+    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+        return torch.nn.functional.linear(hidden_states, self.weight), None
+
+
+def attach_value_head(model) -> None:
+    """Replace a GPTModel's output layer by a zero `ValueHead` (the model must not tie its
+    output layer to the embedding: build it with `value_head=True`)."""
+    if model.share_embeddings_and_output_weights:
+        raise ValueError("a value head needs an untied output layer; build the model with value_head=True")
+    device = model.embedding.word_embeddings.weight.device
+    model.output_layer = ValueHead(model.config.hidden_size, model.config.params_dtype, device)
+    model.is_critic = True
 
 
 def unwrap_model(model):

@@ -14,12 +14,14 @@ each tensor-parallel rank sees only its own heads' share of those replicated wei
 gradients, so `finish_grad_sync()` alone trains them wrongly at TP > 1.
 
 The trainer calls `step_if_finite` in place of `optimizer.step()`: the same update, skipped
-when the loss or the gradient norm is not finite.
+when the loss or the gradient norm is not finite; `build_scheduler` is the learning-rate schedule
+that follows each step.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -46,10 +48,10 @@ def build_optimizer(
     mixed-precision optimizer keeps fp32 copies of the parameters made here.
     `optimizer_overrides` go to `OptimizerConfig`.
     """
+    cpu_shim.install()  # before megatron's first import (see cpu_shim.import_megatron)
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    cpu_shim.install()
     gpt = unwrap_model(model)
     config = gpt.config
     cpu_shim.check_trainable(config.params_dtype, use_distributed_optimizer)
@@ -105,3 +107,27 @@ def step_if_finite(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
                 use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
     return bool(optimizer.step_with_ready_grads()), grad_norm
+
+
+def build_scheduler(optimizer, args: Any):
+    """Megatron's OptimizerParamScheduler: linear warmup from 0 over `lr_warmup_iters` steps, then
+    `lr_decay_style` (constant, or cosine down to `min_lr` at `lr_decay_iters`). The current
+    settings win over a checkpoint's; only the step count is restored from it."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay_steps = max(int(args.lr_decay_iters), int(args.lr_warmup_iters) + 1)
+    return OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0,
+        max_lr=float(args.lr),
+        min_lr=float(args.min_lr),
+        lr_warmup_steps=int(args.lr_warmup_iters),
+        lr_decay_steps=decay_steps,
+        lr_decay_style=args.lr_decay_style,
+        start_wd=float(args.weight_decay),
+        end_wd=float(args.weight_decay),
+        wd_incr_steps=decay_steps,
+        wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
+        override_opt_param_scheduler=True,
+    )

@@ -35,6 +35,26 @@ class ParallelInfo:
     device: torch.device
 
 
+def init_process_group(timeout_minutes: int = 30) -> None:
+    """torch.distributed's default group, once per process: from torchrun's environment, else a world of
+    one. The trainer service creates it before the trainer, to receive the trainer's settings over it."""
+    from datetime import timedelta
+
+    global _owns_process_group
+    cpu_shim.install()
+    if dist.is_initialized():
+        return
+    timeout = timedelta(minutes=timeout_minutes)
+    backend = cpu_shim.distributed_backend()
+    if "WORLD_SIZE" in os.environ:
+        cpu_shim.local_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=timeout)
+    else:
+        cpu_shim.local_device(0)
+        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    _owns_process_group = True
+
+
 def init_parallel(tp_size: int = 1, *, seed: int = 1234, timeout_minutes: int = 30) -> ParallelInfo:
     """Initialize torch.distributed (if needed), Megatron's model-parallel groups and RNG seeds.
 
@@ -42,27 +62,14 @@ def init_parallel(tp_size: int = 1, *, seed: int = 1234, timeout_minutes: int = 
     `use_cpu_initialization` is set, identically at every tensor-parallel size) and Megatron's
     tensor-parallel RNG tracker.
     """
-    from datetime import timedelta
-
+    cpu_shim.import_megatron()  # megatron's first import in a process, its fallback warnings scoped to it
     from megatron.core import parallel_state, tensor_parallel
 
-    global _owns_process_group
-    cpu_shim.install()
     if tp_size < 1:
         raise ValueError(f"init_parallel: tp_size must be >= 1, got {tp_size}")
     if parallel_state.model_parallel_is_initialized():
         raise RuntimeError("init_parallel: model parallel state is already initialized; call destroy_parallel() first")
-
-    if not dist.is_initialized():
-        timeout = timedelta(minutes=timeout_minutes)
-        backend = cpu_shim.distributed_backend()
-        if "WORLD_SIZE" in os.environ:
-            cpu_shim.local_device(int(os.environ.get("LOCAL_RANK", "0")))
-            dist.init_process_group(backend=backend, timeout=timeout)
-        else:
-            cpu_shim.local_device(0)
-            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
-        _owns_process_group = True
+    init_process_group(timeout_minutes)
 
     world_size = dist.get_world_size()
     if world_size % tp_size:

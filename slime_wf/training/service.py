@@ -6,11 +6,14 @@
     trainer.restart(from_checkpoint=path)    # after a failure
     trainer.shutdown()
 
-`RemoteTrainer` launches `torchrun --standalone --nproc-per-node N -m slime_wf.training.service`.
-Rank 0 listens on 127.0.0.1 (a `multiprocessing.connection.Listener`, HMAC-authenticated with a
+`RemoteTrainer` launches `torchrun --standalone --nproc-per-node N -m slime_wf.training.service`
+(many nodes: see `trainer_group`). Rank 0 reads the trainer's settings and sends them, with the
+HF checkpoint's path, to the other ranks over the process group, so ranks on other nodes need no
+file from this one; every rank checks that the paths the trainer reads exist on its node. Rank 0
+listens on 127.0.0.1 (a `multiprocessing.connection.Listener`, HMAC-authenticated with a
 key passed through the environment) and takes one command at a time from the client: a JSON
 object framed by the connection's length prefix, never a pickle. Samples travel as a JSONL file
-whose path is in the command. Rank 0 broadcasts each command to the other ranks, every rank
+whose path is in the command; rank 0 reads it and broadcasts its text. Rank 0 broadcasts each command to the other ranks, every rank
 runs it on its `Trainer`, and rank 0 answers `{"ok": true, "result": ...}` or `{"ok": false,
 "error": ...}`. While idle, rank 0 broadcasts a heartbeat now and then, so the other ranks'
 wait never reaches the process group's timeout.
@@ -24,9 +27,11 @@ checkpoint. If the client process dies, rank 0 notices and exits, so no service 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
+import socket
 import sys
 import threading
 import time
@@ -41,7 +46,9 @@ from slime_wf.training.trainer_client import (
     RemoteTrainer,
     TrainerServiceError,
     make_trainer,
+    parse_samples_jsonl,
     read_samples_jsonl,
+    trainer_status,
     write_samples_jsonl,
 )
 
@@ -64,7 +71,8 @@ logger = logging.getLogger(__name__)
 def _run_command(trainer, command: dict[str, Any]) -> Any:
     name = command["cmd"]
     if name == "train":
-        return trainer.train(read_samples_jsonl(command["samples_path"]), command["rollout_id"])
+        return trainer.train(parse_samples_jsonl(command["samples_text"], command["samples_path"]),
+                             command["rollout_id"])
     if name == "save":
         return trainer.save(command["path"], command.get("rollout_id"))
     if name == "load":
@@ -72,8 +80,13 @@ def _run_command(trainer, command: dict[str, Any]) -> Any:
     if name == "export_hf":
         return trainer.export_hf(command["out_dir"], command.get("dtype"))
     if name == "ping":
-        return {"step": trainer.step, "rollout_id": trainer.rollout_id}
-    raise ValueError(f"unknown trainer command {name!r}; known: train, save, load, export_hf, ping, shutdown")
+        return trainer_status(trainer)
+    if name == "broadcast_weights":
+        return trainer.broadcast_weights(command["plan"], command["request"])
+    if name == "close_weight_group":
+        return trainer.close_weight_group()
+    raise ValueError(f"unknown trainer command {name!r}; known: train, save, load, export_hf, ping, broadcast_weights, "
+                     "close_weight_group, shutdown")
 
 
 def _watch_client(client_pid: int) -> None:
@@ -93,25 +106,74 @@ def _send(conn, message: dict[str, Any]) -> None:
     conn.send_bytes(json.dumps(message, default=str).encode())
 
 
+def _where() -> str:
+    return (f"trainer node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}), "
+            f"rank {os.environ.get('RANK', '0')}")
+
+
+def _paths_seen_by_rank0(args: dict[str, Any], hf_checkpoint: str) -> dict[str, str]:
+    """The paths the trainer reads that exist on rank 0's node; every rank must see them too."""
+    from slime_wf.training.checkpointing import find_checkpoint
+
+    paths = {"hf_checkpoint": hf_checkpoint}
+    for key in ("load", "ref_load", "critic_load"):
+        if args.get(key) and os.path.exists(args[key]):
+            paths[key] = args[key]
+    resume = find_checkpoint(args.get("load"))
+    if resume is not None:  # a folder of checkpoints resolves to its latest one, which must be the same everywhere
+        paths["the checkpoint resumed from (load)"] = str(resume / "trainer_state.json")
+    return paths
+
+
+def _missing_here(paths: dict[str, str]) -> str | None:
+    missing = [f"{key} {path}" for key, path in paths.items() if not os.path.exists(path)]
+    if not missing:
+        return None
+    return (f"{_where()}: not found here: {', '.join(missing)}. Every trainer node reads these at the same path: "
+            "put them on a filesystem the trainer nodes share, or copy them to that path on each node")
+
+
+def _agree(dist, error: str | None) -> str | None:
+    """Every rank's error, gathered (a collective: every rank gets the same answer)."""
+    errors: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    failed = [f"[rank {r}] {e}" for r, e in enumerate(errors) if e is not None]
+    return "\n".join(failed) or None
+
+
+def _nonfinite_detail(err: BaseException) -> dict[str, Any] | None:
+    from slime_wf.training.nonfinite import NonFiniteTrainingError
+
+    if not isinstance(err, NonFiniteTrainingError):
+        return None
+    return {"message": str(err), "rollout_id": err.rollout_id, "skips": err.skips, "consecutive": err.consecutive,
+            "applied_steps": err.applied_steps}
+
+
 def serve(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
 
-    parser = argparse.ArgumentParser(description="slime-wf trainer service (run under torchrun)")
-    parser.add_argument("--args-json", required=True)
-    parser.add_argument("--hf-checkpoint", required=True)
-    parser.add_argument("--address-file", required=True)
-    parser.add_argument("--client-pid", type=int, required=True)
+    from slime_wf.training.parallel import init_process_group
+
+    parser = argparse.ArgumentParser(description="slime-wf trainer service (run under torchrun); the options are "
+                                     "rank 0's, the other ranks get the settings from it")
+    parser.add_argument("--args-json")
+    parser.add_argument("--hf-checkpoint")
+    parser.add_argument("--address-file")
+    parser.add_argument("--client-pid", type=int)
     parser.add_argument("--heartbeat-s", type=float, default=60.0)
     opts = parser.parse_args(argv)
     rank = int(os.environ.get("RANK", "0"))
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
-    authkey = bytes.fromhex(os.environ.pop(AUTHKEY_ENV))
-    args = json.loads(Path(opts.args_json).read_text())
+    authkey = os.environ.pop(AUTHKEY_ENV, None)
 
     conn = None
     if rank == 0:
+        if None in (authkey, opts.args_json, opts.hf_checkpoint, opts.address_file, opts.client_pid):
+            parser.error(f"rank 0 needs --args-json, --hf-checkpoint, --address-file, --client-pid and {AUTHKEY_ENV} "
+                         "(RemoteTrainer starts it so); the other nodes join with `slime-wf trainer-node`")
         threading.Thread(target=_watch_client, args=(opts.client_pid,), daemon=True).start()
-        listener = Listener(("127.0.0.1", 0), authkey=authkey)
+        listener = Listener(("127.0.0.1", 0), authkey=bytes.fromhex(authkey))
         host, port = listener.address
         tmp = Path(opts.address_file + ".tmp")
         tmp.write_text(json.dumps({"host": host, "port": port}))
@@ -122,7 +184,17 @@ def serve(argv: list[str] | None = None) -> int:
     from slime_wf.training.trainer import Trainer
 
     try:
-        trainer = Trainer(args, opts.hf_checkpoint)
+        init_process_group()
+        box: list[Any] = [None]
+        if rank == 0:
+            args = json.loads(Path(opts.args_json).read_text())
+            box = [(args, opts.hf_checkpoint, _paths_seen_by_rank0(args, opts.hf_checkpoint))]
+        dist.broadcast_object_list(box, src=0)
+        args, hf_checkpoint, paths = box[0]
+        missing = _agree(dist, _missing_here(paths))
+        if missing:
+            raise FileNotFoundError(missing)
+        trainer = Trainer(args, hf_checkpoint)
     except Exception:
         if conn is not None:
             _send(conn, {"ok": False, "error": traceback.format_exc()})
@@ -130,7 +202,8 @@ def serve(argv: list[str] | None = None) -> int:
     pids: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(pids, os.getpid())
     if conn is not None:
-        _send(conn, {"ok": True, "result": {"pids": pids, "step": trainer.step, "rollout_id": trainer.rollout_id}})
+        ready = {"pids": pids, **trainer_status(trainer), "initial_weights": dataclasses.asdict(trainer.initial_weights)}
+        _send(conn, {"ok": True, "result": ready})
 
     try:
         while True:
@@ -140,6 +213,12 @@ def serve(argv: list[str] | None = None) -> int:
                     command = json.loads(conn.recv_bytes()) if conn.poll(opts.heartbeat_s) else {"cmd": "heartbeat"}
                 except (EOFError, OSError):
                     command = {"cmd": "shutdown"}  # the client is gone
+                if command["cmd"] == "train":  # the file is on this node only
+                    try:
+                        command["samples_text"] = Path(command["samples_path"]).read_text(encoding="utf-8")
+                    except OSError as err:
+                        command["samples_text"] = None
+                        command["error"] = f"cannot read the samples: {err}"
             box = [command]
             dist.broadcast_object_list(box, src=0)
             command = box[0]
@@ -152,17 +231,17 @@ def serve(argv: list[str] | None = None) -> int:
                     except OSError:
                         pass
                 return 0
+            nonfinite = None
             try:
+                if command.get("error"):
+                    raise RuntimeError(command["error"])
                 result, error = _run_command(trainer, command), None
-            except Exception:
-                result, error = None, traceback.format_exc()
-            errors: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(errors, error)
+            except Exception as err:
+                result, error, nonfinite = None, traceback.format_exc(), _nonfinite_detail(err)
+            failed = _agree(dist, error)
             if conn is not None:
-                failed = {r: e for r, e in enumerate(errors) if e is not None}
                 if failed:
-                    text = "\n".join(f"[rank {r}] {e}" for r, e in failed.items())
-                    _send(conn, {"ok": False, "error": text})
+                    _send(conn, {"ok": False, "error": failed, "nonfinite": nonfinite})
                 else:
                     _send(conn, {"ok": True, "result": result})
     finally:

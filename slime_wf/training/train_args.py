@@ -62,6 +62,11 @@ def params_dtype(args: Any) -> torch.dtype:
     return _DTYPES[name]
 
 
+def needs_critic(args: Any) -> bool:
+    """PPO's advantages come from the critic's values (GAE)."""
+    return getattr(args, "advantage_estimator", None) == "ppo"
+
+
 def needs_reference_model(args: Any) -> bool:
     """A KL term reads the reference model's log-probs: the KL loss, or the KL reward penalty
     of the estimators that use it (grpo, gspo and cispo ignore kl_coef, as in slime)."""

@@ -47,7 +47,7 @@ from slime_wf.training.batching import (
     shard_for_data_parallel,
     split_steps,
 )
-from slime_wf.training.critic import Critic, needs_critic
+from slime_wf.training.critic import Critic
 from slime_wf.training.model import forward_logits
 from slime_wf.training.nonfinite import NonFiniteTrainingError, describe, nonfinite_inputs, skip_message
 from slime_wf.training.objectives import (
@@ -58,35 +58,11 @@ from slime_wf.training.objectives import (
     step_normalizer,
 )
 from slime_wf.training.optimizer import step_if_finite
-from slime_wf.training.train_args import needs_old_log_probs, needs_reference_model
+from slime_wf.training.train_args import needs_critic, needs_old_log_probs, needs_reference_model
 
 logger = logging.getLogger(__name__)
 
 _LOSS_SUM = "_loss_sum"  # the backpropagated losses' sum, whatever metrics the loss function returns
-
-
-def build_scheduler(optimizer, args: Any):
-    """Megatron's OptimizerParamScheduler: linear warmup from 0 over `lr_warmup_iters` steps, then
-    `lr_decay_style` (constant, or cosine down to `min_lr` at `lr_decay_iters`). The current
-    settings win over a checkpoint's; only the step count is restored from it."""
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    decay_steps = max(int(args.lr_decay_iters), int(args.lr_warmup_iters) + 1)
-    return OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=float(args.lr),
-        min_lr=float(args.min_lr),
-        lr_warmup_steps=int(args.lr_warmup_iters),
-        lr_decay_steps=decay_steps,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=float(args.weight_decay),
-        end_wd=float(args.weight_decay),
-        wd_incr_steps=decay_steps,
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=False,
-        override_opt_param_scheduler=True,
-    )
 
 
 @dataclass

@@ -38,14 +38,19 @@ import torch.distributed as dist
 from slime_wf.checkpoint.layout import hf_quantization_config, is_hf_checkpoint, refuse_megatron_checkpoint
 from slime_wf.training import cpu_shim
 from slime_wf.training.batching import items_from_samples
-from slime_wf.training.checkpointing import load_checkpoint, read_trainer_state, save_checkpoint
-from slime_wf.training.critic import CRITIC_DIR, Critic, critic_source, needs_critic
+from slime_wf.training.checkpointing import (
+    find_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
+from slime_wf.training.critic import CRITIC_DIR, Critic, critic_source
 from slime_wf.training.model import build_gpt_model, check_tp_size, describe_hf_config
 from slime_wf.training.nonfinite import NonFiniteTrainingError
-from slime_wf.training.optimizer import build_optimizer
+from slime_wf.training.optimizer import build_optimizer, build_scheduler
 from slime_wf.training.parallel import destroy_parallel, init_parallel
-from slime_wf.training.train_args import needs_reference_model, params_dtype, resolve_train_args
-from slime_wf.training.train_step import DataParallel, build_scheduler, train_rollout
+from slime_wf.training.train_args import needs_critic, needs_reference_model, params_dtype, resolve_train_args
+from slime_wf.training.train_step import DataParallel, train_rollout
 from slime_wf.training.weights import iter_hf_weights, load_hf_checkpoint_into, save_hf_checkpoint
 from slime_wf.types import Sample
 
@@ -59,25 +64,6 @@ def _local_path(path: str | os.PathLike, what: str) -> Path:
             "filesystem path; copy them to object storage afterwards"
         )
     return Path(path)
-
-
-def find_checkpoint(path: str | os.PathLike | None) -> Path | None:
-    """The trainer checkpoint at `path`, or the latest one in the folder `path` (by rollout id,
-    then step), or None when there is none (a missing folder included)."""
-    if not path:
-        return None
-    root = Path(path)
-    if (root / "trainer_state.json").is_file():
-        return root
-    if not root.is_dir():
-        return None
-    found = []
-    for child in root.iterdir():
-        if child.is_dir() and not child.name.startswith(".") and (child / "trainer_state.json").is_file():
-            state = read_trainer_state(child)
-            rollout_id = state.get("extra", {}).get("rollout_id")
-            found.append((-1 if rollout_id is None else int(rollout_id), state.get("step") or 0, child.name, child))
-    return max(found)[-1] if found else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,11 +304,35 @@ class Trainer:
         dist.barrier()
         return str(out_dir)
 
+    def broadcast_weights(self, plan: dict[str, Any], request: dict[str, Any]) -> dict[str, float]:
+        """The `distributed` weight sync (`slime_wf.weight_sync.distributed`): every rank gathers its
+        tensor-parallel shards in step, and rank 0 sends the weights to the engines of `plan` over their
+        weight-update group (built on first use of the plan's group name). Metrics on rank 0."""
+        self._check_alive()
+        weights = iter_hf_weights(self.ddp_model)
+        if dist.get_rank() != 0:
+            for _ in weights:
+                pass
+            return {}
+        if getattr(self, "_weight_broadcaster", None) is None:
+            from slime_wf.weight_sync.distributed import WeightBroadcaster
+
+            self._weight_broadcaster = WeightBroadcaster()
+        return self._weight_broadcaster.send(plan, request, weights)
+
+    def close_weight_group(self) -> None:
+        """Destroy rank 0's weight-update group, on the engines too (best effort)."""
+        if getattr(self, "_weight_broadcaster", None) is not None:
+            self._weight_broadcaster.close()
+
     def shutdown(self) -> None:
         """Free the models and tear the parallel state down (safe to call twice)."""
         if not getattr(self, "_alive", False):
             return
         self._alive = False
+        if getattr(self, "_weight_broadcaster", None) is not None:
+            self._weight_broadcaster.shutdown()
+            self._weight_broadcaster = None
         for name in ("ddp_model", "optimizer", "scheduler", "actor", "ref", "critic"):
             if hasattr(self, name):
                 setattr(self, name, None)

@@ -12,7 +12,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterable
@@ -21,6 +20,12 @@ from pathlib import Path
 from typing import Any
 
 from slime_wf.store import jsonl_lines
+from slime_wf.training.trainer_group import (
+    SERVICE_MODULE,
+    join_commands,
+    publish_generation,
+    torchrun_command,
+)
 from slime_wf.types import Sample
 
 logger = logging.getLogger(__name__)
@@ -45,14 +50,26 @@ def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike) -> P
 
 
 def read_samples_jsonl(path: str | os.PathLike) -> list[Sample]:
-    samples = []
     with open(path, encoding="utf-8", newline="\n") as f:  # split on "\n" only, as the store does
-        for line_no, line in jsonl_lines(f.read()):
-            try:
-                samples.append(Sample.from_json(line))
-            except ValueError as err:
-                raise ValueError(f"{path}:{line_no}: not a sample: {err}") from None
+        return parse_samples_jsonl(f.read(), str(path))
+
+
+def parse_samples_jsonl(text: str, where: str) -> list[Sample]:
+    samples = []
+    for line_no, line in jsonl_lines(text):
+        try:
+            samples.append(Sample.from_json(line))
+        except ValueError as err:
+            raise ValueError(f"{where}:{line_no}: not a sample: {err}") from None
     return samples
+
+
+def trainer_status(trainer: Any) -> dict[str, Any]:
+    """What `ping` answers: the trainer's optimizer step and last rollout id (and its critic's step)."""
+    status = {"step": trainer.step, "rollout_id": trainer.rollout_id}
+    if getattr(trainer, "critic", None) is not None:
+        status["critic_step"] = trainer.critic.step
+    return status
 
 
 def _with_load(args: Any, load: str | None) -> dict[str, Any]:
@@ -62,15 +79,25 @@ def _with_load(args: Any, load: str | None) -> dict[str, Any]:
     return values
 
 
+def _with_shape(args: Any, nnodes: int, nproc_per_node: int, rdzv_endpoint: str | None = None) -> dict[str, Any]:
+    """The settings with the group they run on, which the trainer checks its parallel sizes against."""
+    return {**_with_load(args, None), "actor_num_nodes": nnodes, "actor_num_gpus_per_node": nproc_per_node,
+            "trainer_rdzv_endpoint": rdzv_endpoint}
+
+
 class LocalTrainer:
     """A `Trainer` of world size one in this process, with the service's methods."""
 
     def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike):
         from slime_wf.training.trainer import Trainer
 
-        self._args = _with_load(args, None)
+        self._args = _with_shape(args, 1, 1)
         self._hf_dir = str(hf_checkpoint_dir)
         self.trainer = Trainer(self._args, self._hf_dir)
+
+    @property
+    def initial_weights(self):
+        return self.trainer.initial_weights
 
     def train(self, samples: list[Sample], rollout_id: int) -> dict[str, Any]:
         return self.trainer.train(samples, rollout_id)
@@ -84,8 +111,14 @@ class LocalTrainer:
     def export_hf(self, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
         return self.trainer.export_hf(out_dir, dtype)
 
+    def broadcast_weights(self, plan: dict[str, Any], request: dict[str, Any]) -> dict[str, float]:
+        return self.trainer.broadcast_weights(plan, request)
+
+    def close_weight_group(self) -> None:
+        self.trainer.close_weight_group()
+
     def ping(self) -> dict[str, Any]:
-        return {"step": self.trainer.step, "rollout_id": self.trainer.rollout_id}
+        return trainer_status(self.trainer)
 
     def restart(self, from_checkpoint: str | os.PathLike | None = None) -> None:
         from slime_wf.training.trainer import Trainer
@@ -109,6 +142,8 @@ class RemoteTrainer:
     `command_timeout` bounds each command (None: wait as long as the service lives); a command
     that runs past it stops the service, since its state is then unknown: restart it from a
     checkpoint. `threads_per_rank` sets OMP_NUM_THREADS of the ranks (default 1 on CPU).
+    With `nnodes` > 1 this process's node is node 0 and each start waits up to `rdzv_timeout_s`
+    at `rdzv_endpoint` for the other nodes (`trainer_group`); the commands they join with are logged.
     """
 
     def __init__(
@@ -122,32 +157,56 @@ class RemoteTrainer:
         command_timeout: float | None = None,
         heartbeat_s: float = 60.0,
         threads_per_rank: int | None = None,
+        nnodes: int = 1,
+        rdzv_endpoint: str | None = None,
+        rdzv_timeout_s: float = 900.0,
+        log_path: str | os.PathLike | None = None,
     ):
-        if nproc_per_node < 1:
-            raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
-        self._args = _with_load(args, None)
+        if nproc_per_node < 1 or nnodes < 1:
+            raise ValueError(f"nproc_per_node and nnodes must be >= 1, got {nproc_per_node} and {nnodes}")
+        if nnodes > 1 and not rdzv_endpoint:
+            raise ValueError(f"a trainer group of {nnodes} nodes needs rdzv_endpoint (host:port of this node)")
+        self._args = _with_shape(args, nnodes, nproc_per_node, rdzv_endpoint)
         try:
             json.dumps(self._args)
         except TypeError as err:
             raise TypeError(f"RemoteTrainer: args must be JSON-serializable to reach the service ({err})") from None
         self._hf_dir = str(hf_checkpoint_dir)
-        self.nproc_per_node = nproc_per_node
+        self.nproc_per_node, self.nnodes = nproc_per_node, nnodes
+        self.rdzv_endpoint, self.rdzv_timeout_s = rdzv_endpoint, rdzv_timeout_s
         self._own_work_dir = work_dir is None
         self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="slime-wf-trainer-"))
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._log_path = Path(log_path) if log_path is not None else self.work_dir / "service.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self.startup_timeout, self.command_timeout = startup_timeout, command_timeout
         self.heartbeat_s = heartbeat_s
         self.threads_per_rank = threads_per_rank
         self._proc: subprocess.Popen | None = None
         self._conn = None
         self.pids: list[int] = []
+        self._ready: dict[str, Any] = {}
         self._start(load=None)
 
     # ---- lifecycle ------------------------------------------------------------------------
 
     @property
     def log_path(self) -> Path:
-        return self.work_dir / "service.log"
+        return self._log_path
+
+    @property
+    def initial_weights(self):
+        """Where the policy's first weights came from (`trainer.InitialWeights`), as the service reported it."""
+        from slime_wf.training.trainer import InitialWeights
+
+        recorded = self._ready.get("initial_weights")
+        return None if recorded is None else InitialWeights(**recorded)
+
+    def join_commands(self) -> list[str]:
+        """What each other node runs to join this group (none for one node)."""
+        if self.nnodes == 1:
+            return []
+        return join_commands(self.rdzv_endpoint, self.nnodes, self.nproc_per_node, self.rdzv_timeout_s)
 
     def _start(self, load: str | None) -> None:
         args_file = self.work_dir / "args.json"
@@ -157,22 +216,34 @@ class RemoteTrainer:
         authkey = secrets.token_bytes(32)
         threads = self.threads_per_rank or int(os.environ.get("OMP_NUM_THREADS", "1"))
         env = {**os.environ, AUTHKEY_ENV: authkey.hex(), "OMP_NUM_THREADS": str(threads)}
+        generation = secrets.token_hex(8) if self.nnodes > 1 else None
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={self.nproc_per_node}",
-            "-m", "slime_wf.training.service",
+            *torchrun_command(self.nproc_per_node, nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
+                              generation=generation, rdzv_timeout_s=self.rdzv_timeout_s),
+            "-m", SERVICE_MODULE,
             "--args-json", str(args_file), "--hf-checkpoint", self._hf_dir, "--address-file", str(address_file),
             "--client-pid", str(os.getpid()), "--heartbeat-s", str(self.heartbeat_s),
         ]
         with open(self.log_path, "ab") as log:
             log.write(f"\n==== starting: {' '.join(cmd)}\n".encode())
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        deadline = time.monotonic() + self.startup_timeout
+        waiting = ""
+        if generation is not None:
+            commands = self.join_commands()
+            for line in commands:
+                logger.warning("trainer group: waiting at %s for the other %d nodes; join with: %s",
+                               self.rdzv_endpoint, self.nnodes - 1, line)
+            waiting = (f" (waiting at {self.rdzv_endpoint} for the other {self.nnodes - 1} trainer nodes, which join "
+                       f"with: {' | '.join(commands)})")
+        published = generation is None
+        deadline = time.monotonic() + self.startup_timeout + (self.rdzv_timeout_s if generation else 0.0)
         while not address_file.is_file():
-            self._raise_if_dead("while starting")
+            self._raise_if_dead("while starting" + waiting)
             if time.monotonic() > deadline:
                 self._stop(force=True)
-                raise TrainerServiceError(f"trainer service did not listen within {self.startup_timeout}s; "
+                raise TrainerServiceError(f"trainer service did not listen in time{waiting}; "
                                           f"log {self.log_path}:\n{self._log_tail()}")
+            published = published or publish_generation(self.rdzv_endpoint, generation)
             time.sleep(0.1)
         address = json.loads(address_file.read_text())
         try:
@@ -181,6 +252,7 @@ class RemoteTrainer:
         except BaseException:
             self._stop(force=True)
             raise
+        self._ready = ready
         self.pids = list(ready["pids"])
         logger.info("trainer service up: %d ranks (pids %s), step %s", len(self.pids), self.pids, ready["step"])
 
@@ -285,6 +357,11 @@ class RemoteTrainer:
             try:
                 if self._conn.poll(0.2):
                     message = json.loads(self._conn.recv_bytes())
+                    if message.get("nonfinite"):  # the user must change something: not a fault to recover from
+                        from slime_wf.training.nonfinite import NonFiniteTrainingError
+
+                        detail = message["nonfinite"]
+                        raise NonFiniteTrainingError(detail.pop("message"), **detail)
                     if not message["ok"]:
                         raise TrainerServiceError(f"trainer service failed {what}:\n{message['error']}")
                     return message["result"]
@@ -321,6 +398,13 @@ class RemoteTrainer:
     def export_hf(self, out_dir: str | os.PathLike, dtype: str | None = None) -> str:
         return self._call({"cmd": "export_hf", "out_dir": str(out_dir), "dtype": dtype})
 
+    def broadcast_weights(self, plan: dict[str, Any], request: dict[str, Any]) -> dict[str, float]:
+        """See `Trainer.broadcast_weights`; `plan` holds the engines' admin key, which stays in the command."""
+        return self._call({"cmd": "broadcast_weights", "plan": plan, "request": request})
+
+    def close_weight_group(self) -> None:
+        self._call({"cmd": "close_weight_group"})
+
     def ping(self) -> dict[str, Any]:
         return self._call({"cmd": "ping"})
 
@@ -328,11 +412,16 @@ class RemoteTrainer:
 def make_trainer(
     args: Any, hf_checkpoint_dir: str | os.PathLike, *, nproc_per_node: int | None = None, **remote_options
 ):
-    """A `LocalTrainer` for one process, a `RemoteTrainer` (torchrun) for more. `nproc_per_node`
-    defaults to the tensor-parallel size (one data-parallel replica)."""
+    """A `LocalTrainer` for a world of one, a `RemoteTrainer` (torchrun) for more. The group is the
+    settings' `actor_num_nodes` x `actor_num_gpus_per_node` (a campaign's), else one node of
+    `nproc_per_node` processes, by default the tensor-parallel size (one data-parallel replica)."""
+    values = args if isinstance(args, dict) else vars(args)
+    nnodes = int(values.get("actor_num_nodes") or 1)
     if nproc_per_node is None:
-        values = args if isinstance(args, dict) else vars(args)
-        nproc_per_node = int(values.get("tensor_model_parallel_size") or 1)
-    if nproc_per_node == 1:
+        nproc_per_node = int(values.get("actor_num_gpus_per_node") or values.get("tensor_model_parallel_size") or 1)
+    if nnodes * nproc_per_node == 1:
         return LocalTrainer(args, hf_checkpoint_dir)
-    return RemoteTrainer(args, hf_checkpoint_dir, nproc_per_node=nproc_per_node, **remote_options)
+    if nnodes > 1:
+        remote_options.setdefault("rdzv_endpoint", values.get("trainer_rdzv_endpoint"))
+        remote_options.setdefault("rdzv_timeout_s", float(values.get("trainer_rdzv_timeout_s") or 900.0))
+    return RemoteTrainer(args, hf_checkpoint_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, **remote_options)

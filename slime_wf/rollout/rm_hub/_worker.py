@@ -97,7 +97,7 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
     for module in preload:
         try:
             importlib.import_module(module)
-        except Exception:  # noqa: BLE001 - the task that needs it will report the error
+        except Exception:  # the task that needs it will report the error
             pass
     # The imported graders live as long as the worker: keep them out of the garbage collector's
     # sweeps (which would also copy every page shared with the fork server).
@@ -113,7 +113,7 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
         seqs, blob = chunk
         try:  # apart from recv, so that input the worker cannot read does not kill the worker
             tasks = pickle.loads(blob)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             _send(conn, [(seq, UNREADABLE, f"the worker cannot read the task's input: {err!r}", 0.0) for seq in seqs])
             continue
         results: list[tuple] = []
@@ -128,7 +128,7 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
                 if fn is None:
                     fn = targets[target] = _resolve_target(target)
                 status, value = OK, fn(*payload)
-            except BaseException as err:  # noqa: BLE001 - a grader calling sys.exit is still just an error
+            except BaseException as err:  # a grader calling sys.exit is still just an error
                 text = "".join(traceback.format_exception(type(err), err, err.__traceback__, limit=-8))
                 status, value = ERROR, text.strip()
             end = monotonic()

@@ -15,11 +15,10 @@ from typing import Any
 
 @dataclass(slots=True, unsafe_hash=True)  # not frozen: frozen dataclasses are slow to build
 class Pending:
-    """A grading in flight: its pool batch future and its position in that batch."""
+    """A grading in flight that another request submitted: its pool batch future and its position in that batch."""
 
     future: Any
     index: int
-    owner: bool  # whether this request submitted it (else it joined another request's)
 
 
 class GradingCache:
@@ -38,7 +37,7 @@ class GradingCache:
                     done[key] = finished[key]
                 elif key in inflight:
                     future, index = inflight[key]
-                    joined[key] = Pending(future, index, owner=False)
+                    joined[key] = Pending(future, index)
                 else:
                     new.append(key)
         return done, joined, new

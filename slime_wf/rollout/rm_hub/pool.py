@@ -191,7 +191,7 @@ class _PoolCore:
                 self._adopt_born()
                 self._check_deadlines()
                 self._dispatch()
-        except BaseException as err:  # noqa: BLE001 - never die silently with callers waiting
+        except BaseException as err:  # never die silently with callers waiting
             logger.exception("grader pool thread failed")
             self._fail_everything(err)
 
@@ -252,7 +252,7 @@ class _PoolCore:
             seqs = [t.seq for t in chunk]
             try:
                 blob = pickle.dumps([(t.seq, t.target, t.payload) for t in chunk], pickle.HIGHEST_PROTOCOL)
-            except Exception:  # noqa: BLE001 - find the culprits one by one
+            except Exception:  # find the culprits one by one
                 self._set_aside_unpicklable(chunk)
                 continue
             worker.inflight.update(zip(seqs, chunk, strict=True))

@@ -1,4 +1,9 @@
-"""The `slime-wf` command line."""
+"""The `slime-wf` command line.
+
+The entry point above every layer (deployments, flows, tasks, the `slime_wf` library), so it lives
+outside the library: `slime_wf` never imports it, nor anything of the Prefect layers. It applies
+Prefect's settings itself (`flows.prefect_settings`) before a command imports Prefect.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,11 @@ import json
 import os
 import sys
 
+from flows.prefect_settings import configure_prefect_environment
 from slime_wf.checkpoint import commands as checkpoint_commands
 from slime_wf.config import CampaignConfig, ConfigError, config_reference_markdown
 from slime_wf.store import RunStore
-from slime_wf.training import hf_parity
+from slime_wf.training import hf_parity, trainer_group
 
 
 def _check_config(ns: argparse.Namespace) -> int:
@@ -31,10 +37,11 @@ def _config_reference(ns: argparse.Namespace) -> int:
 def _run_flow(name: str):
     def run(ns: argparse.Namespace) -> int:
         cfg = CampaignConfig.from_yaml(ns.config, ns.set)
-        # flows/ is the Prefect layer above this library: imported only when a flow runs
-        import flows.campaign
+        # the Prefect layers are imported only when a flow runs, after Prefect's settings are applied
+        configure_prefect_environment()
+        from flows import campaign as flows_campaign
 
-        result = getattr(flows.campaign, name)(cfg)
+        result = getattr(flows_campaign, name)(cfg)
         print(json.dumps(result, indent=1, default=str))
         if name == "train":
             store = RunStore.for_campaign(cfg)
@@ -80,6 +87,7 @@ def _add_flow_command(sub, name: str, help_text: str) -> None:
 
 
 def _serve(ns: argparse.Namespace) -> int:
+    configure_prefect_environment()
     from deployments.serve import serve
 
     serve(ns.config, ns.set, cron=ns.cron)
@@ -111,6 +119,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-schema", action="store_true", help="print the JSON schema instead")
     p.set_defaults(func=_config_reference)
 
+    p = sub.add_parser("trainer-node", help="join a campaign's trainer group from another node (train.actor_num_nodes "
+                       "> 1): the command the campaign prints")
+    trainer_group.add_trainer_node_arguments(p)
+    p.set_defaults(func=trainer_group.trainer_node_main)
+
     p = sub.add_parser("hf-parity", help="check the Megatron model against transformers on an HF checkpoint")
     hf_parity.add_arguments(p)
     p.set_defaults(func=hf_parity.main)
@@ -133,6 +146,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slime-wf: {err}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,17 +1,15 @@
-"""Weight sync: trainer weights -> HF checkpoint on disk (cast to FP8 when the rollout runs in FP8) -> engines.
+"""Weight sync in `disk` mode: trainer weights -> HF checkpoint on disk (cast to FP8 when the rollout
+runs in FP8) -> every engine loads it with `/update_weights_from_disk`.
 
-The FP8 cast produces the layout the engines were started with (`fp8_format.Fp8Format`): a published
-FP8 checkpoint's own block size, scale names and kept modules, or those of slime-wf's FP8 copy; each
-export is checked against that layout before any engine loads it.
+The FP8 cast produces the layout the engines were started with (`checkpoint.fp8_format.Fp8Format`): a
+published FP8 checkpoint's own block size, scale names and kept modules, or those of slime-wf's FP8
+copy; each export is checked against that layout before any engine loads it.
 
-`disk` mode, the one mode that works between processes on CPU and with SGLang servers on other
-hosts that share a filesystem: the trainer writes a complete HF checkpoint into the scratch folder,
-then every engine loads it with `/update_weights_from_disk`, tagged with `weight_version` = the
-rollout id. Engines swap weights between decode steps; each response reports the versions that
-produced its tokens, and the rollout records them in `Sample.weight_versions`.
-
-`verify_served_weights` (the `check_weight_update_equal` debug mode) compares what each engine
-serves with a reference forward pass over the exported weights.
+The trainer writes a complete HF checkpoint into the scratch folder, then every engine loads it, tagged
+with `weight_version` = the rollout id. Engines swap weights between decode steps; each response
+reports the versions that produced its tokens, and the rollout records them in `Sample.weight_versions`.
+It needs a filesystem that the trainer's rank 0 and every engine host share (`storage.scratch_dir`);
+the fleet records each export, so that a restarted engine loads the newest weights.
 """
 
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import Any
 
 from slime_wf.checkpoint import CheckpointError
 from slime_wf.checkpoint.fp8_format import Fp8Format
+from slime_wf.weight_sync.verify import verify_served_weights
 
 logger = logging.getLogger(__name__)
 
@@ -102,53 +101,6 @@ def sync_weights(fleet: Any, trainer: Any, out_dir: str, weight_version: str, *,
         out["sync/max_logprob_diff"] = max_diff
     logger.info("weights %s synced to %d engine(s) in %.2f s", weight_version, len(fleet.urls), t2 - t0)
     return out
-
-
-def reference_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-probs from a plain forward pass over `model_path` (FP8 dequantized)."""
-    import torch
-
-    from slime_wf.rollout.local_model import load_model
-
-    model = load_model(model_path, torch.float32)
-    ids = list(prompt_ids)
-    out_ids, out_lps = [], []
-    with torch.inference_mode():
-        for _ in range(max_new_tokens):
-            logits = model(torch.tensor([ids])).logits[0, -1].float()
-            lp = torch.log_softmax(logits, dim=-1)
-            tok = int(torch.argmax(logits))
-            out_ids.append(tok)
-            out_lps.append(float(lp[tok]))
-            ids.append(tok)
-    return out_ids, out_lps
-
-
-async def verify_served_weights(
-    session: Any, model_path: str, prompt_ids: list[int] | None = None, max_new_tokens: int = 8, tol: float = 1e-3
-) -> float:
-    """Check that every engine serves `model_path`: same greedy tokens, log-probs within `tol`."""
-    prompt_ids = prompt_ids or [2, 5, 7, 11, 13]
-    want_ids, want_lps = await asyncio.to_thread(reference_greedy, model_path, prompt_ids, max_new_tokens)
-    payload = {
-        "input_ids": prompt_ids,
-        "sampling_params": {"max_new_tokens": max_new_tokens, "temperature": 0.0, "ignore_eos": True},
-        "return_logprob": True,
-    }
-    worst = 0.0
-    for url in session.worker_urls:
-        out = await session.client(url).generate(payload, timeout=300)
-        got = out["meta_info"]["output_token_logprobs"]
-        got_ids = [int(t) for _, t, _ in got]
-        if got_ids != want_ids:
-            raise CheckpointError(
-                f"engine {url} does not serve {model_path}: greedy tokens {got_ids} != reference {want_ids}"
-            )
-        diff = max(abs(float(lp) - w) for (lp, _, _), w in zip(got, want_lps, strict=True))
-        if diff > tol:
-            raise CheckpointError(f"engine {url} does not serve {model_path}: log-probs differ by {diff:.2e} > {tol}")
-        worst = max(worst, diff)
-    return worst
 
 
 def prune_exports(folder: str, keep: int, current: str) -> None:
