@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint docs clean
+.PHONY: venv demo test lint typecheck docs clean
 
 venv: $(STAMP)
 
@@ -32,6 +32,10 @@ test: venv
 lint: venv
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports --no-cache
+
+# mypy over slime_wf, with the settings in pyproject.toml's [tool.mypy]
+typecheck: venv
+	$(BIN)/mypy
 
 # Regenerate the configuration reference embedded in README.md.
 docs: venv

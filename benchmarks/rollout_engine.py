@@ -115,7 +115,7 @@ class LocalServer:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        cmd = [sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", str(model_dir), "--port",
+        cmd = [sys.executable, "-m", "slime_wf.engine_server", "--model-path", str(model_dir), "--port",
                str(port), "--num-threads", str(threads), "--max-running-requests", str(max_running)]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)

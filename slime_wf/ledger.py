@@ -185,6 +185,7 @@ class Lease:
             holder, version = (None, None) if current is None else (_parse(current[0]), current[1])
             reason = self.takeover_reason(holder)
             if reason is None:
+                assert holder is not None  # takeover_reason gives "no lease" for a missing holder
                 raise LeaseHeldError(self._held_message(holder))
             if holder is not None and holder.get("released_at") is None:
                 logger.warning("campaign %s: taking over the lease of host %s pid %s: %s", self.campaign,
@@ -265,7 +266,9 @@ class Lease:
         with self._lock:
             if self.lost is not None:
                 raise LeaseLostError(self.lost)
-            record = {**self.record, "heartbeat_at": time.time()}
+            held = self.record
+            assert held is not None  # beats start after acquire, and confirm() checks first
+            record = {**held, "heartbeat_at": time.time()}
             try:
                 self._version = self.store.write_if(LEASE, _encode(record), version=self._version)
             except StoreConflict:
@@ -274,7 +277,7 @@ class Lease:
                 by = "deleted" if other is None else (
                     f"taken by host {other.get('host')} pid {other.get('pid')} at {_when(other.get('started_at'))}")
                 self.lost = (
-                    f"campaign {self.campaign}: this train (host {self.record['host']}, pid {self.record['pid']}) lost "
+                    f"campaign {self.campaign}: this train (host {held['host']}, pid {held['pid']}) lost "
                     f"its writer lease {self.store.url(LEASE)}: {by}. It stops without committing; the other run "
                     "continues the campaign"
                 )
@@ -329,7 +332,7 @@ def _encode(record: dict[str, Any]) -> bytes:
     return (json.dumps(record, indent=1) + "\n").encode()
 
 
-def _parse(data: bytes) -> dict[str, Any] | None:
+def _parse(data: bytes) -> dict[str, Any]:
     try:
         value = json.loads(data)
     except (ValueError, UnicodeDecodeError):

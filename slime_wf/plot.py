@@ -53,12 +53,12 @@ def line_chart(series: list[list[float]], width: int = 480, height: int = 200, m
             if v is None or not math.isfinite(v):
                 continue
             x = round(margin + (width - 2 * margin) * (i / max(n - 1, 1)))
-            y = height - margin - (height - 2 * margin) * (v - lo) / span
+            level = height - margin - (height - 2 * margin) * (v - lo) / span
             column = columns.get(x)
             if column is None:
-                columns[x] = [y, y, y, y]
+                columns[x] = [level, level, level, level]
             else:
-                column[1], column[2], column[3] = min(column[1], y), max(column[2], y), y
+                column[1], column[2], column[3] = min(column[1], level), max(column[2], level), level
         color = _COLORS[k % len(_COLORS)]
         previous = None
         for x, (first, low, high, last) in columns.items():

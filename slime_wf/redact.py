@@ -27,7 +27,9 @@ def _mask_param(match: re.Match) -> str:
 
 def _redact_one(match: re.Match) -> str:
     url = match.group(0)
-    trailing = _TRAILING.search(url).group(0)  # punctuation of the sentence around the URL
+    found = _TRAILING.search(url)
+    assert found is not None  # a `*` run anchored at `$` matches every string, if only empty
+    trailing = found.group(0)  # punctuation of the sentence around the URL
     url = url[: len(url) - len(trailing)]
     scheme, rest = url.split("://", 1)
     end = len(rest)

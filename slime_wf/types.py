@@ -91,8 +91,9 @@ class Sample:
 
     # ---- slime's helpers -----------------------------------------------------------------
 
-    def get_reward_value(self, args: Any) -> float:
-        """The scalar reward: the whole reward, or `reward[args.reward_key]` when a key is set."""
+    def get_reward_value(self, args: Any) -> float | None:
+        """The scalar reward: the whole reward, or `reward[args.reward_key]` when a key is set; None
+        while the sample is not rewarded yet."""
         reward_key = getattr(args, "reward_key", None)
         if not reward_key:
             if isinstance(self.reward, dict):
@@ -125,11 +126,13 @@ class Sample:
         elif "weight_version" in meta_info:
             self.weight_versions.append(str(meta_info["weight_version"]))
         finish_type = (meta_info.get("finish_reason") or {}).get("type")
-        status = {
+        # keyed by str, looked up with whatever JSON value the engine sent
+        statuses: dict[Any, Sample.Status] = {
             "length": Sample.Status.TRUNCATED,
             "abort": Sample.Status.ABORTED,
             "stop": Sample.Status.COMPLETED,
-        }.get(finish_type)
+        }
+        status = statuses.get(finish_type)
         if status is not None:
             self.status = status
 

@@ -25,11 +25,11 @@ from tiny_campaign import campaign_dict, make_assets
 from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
+from slime_wf.engine_server.schema import SchemaUnavailableError, load_sglang_file
 from slime_wf.rollout.engines import EngineFleet, EngineStartError
-from slime_wf.rollout.sglang_schema import SchemaUnavailableError, load_sglang_file
+from slime_wf.weight_group import host_store, join
 from slime_wf.weight_sync import distributed as wd
 from slime_wf.weight_sync.fleet_sync import DistributedWeightSync
-from slime_wf.weight_sync.group import host_store, join
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:megatron.*", "ignore::FutureWarning:torch.*",
                                         "ignore::FutureWarning:megatron.*")
@@ -112,7 +112,7 @@ def sglang_init_custom_process_group():
 
 
 def test_the_trainers_group_is_the_one_sglang_joins():
-    """Trainer rank 0's end (`group.py`) and an engine rank built by SGLang's `init_custom_process_group`
+    """Trainer rank 0's end (`weight_group`) and an engine rank built by SGLang's `init_custom_process_group`
     meet in one group and pass tensors: the store address and key prefixes are SGLang's."""
     init_custom_process_group = sglang_init_custom_process_group()
     store = host_store(0, 2, timeout_s=60)
@@ -193,7 +193,7 @@ def assert_bit_equal(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]
 
 def export(trainer, folder, fp8=None) -> dict[str, torch.Tensor]:
     """What a disk sync would make the engines serve: the export, dequantized as the engine loads it."""
-    from slime_wf.rollout.local_model import read_state_dict
+    from slime_wf.engine_server.model import read_state_dict
     from slime_wf.weight_sync.disk import export_weights
 
     export_weights(trainer, str(folder), fp8=fp8)

@@ -2,7 +2,7 @@
 
 SGLang refuses a request when its `--max-queued-requests` queue is full with HTTP 503 and its
 `ErrorResponse` body, without `Retry-After` (`srt/managers/scheduler.py`, `http_server.py`); the
-local server answers the same and adds `Retry-After`, which `tests/test_local_server.py` covers.
+engine server answers the same and adds `Retry-After`, which `tests/test_local_server.py` covers.
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import torch
 from conftest import free_port
 from tiny_models import make_tiny_model, perturb_checkpoint
 
-from slime_wf.rollout.sglang_schema import (
+from slime_wf.engine_server.schema import (
     schema_available,
     validate_generate_request,
     validate_generate_response,
@@ -88,7 +88,7 @@ def check_response(out: dict) -> None:
 
 def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", str(model_dir),
+    cmd = [sys.executable, "-m", "slime_wf.engine_server", "--model-path", str(model_dir),
            "--port", str(port), "--num-threads", "1", *extra]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
@@ -128,7 +128,7 @@ class InProcessServer:
     """The server's app on a loop thread of this process, so a test can reach into its engine."""
 
     def __init__(self, engine, *flags: str):
-        from slime_wf.rollout.local_server import build_app, parse_args
+        from slime_wf.engine_server.server import build_app, parse_args
 
         self.engine = engine
         self.app = build_app(engine, parse_args(["--model-path", engine.model_path, *flags]))
@@ -215,7 +215,7 @@ def reference(tiny_qwen3) -> Reference:
 @pytest.fixture
 def local_engine(tiny_qwen3):
     """A started in-process engine (its server, if any, shuts it down; shutting down twice is harmless)."""
-    from slime_wf.rollout.local_engine import LocalEngine
+    from slime_wf.engine_server.engine import LocalEngine
 
     engine = LocalEngine(str(tiny_qwen3), max_running_requests=8)
     engine.start()
@@ -485,8 +485,8 @@ def test_health_and_info(server, tiny_qwen3):
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_engine_serves_other_architectures(arch, tmp_path):
     """The engine in-process (no HTTP) on Qwen2 / Llama checkpoints: concurrent greedy equals the reference."""
-    from slime_wf.rollout.local_engine import LocalEngine
-    from slime_wf.rollout.local_sampling import Request, SamplingParams
+    from slime_wf.engine_server.engine import LocalEngine
+    from slime_wf.engine_server.sampling import Request, SamplingParams
 
     model_dir = make_tiny_model(tmp_path / arch, arch=arch, seed=3)
     engine = LocalEngine(str(model_dir))
@@ -573,7 +573,7 @@ def test_update_mid_generation_reports_version_spans(updatable, tiny_qwen3, tmp_
 def test_fp8_checkpoint_is_served_with_fp8_rounded_weights(tiny_qwen3, tmp_path):
     """The FP8 copy is dequantized on load: outputs match a reference built from the dequantized weights."""
     from slime_wf.checkpoint.fp8_convert import convert_checkpoint
-    from slime_wf.rollout.local_model import check_state_dict, copy_weights_, read_state_dict
+    from slime_wf.engine_server.model import check_state_dict, copy_weights_, read_state_dict
 
     fp8_dir = tmp_path / "fp8"
     convert_checkpoint(str(tiny_qwen3), str(fp8_dir), strategy="block", block_size=[32, 32], progress=False)
@@ -801,8 +801,8 @@ def test_engine_session_sends_the_admin_key_on_control_calls(guarded, tiny_qwen3
 
 def test_auth_matches_sglangs_own_decision():
     """Our auth rule equals SGLang's `decide_request_auth`, with each endpoint's level read from SGLang's server."""
-    from slime_wf.rollout.local_server import ADMIN_PATHS, auth_refusal, build_app, parse_args
-    from slime_wf.rollout.sglang_schema import SchemaUnavailableError, load_sglang_file
+    from slime_wf.engine_server.schema import SchemaUnavailableError, load_sglang_file
+    from slime_wf.engine_server.server import ADMIN_PATHS, auth_refusal, build_app, parse_args
 
     try:
         auth = load_sglang_file("srt/utils/auth.py")
@@ -834,13 +834,13 @@ def test_auth_matches_sglangs_own_decision():
 
 def test_sglang_files_load_by_path_without_entering_sys_modules():
     """SGLang's schema and its auth rules load by file path, work, and leave sys.modules as it was."""
-    from slime_wf.rollout import sglang_schema
+    from slime_wf.engine_server import schema
 
     if not schema_available():
         pytest.skip("SGLang's schema (sglang --no-deps) is not installed")
-    sglang_schema.load_api_types.cache_clear()  # load it afresh here, whatever loaded it before
-    api = sglang_schema.load_api_types()
-    auth = sglang_schema.load_sglang_file("srt/utils/auth.py")
+    schema.load_api_types.cache_clear()  # load it afresh here, whatever loaded it before
+    api = schema.load_api_types()
+    auth = schema.load_sglang_file("srt/utils/auth.py")
     assert [name for name in sys.modules if name.startswith("_slime_wf_sglang")] == []
     assert api.GenerateRequest.from_json_value({"text": "hi", "sampling_params": {"max_new_tokens": 2}}).text == "hi"
     decision = auth.decide_request_auth(method="POST", path="/generate", authorization_header=None, api_key="k",
@@ -849,8 +849,8 @@ def test_sglang_files_load_by_path_without_entering_sys_modules():
 
 
 def test_refuses_a_non_loopback_host_without_a_key(tmp_path):
-    from slime_wf.rollout.local_server import main
-    from slime_wf.rollout.local_server_args import check_args, parse_args
+    from slime_wf.engine_server.args import check_args, parse_args
+    from slime_wf.engine_server.server import main
 
     with pytest.raises(SystemExit, match="--api-key") as refused:
         main(["--model-path", str(tmp_path / "never-loaded"), "--host", "0.0.0.0"])
@@ -862,7 +862,7 @@ def test_refuses_a_non_loopback_host_without_a_key(tmp_path):
 
 
 def test_config_file_gives_flags_and_the_command_line_wins(tmp_path):
-    from slime_wf.rollout.local_server_args import parse_args
+    from slime_wf.engine_server.args import parse_args
 
     config = tmp_path / "engine.yaml"
     config.write_text("api-key: from-file\nadmin_api_key: -starts-like-a-flag\nmax-queued-requests: 7\nport: 1234\n")

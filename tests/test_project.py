@@ -46,14 +46,14 @@ def test_import_contracts_see_imports_inside_functions(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", tmp_path)
     with open(tmp_path / "slime_wf" / "redact.py", "a") as f:  # the rollout code imports redact
         f.write("\n\ndef _hidden():\n    import prefect\n    from slime_wf.rollout import engines\n")
-    with open(tmp_path / "slime_wf" / "rollout" / "local_sampling.py", "a") as f:
+    with open(tmp_path / "slime_wf" / "engine_server" / "sampling.py", "a") as f:
         f.write("\n\ndef _hidden():\n    from slime_wf.training import model\n")
     run = lint_imports(tmp_path)
     assert run.returncode != 0 and "1 kept, 3 broken" in run.stdout, run.stdout + run.stderr
     broken = run.stdout.split("Broken contracts", 1)[1]
     for contract in ("The slime_wf library never imports the command, the Prefect layers or Prefect",
                      "No import cycles in slime_wf, between modules or between packages",
-                     "The engine server never imports the rollout loop or the trainer"):
+                     "The engine server never imports the rollout side, the trainer or weight sync"):
         assert contract in broken, run.stdout
     assert "slime_wf.redact -> prefect" in broken and "slime_wf.training.model" in broken
 

@@ -16,6 +16,11 @@ import pytest
 from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
+from slime_wf.engine_server.schema import (
+    schema_available,
+    validate_generate_request,
+    validate_generate_response,
+)
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
 from slime_wf.rollout.dataset import load_tokenizer
 from slime_wf.rollout.engine_client import EngineBusy, EngineError
@@ -30,11 +35,6 @@ from slime_wf.rollout.generate import (
     sampling_params_from_args,
 )
 from slime_wf.rollout.rollout import check_ledger, generate_rollout, generate_rollout_async
-from slime_wf.rollout.sglang_schema import (
-    schema_available,
-    validate_generate_request,
-    validate_generate_response,
-)
 from slime_wf.types import Sample
 
 pytestmark = pytest.mark.slow

@@ -328,6 +328,7 @@ def dequantize_state_dict(
         scale = state_dict[scale_key]
         try:
             if strategy == "block":
+                assert block is not None  # strategy_of gives a block size with the block strategy
                 out[name] = dequantize_block_fp8(tensor, scale, block, dtype)
             elif strategy == "channel":
                 out[name] = dequantize_channel_fp8(tensor, scale, dtype)

@@ -84,16 +84,18 @@ class _Shard:
     writer: StreamingWriter | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def open(self) -> None:
+    def open(self) -> StreamingWriter:
         with self.lock:
             if self.writer is None:
                 self.src_fd = os.open(self.src, os.O_RDONLY)
                 self.writer = StreamingWriter(self.dst, self.layout, {"format": "pt"})
+            return self.writer
 
     def done_one(self) -> None:
         with self.lock:
             self.remaining -= 1
             if self.remaining == 0:
+                assert self.writer is not None  # a shard counts down only after open()
                 self.writer.close()
                 os.close(self.src_fd)
                 self.src_fd = -1
@@ -181,16 +183,16 @@ def _run(shards: list[_Shard], strategy: str, block, workers: int, total: int, p
 
     def one(shard: _Shard, entry: TensorEntry) -> None:
         try:
-            shard.open()
+            writer = shard.open()
             if entry.name in shard.quantize:
                 w = read_tensor(shard.src_fd, entry)
                 q, scale = quantize_fp8(w, strategy, block or DEFAULT_BLOCK_SIZE)
                 del w
                 spec = shard.quantize[entry.name]
-                shard.writer.write(entry.name, q)
-                shard.writer.write(spec.name, scale.to(TORCH_DTYPES[spec.dtype]))
+                writer.write(entry.name, q)
+                writer.write(spec.name, scale.to(TORCH_DTYPES[spec.dtype]))
             else:
-                shard.writer.copy_from(entry.name, shard.src_fd, entry.begin)
+                writer.copy_from(entry.name, shard.src_fd, entry.begin)
             with bar_lock:
                 bar.update(entry.nbytes)
             shard.done_one()
@@ -214,9 +216,9 @@ def _run(shards: list[_Shard], strategy: str, block, workers: int, total: int, p
                 s.done_one()
         futures = [pool.submit(one, s, e) for s in shards for e in s.entries]
         done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = next((f for f in done if f.exception() is not None), None)
+        failed = next((err for f in done if (err := f.exception()) is not None), None)
         if failed is not None:
-            raise failed.exception()
+            raise failed
         pool.shutdown(wait=True)
     except BaseException:
         pool.shutdown(wait=True, cancel_futures=True)

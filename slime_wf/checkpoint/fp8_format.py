@@ -101,10 +101,15 @@ class Fp8Format:
             return should_quantize(name, tensor)
         return name in self.scales
 
+    def _block(self) -> tuple[int, int]:
+        """The block size, which the block strategy always has."""
+        assert self.block_size is not None, f"FP8 strategy {self.strategy!r} has no block size"
+        return self.block_size
+
     def scale_for(self, name: str, shape: tuple[int, ...] | list[int]) -> ScaleSpec:
         """Name, shape and dtype of the scale of the [N, K] weight `name`."""
         n, k = shape
-        own = {"block": lambda: (math.ceil(n / self.block_size[0]), math.ceil(k / self.block_size[1])),
+        own = {"block": lambda: (math.ceil(n / self._block()[0]), math.ceil(k / self._block()[1])),
                "channel": lambda: (n, 1), "tensor": lambda: (1,)}[self.strategy]()
         if self.scales is None:
             return ScaleSpec(scale_name(name, self.strategy), own, "F32")
@@ -117,7 +122,7 @@ class Fp8Format:
         return spec
 
     def describe(self) -> str:
-        kind = f"block {self.block_size[0]}x{self.block_size[1]}" if self.strategy == "block" else self.strategy
+        kind = f"block {self._block()[0]}x{self._block()[1]}" if self.strategy == "block" else self.strategy
         if self.scales is None:
             return f"FP8 {kind}"
         suffixes = sorted({s.name.rsplit(".", 1)[-1] for s in self.scales.values()})

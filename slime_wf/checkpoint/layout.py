@@ -93,7 +93,7 @@ def megatron_checkpoint_evidence(path: str | os.PathLike | None) -> str | None:
 def refuse_megatron_checkpoint(path: str | os.PathLike | None, what: str) -> None:
     """Raise CheckpointError when `path` (the setting `what`) is a Megatron-LM / slime torch_dist checkpoint."""
     evidence = megatron_checkpoint_evidence(path)
-    if evidence is None:
+    if evidence is None or path is None:  # no evidence without a path
         return
     parent = Path(path).resolve().parent
     if (parent / TRAINER_STATE).is_file():

@@ -137,10 +137,10 @@ class _Mirror:
         try:
             futures = [pool.submit(self._fetch, rel, bar) for rel in todo]
             done, _ = wait(futures, return_when=FIRST_EXCEPTION)
-            failed = next((f for f in done if f.exception() is not None), None)
+            failed = next((err for f in done if (err := f.exception()) is not None), None)
             if failed is not None:
                 pool.shutdown(wait=True, cancel_futures=True)
-                raise failed.exception()
+                raise failed
         finally:
             pool.shutdown(wait=True)
             bar.close()

@@ -118,7 +118,7 @@ def read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
     if dtype is None:
         raise ValueError(f"tensor {entry.name!r} has dtype {entry.dtype}, which cannot be read as a torch tensor here")
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
-    view = memoryview(buf.numpy())
+    view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs omit ndarray.__buffer__
     done = 0
     while done < entry.nbytes:
         n = os.preadv(fd, [view[done:]], entry.begin + done)
@@ -168,7 +168,8 @@ class StreamingWriter:
         data = tensor.contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
             raise ValueError(f"{self.path}: tensor {name!r} has {data.numel()} bytes, the layout reserved {nbytes}")
-        _pwrite_all(self._fd, memoryview(data.numpy()), self._data_start + offset)
+        # numpy's stubs omit ndarray.__buffer__
+        _pwrite_all(self._fd, memoryview(data.numpy()), self._data_start + offset)  # type: ignore[arg-type]
         self._pending.discard(name)
 
     def copy_from(self, name: str, src_fd: int, src_offset: int) -> None:

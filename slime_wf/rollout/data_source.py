@@ -122,15 +122,17 @@ class RolloutDataSourceWithBuffer:
         return groups
 
     def _from_dataset(self, num_samples: int) -> list[Group]:
+        dataset = self.dataset
+        assert dataset is not None  # get_samples reads new prompts only when there is a dataset
         prompts: list[Sample] = []
         while len(prompts) < num_samples:
-            if self.sample_offset >= len(self.dataset):
+            if self.sample_offset >= len(dataset):
                 self.epoch_id += 1
                 self.sample_offset = 0
                 if self.args.rollout_shuffle:
-                    self.dataset.shuffle(self.epoch_id)
-            take = min(num_samples - len(prompts), len(self.dataset) - self.sample_offset)
-            prompts += self.dataset.samples[self.sample_offset : self.sample_offset + take]
+                    dataset.shuffle(self.epoch_id)
+            take = min(num_samples - len(prompts), len(dataset) - self.sample_offset)
+            prompts += dataset.samples[self.sample_offset : self.sample_offset + take]
             self.sample_offset += take
 
         groups = []

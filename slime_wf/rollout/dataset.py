@@ -187,17 +187,17 @@ class Dataset:
                 sample = self._row_to_sample(row, prompt_key, label_key, metadata_key)
                 if apply_chat_template:
                     sample.prompt = _render_chat(tokenizer, sample.prompt, chat_kwargs)
-                text = None
+                text: str | None = None
                 if count_tokens:  # what generate.prompt_token_ids sends: messages rendered with the template
-                    text = sample.prompt
-                    if not isinstance(text, str):
-                        text = _render_chat(tokenizer, text, chat_kwargs)
+                    prompt = sample.prompt
+                    text = prompt if isinstance(prompt, str) else _render_chat(tokenizer, prompt, chat_kwargs)
             except DataError as err:
                 self._bad_row(location, err, skip_bad_rows)
                 continue
             parsed.append((location, sample, text))
 
         samples: list[Sample] = []
+        lengths: list[int | None]
         if count_tokens and parsed:
             lengths = [len(ids) for ids in tokenizer([t for _, _, t in parsed], add_special_tokens=False)["input_ids"]]
         else:

@@ -251,9 +251,17 @@ class EngineSession:
         if self.session is not None:
             await self.session.close()
 
+    def _opened(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore, asyncio.Event]:
+        """The HTTP session, the capacity and the engine-up event, which `async with` creates."""
+        if self.session is None or self._capacity is None or self._up_event is None:
+            raise RuntimeError(
+                f"EngineSession for {self.worker_urls} used before it was opened: use it inside `async with`"
+            )
+        return self.session, self._capacity, self._up_event
+
     def client(self, url: str) -> EngineClient:
         return EngineClient(
-            url, self.session, self.api_key, admin_api_key=self.admin_api_key, busy_retries=self.busy_retries,
+            url, self._opened()[0], self.api_key, admin_api_key=self.admin_api_key, busy_retries=self.busy_retries,
             on_busy=self._count_busy,
         )
 
@@ -270,17 +278,17 @@ class EngineSession:
         self.down.add(url)
         logger.warning("engine %s is down; its requests go to the other engines", url)
         if not self.alive_urls:
-            self._up_event.clear()
+            self._opened()[2].clear()
         if self.on_engine_down is not None:
             self.on_engine_down(url)
 
     def mark_up(self, url: str) -> None:
         self.down.discard(url)
-        self._up_event.set()
+        self._opened()[2].set()
 
     async def _pick(self) -> str:
         while not self.alive_urls:
-            await self._up_event.wait()
+            await self._opened()[2].wait()
         return min(self.alive_urls, key=lambda u: self.in_flight[u])
 
     async def generate(self, payload: dict[str, Any], *, timeout: float | None = None) -> tuple[dict[str, Any], str]:
@@ -292,7 +300,7 @@ class EngineSession:
         """
         if self.validate is not None:
             self.validate("request", payload)
-        async with self._capacity:
+        async with self._opened()[1]:
             if self.router_url is not None:
                 url, target = self.router_url, self.router_url
             else:

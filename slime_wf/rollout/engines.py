@@ -1,7 +1,7 @@
 """Engine fleets: launching, attaching to, health-checking and restarting inference servers.
 
 A fleet is N servers that speak SGLang's HTTP API: real SGLang (`python -m sglang.launch_server`)
-on GPUs, or the local CPU server (`python -m slime_wf.rollout.local_server`), optionally behind
+on GPUs, or the local CPU server (`python -m slime_wf.engine_server`), optionally behind
 `sglang-router`. Servers are child processes in their own process groups, with their output in
 `<log_dir>/engine-<i>.log`. A dead server is restarted on the same port with the weights it was
 last given, so a rollout can go on.
@@ -173,7 +173,7 @@ class EngineFleet:
         if a.engine_type == "local":
             threads = a.local_engine_threads or max(1, (os.cpu_count() or 1) // a.num_engines)
             return [
-                sys.executable, "-m", "slime_wf.rollout.local_server", "--model-path", self.model_path,
+                sys.executable, "-m", "slime_wf.engine_server", "--model-path", self.model_path,
                 "--host", host, "--port", str(port), "--dtype", a.local_engine_dtype,
                 "--num-threads", str(threads), "--weight-version", self.weight_version, "--parent-pid", str(os.getpid()),
                 # The session sends at most sglang_server_concurrency per engine; the bound is for other
@@ -200,6 +200,7 @@ class EngineFleet:
         return ["--config", self._key_file] if self._key_file else []
 
     def _spawn(self, engine: Engine, env: dict[str, str] | None = None) -> None:
+        assert engine.cmd is not None and engine.log_path is not None  # only managed engines are spawned
         os.makedirs(self.log_dir, exist_ok=True)
         env = {**os.environ, **(env or {})}
         if engine.cmd[2] == "sglang.launch_server":
@@ -216,7 +217,7 @@ class EngineFleet:
             if engine.process is not None and engine.process.poll() is not None:
                 raise EngineStartError(
                     f"{what} at {engine.url} exited with code {engine.process.returncode} while starting.\n"
-                    f"command: {shown(engine.cmd)}\nlog ({engine.log_path}):\n{self._tail(engine)}"
+                    f"command: {shown(engine.cmd or [])}\nlog ({engine.log_path}):\n{self._tail(engine)}"
                 )
             if _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200:
                 return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -89,7 +89,8 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
               tqdm(total=len(samples), desc=f"eval {ds_cfg['name']}", leave=False) as pbar):
             done = await asyncio.gather(*(_generate_and_reward(ctx, s, params, pbar) for s in samples))
         scored = [s for s in done if s.status != Sample.Status.FAILED]
-        rewards = [float(s.get_reward_value(eval_args)) for s in scored]
+        # reward_samples rewarded every sample that did not fail
+        rewards = [float(cast(float, s.get_reward_value(eval_args))) for s in scored]
         name = ds_cfg["name"]
         metrics[f"eval/{name}/reward"] = statistics.fmean(rewards) if rewards else 0.0
         metrics[f"eval/{name}/truncated_ratio"] = (

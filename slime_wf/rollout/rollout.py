@@ -29,7 +29,7 @@ import statistics
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from tqdm import tqdm
 
@@ -59,6 +59,13 @@ class RolloutOutput:
 
 def new_ledger() -> dict[str, Any]:
     return {"drawn_new": [], "from_buffer": [], "trained": [], "to_buffer": [], "dropped": {}}
+
+
+def _index_of(group: Group) -> int:
+    """The index of a group the data source drew: it numbers every group it hands out."""
+    gi = group[0].group_index
+    assert gi is not None, "a drawn group has no group_index"
+    return gi
 
 
 def check_ledger(ledger: dict[str, Any]) -> None:
@@ -136,7 +143,7 @@ class _Loop:
 
     def _submit(self, groups: list[Group], first_new: int) -> None:
         for group in groups:
-            gi = group[0].group_index
+            gi = _index_of(group)
             (self.ledger["drawn_new"] if gi >= first_new else self.ledger["from_buffer"]).append(gi)
             task = asyncio.get_running_loop().create_task(
                 generate_and_reward_group(self.ctx, group, self.sampling_params)
@@ -262,7 +269,8 @@ class _Loop:
 
 def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float) -> dict[str, float]:
     samples = [s for g in groups for s in g]
-    rewards = [float(s.get_reward_value(args)) for s in samples]
+    # every sample passed _Loop._check_rewarded, so each reward is set
+    rewards = [float(cast(float, s.get_reward_value(args))) for s in samples]
     lengths = [s.response_length for s in samples]
     response_tokens = sum(lengths)
     masked = sum(len(s.loss_mask or []) - sum(s.loss_mask or []) for s in samples)
@@ -313,7 +321,7 @@ async def generate_rollout_async(
         start = time.perf_counter()
         kept = await loop.run()
         elapsed = time.perf_counter() - start
-    kept.sort(key=lambda g: g[0].group_index)
+    kept.sort(key=_index_of)
     loop.ledger["trained"] = [g[0].group_index for g in kept]
     for key in ("drawn_new", "from_buffer", "to_buffer"):
         loop.ledger[key].sort()
@@ -378,7 +386,7 @@ def _custom_rollout(args: Any, rollout_id: int, data_source: Any) -> RolloutOutp
             f"rollout function {args.rollout_function_path} returned samples without a reward (index "
             f"{unrewarded[:10]}); reward every sample it returns, or leave failed groups out"
         )
-    rewards = [float(s.get_reward_value(args)) for g in groups for s in g]
+    rewards = [float(cast(float, s.get_reward_value(args))) for g in groups for s in g]  # none unrewarded
     metrics.setdefault("rollout/raw_reward", statistics.fmean(rewards) if rewards else 0.0)
     return RolloutOutput(rollout_id, groups, ledger, metrics)
 

@@ -141,6 +141,31 @@ def _agree(dist, error: str | None) -> str | None:
     return "\n".join(failed) or None
 
 
+def _check_shared(dist, folder: Path) -> None:
+    """Every rank writes its part of a checkpoint into one folder: on several nodes it must be one folder
+    (a shared filesystem), or the checkpoint would be split between the nodes' disks."""
+    if int(os.environ.get("GROUP_WORLD_SIZE", "1")) == 1:
+        return
+    probe = folder / f".slime-wf-shared-{os.environ.get('TORCHELASTIC_RUN_ID', 'probe')}"
+    unwritable = None
+    if dist.get_rank() == 0:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe.touch()
+        except OSError as err:
+            unwritable = f"{_where()}: cannot write the checkpoint folder {folder}: {err}"
+    dist.barrier()
+    unseen = unwritable or (None if probe.exists() else (
+        f"{_where()}: the checkpoint folder {folder} that rank 0 writes to is not visible here. Every rank writes its "
+        "part of a checkpoint there: put the run store (or storage.scratch_dir, for an s3:// store) on a filesystem "
+        "the trainer nodes share"))
+    unseen = _agree(dist, unseen)
+    if dist.get_rank() == 0:
+        probe.unlink(missing_ok=True)
+    if unseen:
+        raise RuntimeError(unseen)
+
+
 def _nonfinite_detail(err: BaseException) -> dict[str, Any] | None:
     from slime_wf.training.nonfinite import NonFiniteTrainingError
 
@@ -235,6 +260,8 @@ def serve(argv: list[str] | None = None) -> int:
             try:
                 if command.get("error"):
                     raise RuntimeError(command["error"])
+                if command["cmd"] == "save":
+                    _check_shared(dist, Path(command["path"]).parent)
                 result, error = _run_command(trainer, command), None
             except Exception as err:
                 result, error, nonfinite = None, traceback.format_exc(), _nonfinite_detail(err)

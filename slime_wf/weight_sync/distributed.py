@@ -1,5 +1,5 @@
 """Weight sync in `distributed` mode, the trainer's end: rank 0 broadcasts the weights to the engines
-over SGLang's weight-update group (`group.py`), while its HTTP calls make the engines receive.
+over SGLang's weight-update group (`slime_wf.weight_group`), while its HTTP calls make the engines receive.
 
 Every trainer rank takes part: `iter_hf_weights` gathers the tensor-parallel shards into HF names, a
 collective of each TP group. Global rank 0 alone talks to the engines:
@@ -38,7 +38,7 @@ import torch
 
 from slime_wf.checkpoint.fp8_format import Fp8Format, ScaleSpec
 from slime_wf.redact import redact_url
-from slime_wf.weight_sync.group import WeightGroup, host_store, join
+from slime_wf.weight_group import WeightGroup, host_store, join
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ class WeightBroadcaster:
     # ---- the group ------------------------------------------------------------------------------
 
     def _ensure_group(self, plan: dict[str, Any]) -> None:
-        if self.group is not None and self.plan["group_name"] == plan["group_name"]:
+        if self.group is not None and self.plan is not None and self.plan["group_name"] == plan["group_name"]:
             return
         self.close(notify=True)
         timeout = float(plan.get("timeout_s") or DEFAULT_TIMEOUT_S)
@@ -203,11 +203,17 @@ class WeightBroadcaster:
         logger.info("weight-update group %s: trainer rank 0 and %d engine rank(s), %s, at %s:%d", plan["group_name"],
                     int(plan["world_size"]) - 1, plan["backend"], plan["master_address"], store.port)
 
+    def _joined(self) -> tuple[WeightGroup, dict[str, Any]]:
+        """The group and the plan it was made for, which `_ensure_group` sets before any sending."""
+        assert self.group is not None and self.plan is not None, "no weight-update group joined yet"
+        return self.group, self.plan
+
     def close(self, notify: bool = True) -> None:
         """Drop the group: on the engines too (best effort) with `notify`."""
         group, plan, self.group, self.plan = self.group, self.plan, None, None
         if group is None:
             return
+        assert plan is not None  # set together with the group
         if notify:
             self._engines(plan, lambda c, e: c.control("/destroy_weights_update_group", destroy_body(group.name),
                                                        timeout=60)).result()
@@ -221,7 +227,7 @@ class WeightBroadcaster:
     # ---- sending ----------------------------------------------------------------------------------
 
     def _send_all(self, request: dict[str, Any], weights: Iterator[tuple[str, torch.Tensor]]) -> tuple[int, int]:
-        plan, fmt = self.plan, fp8_from_json(request.get("fp8"))
+        plan, fmt = self._joined()[1], fp8_from_json(request.get("fp8"))
         limit = max(1, int(request["bucket_bytes"]))
         begun = self._engines(plan, lambda c, e: c.control("/begin_weight_update", BEGIN_BODY)).result()
         sent = buckets = 0
@@ -259,7 +265,7 @@ class WeightBroadcaster:
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
                      flush_cache: bool) -> int:
-        plan, group = self.plan, self.group
+        group, plan = self._joined()
         body = update_body(bucket, plan["group_name"], flush_cache=flush_cache, weight_version=weight_version)
         timeout = float(plan.get("timeout_s") or DEFAULT_TIMEOUT_S)
         tensors = [t.to(group.device).contiguous() for _, t in bucket]

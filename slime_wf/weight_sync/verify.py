@@ -10,10 +10,14 @@ from slime_wf.checkpoint import CheckpointError
 
 
 def reference_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
-    """Greedy tokens and their log-probs from a plain forward pass over `model_path` (FP8 dequantized)."""
+    """Greedy tokens and their log-probs from a plain forward pass over `model_path` (FP8 dequantized).
+
+    The checkpoint is loaded with the engine server's own loader (`engine_server.model`), so a
+    difference means the engine serves other weights than those sent, not that it reads them differently."""
+    # torch and transformers load when a check runs, not whenever weight sync is imported.
     import torch
 
-    from slime_wf.rollout.local_model import load_model
+    from slime_wf.engine_server.model import load_model
 
     model = load_model(model_path, torch.float32)
     ids = list(prompt_ids)

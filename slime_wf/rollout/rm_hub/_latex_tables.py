@@ -73,7 +73,10 @@ _ACCENTS = {
 _STYLES = {"mathbf": "bold", "mathit": "italic", "mathsf": "sans", "mathbb": "doublestruck",
            "mathtt": "monospace", "mathcal": "script", "mathscr": "script", "mathfrak": "fraktur"}
 
-MACROS: dict[str, tuple[str, object]] = {name: ("", text) for name, text in _SYMBOLS.items()}
+# how a macro renders: a str template, ("join",), ("style", name), ("accent", mark) or None
+Rendering = str | tuple[str, ...] | None
+
+MACROS: dict[str, tuple[str, Rendering]] = {name: ("", text) for name, text in _SYMBOLS.items()}
 MACROS.update((name, ("", text)) for name, text in _greek().items())
 MACROS.update((name, ("{", ("accent", mark))) for name, mark in _ACCENTS.items())
 MACROS.update((name, ("{", ("style", style))) for name, style in _STYLES.items())

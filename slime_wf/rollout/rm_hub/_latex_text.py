@@ -162,6 +162,7 @@ class _Parser:
             return None, pos
         out: list = []
         p = pos
+        node: tuple | None
         try:
             for kind in spec:
                 if kind == "{":
@@ -232,7 +233,7 @@ def _render_list(nodes: list, eq: bool) -> str:
     out = []
     prev = None
     for node in nodes:
-        if eq and node[0] == "chars" and _is_bare_macro(prev):
+        if eq and prev is not None and node[0] == "chars" and _is_bare_macro(prev):
             out.append(prev[3])
         out.append(_render(node, eq))
         prev = node

@@ -47,7 +47,8 @@ def _exit_with_parent(owner_pid: int) -> None:
             os.close(alive_fd)
         except OSError:
             pass
-        forkserver._forkserver._forkserver_alive_fd = None
+        # a private CPython attribute that typeshed does not declare
+        forkserver._forkserver._forkserver_alive_fd = None  # type: ignore[attr-defined]
     try:
         import ctypes
 

@@ -38,9 +38,10 @@ def get_deepscaler_rule_based_reward(response: str | None, label: str | int | fl
 
     truth = str(label)
     if "\\boxed" in truth:
-        truth = extract_answer(truth)
-        if truth is None:
+        boxed = extract_answer(truth)
+        if boxed is None:
             return 0
+        truth = boxed
     if grade_answer_mathd(model_answer, truth) or grade_answer_sympy(model_answer, truth):
         return 1
     return 0

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import copy
+import functools
 import logging
 import math
 import numbers
@@ -205,6 +206,7 @@ class RewardHub:
             else:
                 builtin.append(pos)
         for positions in groups.values():
+            assert path is not None  # groups fill only in group mode, which needs a custom_rm_path
             group = [samples[p] for p in positions]
             jobs.append(self._into(rewards, positions, self._custom(args, path, group, group, kwargs)))
         if builtin:
@@ -229,6 +231,7 @@ class RewardHub:
         """Rewards for `samples` from one outcome (values: the per-sample rewards when ok)."""
         self._count("samples", len(samples))
         if outcome.status == OK:
+            assert values is not None  # an ok outcome comes with its values
             rewards = [copy.copy(v) if isinstance(v, dict) else v for v in values]
             reward_key = getattr(args, "reward_key", None)
             for i, value in enumerate(rewards):
@@ -429,7 +432,7 @@ class RewardHub:
             if self._use_cache:
                 self._cache.start(new, future)
             owned.append((new, future))
-            future.add_done_callback(lambda f, keys=new: self._graded(keys, f))
+            future.add_done_callback(functools.partial(self._graded, new))
 
     @staticmethod
     async def _collect(owned: list[tuple[list[Any], Any]], joined: dict[Any, Pending], ready: dict[Any, Outcome]) -> None:
@@ -474,7 +477,7 @@ class RewardHub:
             status, value = ERROR, str(err)
         outcome = Outcome(status, value, asyncio.get_running_loop().time() - start)
         self._record(outcome)
-        rewards[pos] = self._settle(args, [sample], outcome, f"remote_rm {redact_url(url)}", [outcome.value])[0]
+        rewards[pos] = self._settle(args, [sample], outcome, f"remote_rm {redact_url(str(url))}", [outcome.value])[0]
 
     async def remote_rm(self, args: Any, sample: Any) -> Any:
         """slime's remote_rm: the reward server's answer for one sample."""

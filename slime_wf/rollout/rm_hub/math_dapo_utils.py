@@ -9,6 +9,7 @@ equal the label verbatim.
 from __future__ import annotations
 
 import re
+from typing import cast
 
 __all__ = [
     "compute_score",
@@ -61,10 +62,10 @@ def last_boxed_only_string(string: str) -> str | None:
     return None
 
 
-def remove_boxed(s: str) -> str:
+def remove_boxed(s: str | None) -> str:
     """Content of ``\\boxed{...}``; anything else is a caller error (``AssertionError``)."""
     prefix = "\\boxed{"
-    assert s[:len(prefix)] == prefix, f"box error: {s}"
+    assert s is not None and s[:len(prefix)] == prefix, f"box error: {s}"
     assert s[-1] == "}", f"box error: {s}"
     return s[len(prefix):-1]
 
@@ -86,7 +87,7 @@ def _keep_first_math_span(text: str) -> str:
     return "\n".join(lines)
 
 
-def normalize_final_answer(final_answer: str) -> str:
+def normalize_final_answer(final_answer: str | int) -> str:
     """Minerva normalization of a final answer to a quantitative question."""
     final_answer = str(final_answer).split("=")[-1]
     for before, after in SUBSTITUTIONS:
@@ -125,7 +126,8 @@ def is_correct_minerva(
     matches = re.findall(answer_pattern, solution_str)
     pred = normalize_final_answer(matches[-1] if matches else "[INVALID]")
     if gt_need_extract:
-        gt = normalize_final_answer(remove_boxed(last_boxed_only_string(gt)))
+        # a label that needs extracting is a solution text holding a \boxed{} answer
+        gt = normalize_final_answer(remove_boxed(last_boxed_only_string(cast(str, gt))))
     else:
         gt = normalize_final_answer(gt)
     gt = str(int(float(gt)))

@@ -37,6 +37,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from multiprocessing.context import ForkServerContext
 from typing import Any
 
 from ._worker import CRASH, ERROR, OK, TIMEOUT, UNREADABLE, WorkerHandle, start_worker
@@ -119,10 +120,10 @@ class _PoolCore:
         self.selector = selectors.DefaultSelector()
         self.selector.register(self.wake_r, selectors.EVENT_READ, None)
         self.next_seq = 0
-        self.stats = collections.Counter()
+        self.stats: collections.Counter[str] = collections.Counter()
         self.max_seconds = 0.0
         self.task_seconds: dict[str, float] = {}  # per target: running mean of recent task times
-        self.ctx = None
+        self.ctx: ForkServerContext | None = None
 
     # -- called from any thread
 
@@ -385,7 +386,7 @@ class _PoolCore:
             self.stats["crashes"] += 1
             exit_code = worker.process.exitcode
             culprit = worker.inflight.get(running[0]) if running else None
-            if culprit is not None:
+            if culprit is not None and running is not None:  # a culprit was found through `running`
                 worker.inflight.pop(culprit.seq)
                 elapsed = time.monotonic() - running[1]
                 self._finish(culprit, Outcome(CRASH, f"the grader process died (exit code {exit_code})", elapsed))

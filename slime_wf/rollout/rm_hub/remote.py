@@ -69,7 +69,7 @@ class RemoteRewardClient:
         return ceiling / 2 + random.uniform(0, ceiling / 2)
 
     async def score(
-        self, url: str, payload: dict[str, Any], timeout: float, *, token_env: str | None = None
+        self, url: str | None, payload: dict[str, Any], timeout: float, *, token_env: str | None = None
     ) -> tuple[Any, int]:
         """(reward, attempts). Raises RemoteRewardTimeout or RemoteRewardError.
 

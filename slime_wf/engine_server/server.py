@@ -1,36 +1,9 @@
-"""The local engine server: a CPU inference server that speaks SGLang's native HTTP API.
+"""The engine server's HTTP side: SGLang's native endpoints over one `LocalEngine`, the API and admin
+keys as SGLang checks them, and `main` (run by `python -m slime_wf.engine_server`, flags in `args`).
 
-    python -m slime_wf.rollout.local_server --model-path DIR [--host H] [--port P]
-        [--dtype auto|float32|bfloat16] [--max-running-requests N] [--max-queued-requests N]
-        [--api-key KEY] [--admin-api-key KEY] [--config FILE.yaml] [--num-threads N]
-
-Serves any Hugging Face causal-LM checkpoint directory (FP8 block-quantized ones are dequantized
-on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/abort_request`,
-`/pause_generation`, `/continue_generation`, `/flush_cache`, `/update_weights_from_disk`,
-`/health`, `/health_generate`, `/model_info`, `/server_info`, and the weight-update group endpoints
-of the `distributed` weight sync (`local_weight_update`). Every `/generate` body is checked
-against SGLang's own schema when it is installed (unknown `sampling_params` keys are a 400, as
-in SGLang). Differences from SGLang: one sample per request (`n` must be 1), no streaming, no
-batched (list) inputs, no prefix cache (`cached_tokens` is 0, `/flush_cache` has nothing to
-drop, but like SGLang it answers 400 while requests run), no input-token log-probs
-(`logprob_start_len` is accepted and ignored), `sampling_seed` always applies (SGLang needs
-`--enable-deterministic-inference`), and penalties / grammars / `stop_regex` / `logit_bias` are
-refused with a 400. `--dtype auto` computes in float32.
-
-Like SGLang: `--max-queued-requests` bounds the requests waiting for a running slot (no bound by
-default); one more gets HTTP 503 (SGLang's "The request queue is full.") with `Retry-After`, which
-SGLang does not send. `--api-key` guards every endpoint but `/health*`; `--admin-api-key` guards
-the management endpoints (abort, pause, continue, flush, weight updates), which then refuse
-`--api-key`; a missing or wrong `Authorization: Bearer` key gets 401 `{"error": "Unauthorized"}`.
-`--config FILE.yaml` reads flags from a YAML mapping (command-line flags win), as SGLang's does, so
-keys need not show in the process list. The server refuses to listen beyond loopback without a key.
-A request that fails inside the engine is answered with HTTP 500 (the others go on), as SGLang
-answers a request its scheduler aborted with a 5xx status.
-
-Weight updates (`/update_weights_from_disk`) are swapped in between two decode steps: requests
-in flight continue on the new weights, and each response's `meta_info.weight_version` is the
-version current when it finished (`meta_info.weight_versions` gives the token spans per version).
-Without a `weight_version` in the body the version stays, as in SGLang. See `local_engine`.
+Every `/generate` body passes SGLang's own schema (`schema`) before the server's own checks
+(`build_request`); refusals carry SGLang's status codes and bodies. What the server is, and where it
+differs from SGLang, is in the package docstring.
 """
 
 from __future__ import annotations
@@ -49,13 +22,13 @@ from typing import Any
 
 from aiohttp import web
 
-from slime_wf.rollout import local_weight_update
-from slime_wf.rollout.local_engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull
-from slime_wf.rollout.local_sampling import InvalidRequest, Request, SamplingParams
-from slime_wf.rollout.local_server_args import check_args, parse_args
-from slime_wf.rollout.sglang_schema import generate_request_error
+from slime_wf.engine_server import weight_update
+from slime_wf.engine_server.args import check_args, parse_args
+from slime_wf.engine_server.engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull
+from slime_wf.engine_server.sampling import InvalidRequest, Request, SamplingParams
+from slime_wf.engine_server.schema import generate_request_error
 
-logger = logging.getLogger("slime_wf.local_server")
+logger = logging.getLogger("slime_wf.engine_server")
 
 ENGINE = web.AppKey("engine", LocalEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
@@ -63,7 +36,7 @@ _UNSUPPORTED_TOP_LEVEL = ("image_data", "video_data", "audio_data", "lora_path",
 # SGLang's `AuthLevel.ADMIN_OPTIONAL` endpoints among those served here (`srt/entrypoints/http_server.py`).
 ADMIN_PATHS = frozenset(
     {"/abort_request", "/pause_generation", "/continue_generation", "/flush_cache", "/update_weights_from_disk",
-     *local_weight_update.PATHS}
+     *weight_update.PATHS}
 )
 # Probes stay open whatever the keys, as in SGLang (`srt/utils/auth.py`), for health checks without secrets.
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
@@ -372,7 +345,7 @@ async def server_info(request: web.Request) -> web.Response:
             "max_queued_requests": engine.max_queued_requests,
             "max_context_length": getattr(engine, "context_length", None),
             "num_threads": args.num_threads,
-            "engine": "slime_wf.local",
+            "engine": "slime_wf.engine_server",
             "version": "local",
             "internal_states": [{"num_running_reqs": running, "num_waiting_reqs": waiting, "paused": engine.paused}],
         }
@@ -393,7 +366,7 @@ def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
     app.router.add_post("/continue_generation", continue_generation)
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
-    local_weight_update.add_routes(app, engine)
+    weight_update.add_routes(app, engine)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/model_info", "/get_model_info"):
@@ -427,7 +400,7 @@ def _exit_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from slime_wf.rollout.local_model import resolve_dtype
+    from slime_wf.engine_server.model import resolve_dtype
 
     args = parse_args(argv)
     check_args(args)
@@ -463,6 +436,3 @@ def main(argv: list[str] | None = None) -> None:
     if engine.load_error is not None:
         raise SystemExit(1)
 
-
-if __name__ == "__main__":
-    main()

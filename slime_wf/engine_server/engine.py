@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from slime_wf.rollout.local_model import (
+from slime_wf.engine_server.model import (
     BatchKV,
     check_state_dict,
     copy_weights_,
@@ -48,8 +48,8 @@ from slime_wf.rollout.local_model import (
     new_cache,
     read_state_dict,
 )
-from slime_wf.rollout.local_response import error_response, generate_response, waiting_abort_response
-from slime_wf.rollout.local_sampling import InvalidRequest, Request, sample
+from slime_wf.engine_server.response import error_response, generate_response, waiting_abort_response
+from slime_wf.engine_server.sampling import InvalidRequest, Request, sample
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from slime_wf.rollout.local_sampling import Request
+from slime_wf.engine_server.sampling import Request
 
 
 def version_spans(events: list[tuple[str, int]], current: str, num_tokens: int) -> list[dict]:

@@ -50,7 +50,7 @@ def _merge_config(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m slime_wf.rollout.local_server",
+        prog="python -m slime_wf.engine_server",
         description="Serve a Hugging Face causal LM on CPU with SGLang's native HTTP API.",
     )
     parser.add_argument("--model-path", required=True, help="Hugging Face checkpoint directory")

@@ -8,8 +8,8 @@
 - `sampling_seed` draws from a per-request `torch.Generator`, so a request is reproducible
   whatever else is in the batch (given the same logits).
 
-`Request` is a validated request with its `SamplingParams`: what the scheduler (`local_engine`)
-runs and the response builder (`local_response`) answers.
+`Request` is a validated request with its `SamplingParams`: what the scheduler (`engine`)
+runs and the response builder (`response`) answers.
 """
 
 from __future__ import annotations

@@ -1,5 +1,9 @@
 """The weight-update process group: trainer rank 0 (group rank 0) plus every engine rank.
 
+The one piece of the `distributed` weight sync that both ends run: the trainer's end
+(`weight_sync.distributed`) and the engine server's (`engine_server.weight_update`). It sits beside
+both packages, importing neither, so that neither end imports the other.
+
 Both ends build it the way SGLang's `init_custom_process_group` does for
 `/init_weights_update_group`: a TCPStore served by group rank 0 at `master_address:master_port`,
 keys prefixed by the group name (`PrefixStore(group_name)`, then torch's own `"{group_name}/"`

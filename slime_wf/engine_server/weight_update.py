@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
-from slime_wf.weight_sync.group import WeightGroup, connect
+from slime_wf.weight_group import WeightGroup, connect
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class WeightReceiver:
         if not staged:
             return True, "Success"
         from slime_wf.checkpoint.fp8 import dequantize_state_dict
-        from slime_wf.rollout.local_model import check_state_dict, read_config
+        from slime_wf.engine_server.model import check_state_dict, read_config
 
         try:
             quant = read_config(self.engine.model_path).get("quantization_config")
