@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,13 +14,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from slime_wf.servers import ProcessExited, free_port, wait_until
+
 logger = logging.getLogger(__name__)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def offline_env(home: str | os.PathLike) -> dict[str, str]:
@@ -44,7 +39,7 @@ def local_prefect_server(
     """
     home = Path(home).absolute()
     home.mkdir(parents=True, exist_ok=True)
-    port = port or _free_port()
+    port = port or free_port()
     api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     # the UI asks this address for its API; Prefect's default assumes port 4200
@@ -65,19 +60,19 @@ def local_prefect_server(
 
 
 def _wait_healthy(api: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+    def healthy() -> bool:
         try:
             with urllib.request.urlopen(f"{api}/health", timeout=2) as resp:
-                if resp.status == 200:
-                    return
+                return resp.status == 200
         except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            why = f"exited with {proc.returncode}" if proc.poll() is not None else f"not healthy after {timeout:.0f} s"
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"prefect server start {why} ({api}); log {log_path}:\n{tail}")
-        time.sleep(0.5)
+            return False
+
+    try:
+        wait_until(healthy, f"the Prefect server at {api}", timeout_s=timeout, interval_s=0.5, process=proc)
+    except (ProcessExited, TimeoutError) as err:
+        why = f"exited with {proc.returncode}" if isinstance(err, ProcessExited) else f"not healthy after {timeout:.0f} s"
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"prefect server start {why} ({api}); log {log_path}:\n{tail}") from None
 
 
 def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:

@@ -49,9 +49,9 @@ def train(config: CampaignConfig) -> dict[str, Any]:
     """Run (or resume) a campaign from its next rollout id to `num_rollout`."""
     logger = get_run_logger()
     storage = result_storage(config)
-    rollout, train_step, sync, evaluate, save = (
+    rollout, train_step, sync, evaluate, finish = (
         _with_storage(x, storage) for x in (t.generate_rollout, t.train_step, t.sync_weights, t.evaluate,
-                                            t.save_checkpoint)
+                                            t.finish_rollout)
     )
     name, total = config.campaign, config.rollout.num_rollout
     # the campaign is left first, so its engines stop while the last artifacts go out; then they are flushed
@@ -65,12 +65,12 @@ def train(config: CampaignConfig) -> dict[str, Any]:
         artifacts.load_history(campaign.store, first)
         artifacts.progress(first, total)
         for rid in range(first, total):
-            rollout(campaign, name, rid)
-            metrics = dict(train_step(campaign, name, rid))
-            metrics.update(sync(campaign, name, rid))
+            rollout(campaign, rid)
+            metrics = dict(train_step(campaign, rid))
+            metrics.update(sync(campaign, rid))
             if campaign.should_evaluate(rid):
-                metrics.update(evaluate(campaign, name, rid))
-            merged = save(campaign, name, rid, metrics)
+                metrics.update(evaluate(campaign, rid))
+            merged = finish(campaign, rid, metrics)
             artifacts.rollout(rid, merged)
             artifacts.progress(rid + 1, total)
         manifest = campaign.manifest()

@@ -39,8 +39,8 @@ class WeightGroup:
     rank: int
     world_size: int
     backend: str
-    pg: object
-    store: object
+    pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL | None  # None once closed
+    store: dist.TCPStore | None
     port: int
 
     @property
@@ -50,7 +50,10 @@ class WeightGroup:
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
         """Broadcast `tensors` (in place, in order) from group rank 0: the sender passes its tensors, a
         receiver empty ones of the announced dtypes and shapes."""
-        works = [self.pg.broadcast(self._wire(t), 0) for t in tensors]
+        pg = self.pg
+        assert pg is not None, "broadcast on a closed weight-update group"
+        # torch's stubs omit the `broadcast` that the C++ backends bind.
+        works = [pg.broadcast(self._wire(t), 0) for t in tensors]  # type: ignore[union-attr]
         for work in works:
             work.wait()
 
@@ -93,7 +96,9 @@ def host_store(master_port: int, world_size: int, timeout_s: float) -> dist.TCPS
     )
 
 
-def join(store, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float) -> WeightGroup:
+def join(
+    store: dist.TCPStore, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float,
+) -> WeightGroup:
     """Build this rank's end of the group over `store` (blocks until every rank has joined)."""
     if backend not in BACKENDS:
         raise ValueError(f"weight-update group backend {backend!r} is not one of {', '.join(BACKENDS)}")
@@ -101,6 +106,7 @@ def join(store, rank: int, world_size: int, group_name: str, backend: str, timeo
         raise ValueError(f"weight-update group rank {rank} is outside the group's world size {world_size}")
     device = "cuda" if backend == "nccl" else "cpu"
     prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
+    pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, _delta(timeout_s))
     else:

@@ -33,15 +33,19 @@ def _retry_on_engine_fault(task, task_run, state) -> bool:
 
 
 def _persisted(fn, name: str, **options):
-    """A task whose result is stored as JSON under `<campaign>/prefect/<id>-<name>.json`; its body
-    always runs (the campaign itself skips completed work), so a re-run never restores stale state."""
+    """A task whose result is stored as JSON under `<campaign>/prefect/rollout-<id>-<name>.json`; its
+    body always runs (the campaign itself skips completed work), so a re-run never restores stale state.
+
+    Prefect fills the key with `str.format`, so it reads the campaign's name from the task's own
+    `campaign` argument (attribute access), and the tasks need no parameter that only names it."""
     return task(
         fn,
         name=name,
         persist_result=True,
         result_serializer="json",
         refresh_cache=True,
-        result_storage_key="{parameters[campaign_name]}/prefect/rollout-{parameters[rollout_id]:06d}-" + name + ".json",
+        result_storage_key="{parameters[campaign].cfg.campaign}/prefect/rollout-{parameters[rollout_id]:06d}-"
+                           + name + ".json",
         **options,
     )
 
@@ -66,7 +70,7 @@ def _start(campaign: Campaign) -> int:
     return campaign.start()
 
 
-def _generate_rollout(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, Any]:
+def _generate_rollout(campaign: Campaign, rollout_id: int) -> dict[str, Any]:
     summary = campaign.rollout(rollout_id)
     get_run_logger().info(
         "rollout %d: %d groups, raw reward %.3f, %d groups in the buffer",
@@ -75,15 +79,15 @@ def _generate_rollout(campaign: Campaign, campaign_name: str, rollout_id: int) -
     return summary
 
 
-def _train_step(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+def _train_step(campaign: Campaign, rollout_id: int) -> dict[str, float]:
     return campaign.train_with_recovery(rollout_id, warn=get_run_logger().warning)
 
 
-def _sync_weights(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+def _sync_weights(campaign: Campaign, rollout_id: int) -> dict[str, float]:
     return campaign.sync_weights(rollout_id)
 
 
-def _evaluate(campaign: Campaign, campaign_name: str, rollout_id: int) -> dict[str, float]:
+def _evaluate(campaign: Campaign, rollout_id: int) -> dict[str, float]:
     return campaign.evaluate(rollout_id)
 
 
@@ -95,7 +99,7 @@ def _evaluate_committed(campaign: Campaign, rollout_id: int | None) -> dict[str,
     return campaign.evaluate_committed(rollout_id)
 
 
-def _save_checkpoint(campaign: Campaign, campaign_name: str, rollout_id: int, metrics: dict) -> dict[str, Any]:
+def _finish_rollout(campaign: Campaign, rollout_id: int, metrics: dict) -> dict[str, Any]:
     return campaign.finish(rollout_id, metrics)
 
 
@@ -116,4 +120,4 @@ train_step = _persisted(_train_step, "train_step")
 sync_weights = _persisted(_sync_weights, "sync_weights", retries=2, retry_delay_seconds=5,
                           retry_condition_fn=_retry_on_engine_fault)
 evaluate = _persisted(_evaluate, "evaluate", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_engine_fault)
-save_checkpoint = _persisted(_save_checkpoint, "save_checkpoint")
+finish_rollout = _persisted(_finish_rollout, "finish_rollout")

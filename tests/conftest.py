@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -14,16 +12,12 @@ from pathlib import Path
 import pytest
 from prefect_fixtures import prefect_server  # noqa: F401  (a session fixture: one real Prefect server)
 
+from slime_wf.servers import ProcessExited, free_port, wait_until
+
 # Tests never reach the network: no hub, no analytics.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -36,16 +30,19 @@ def s3_server(tmp_path_factory):
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=out
         )
-    deadline = time.time() + 60
-    while True:
+
+    def answers() -> bool:
         try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-            time.sleep(0.2)
+            urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    try:
+        wait_until(answers, "moto_server", timeout_s=60, process=proc)
+    except (ProcessExited, TimeoutError):
+        proc.kill()
+        raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
     saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",

@@ -234,7 +234,7 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
         manifest = store.read_manifest()
         assert manifest["last_completed_rollout_id"] == 0 and manifest["num_rollout"] == 1
         assert store.exists(RunStore.rollout_file(0, "metrics.json"))
-        for task in ("generate_rollout", "train_step", "sync_weights", "save_checkpoint"):  # Prefect's results
+        for task in ("generate_rollout", "train_step", "sync_weights", "finish_rollout"):  # Prefect's results
             assert store.exists(f"prefect/rollout-000000-{task}.json"), task
         assert not store.exists(RunStore.rollout_file(1, "samples.jsonl"))  # the default, 2, did not apply
         assert CampaignConfig.from_dict(yaml.safe_load(store.read_text(RunStore.CONFIG))).rollout.num_rollout == 1

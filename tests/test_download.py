@@ -9,11 +9,11 @@ import json
 import os
 
 import pytest
-from conftest import free_port
 
 import slime_wf_cli as cli
 from slime_wf.checkpoint import s3_download
 from slime_wf.checkpoint.download import MANIFEST_NAME, CheckpointError, download_s3, resolve_checkpoint
+from slime_wf.servers import free_port
 from slime_wf.store import s3_filesystem
 
 MiB = 2**20

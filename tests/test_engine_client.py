@@ -14,9 +14,9 @@ import time
 
 import pytest
 from aiohttp import web
-from conftest import free_port
 
 from slime_wf.rollout.engine_client import EngineBusy, EngineError, EngineSession, retry_after_seconds
+from slime_wf.servers import free_port
 
 QUEUE_FULL = {"object": "error", "message": "The request queue is full.", "type": "503", "param": None, "code": 503}
 OK = {"text": "", "output_ids": [], "meta_info": {"id": "x", "finish_reason": {"type": "length", "length": 0}}}

@@ -30,7 +30,8 @@ from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.engine_client import EngineError
-from slime_wf.rollout.engines import EngineFleet, EngineStartError, engine_gpus, free_port, shown
+from slime_wf.rollout.engines import EngineFleet, EngineStartError, engine_gpus, shown
+from slime_wf.servers import free_port
 
 STAND_IN = r'''
 """A stand-in for `python -m sglang.launch_server`: SGLang's flags it needs, its health endpoints, /generate,

@@ -108,6 +108,16 @@ def test_drop_reasons_become_metrics():
     assert counter.metrics() == {}
 
 
+def test_the_rollout_loops_own_drops_share_the_filters_counter():
+    counter = DropReasonCounter()
+    counter.add(check_reward_nonzero_std(ARGS, group(1, 1)))
+    for reason in ("aborted", "surplus", "aborted"):
+        counter.drop(reason)
+    assert counter.counts() == {"aborted": 2, "zero_std_1": 1, "surplus": 1}  # most frequent first
+    assert counter.metrics() == {"rollout/dynamic_filter/drop_aborted": 2.0, "rollout/dynamic_filter/drop_surplus": 1.0,
+                                 "rollout/dynamic_filter/drop_zero_std_1": 1.0}
+
+
 def test_keep_when_insufficient_keeps_a_rejected_group_only_when_the_batch_would_run_short():
     plain = check_reward_nonzero_std(ARGS, group(1, 1))
     fallback = check_reward_nonzero_std_with_fallback(ARGS, group(1, 1))

@@ -36,6 +36,6 @@ def test_train_flow_on_s3(tmp_path, s3_server, s3_bucket, prefect_server):
     check_campaign_invariant(runs)
     # Prefect's task results went to the same bucket, through the saved RemoteFileSystem block
     results = runs.listdir("prefect")
-    assert "rollout-000001-save_checkpoint.json" in results and "rollout-000000-generate_rollout.json" in results
+    assert "rollout-000001-finish_rollout.json" in results and "rollout-000000-generate_rollout.json" in results
     stored = json.loads(runs.read_text("prefect/rollout-000000-generate_rollout.json"))
     assert json.loads(stored["result"])["rollout_id"] == 0

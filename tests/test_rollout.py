@@ -23,8 +23,8 @@ from slime_wf.engine_server.schema import (
 )
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
 from slime_wf.rollout.dataset import load_tokenizer
-from slime_wf.rollout.engine_client import EngineBusy, EngineError
-from slime_wf.rollout.engines import EngineFleet, EngineStartError, free_port
+from slime_wf.rollout.engine_client import EngineBusy, EngineError, EngineSession
+from slime_wf.rollout.engines import EngineFleet, EngineStartError
 from slime_wf.rollout.filter_hub import DynamicFilterOutput
 from slime_wf.rollout.generate import (
     MAX_ENGINE_ABORT_RETRIES,
@@ -35,6 +35,7 @@ from slime_wf.rollout.generate import (
     sampling_params_from_args,
 )
 from slime_wf.rollout.rollout import check_ledger, generate_rollout, generate_rollout_async
+from slime_wf.servers import free_port
 from slime_wf.types import Sample
 
 pytestmark = pytest.mark.slow
@@ -86,20 +87,31 @@ def fleet(model_dir, prompts, tmp_path_factory):
         yield fleet
 
 
-def contract_validator():
+@pytest.fixture
+def sglang_contract(monkeypatch):
+    """Every `/generate` body the rollout sends, and every answer, checked against SGLang's own schema;
+    the list of checked requests comes back, so a test can see that the check ran."""
     if not schema_available():
         pytest.skip("SGLang's schema (sglang --no-deps) is not installed")
+    send = EngineSession.generate
+    checked: list[dict] = []
 
-    def validate(kind, body):
-        (validate_generate_request if kind == "request" else validate_generate_response)(body)
+    async def generate_checked(self, payload, *, timeout=None):
+        validate_generate_request(payload)
+        response, url = await send(self, payload, timeout=timeout)
+        validate_generate_response(response)
+        checked.append(payload)
+        return response, url
 
-    return validate
+    monkeypatch.setattr(EngineSession, "generate", generate_checked)
+    return checked
 
 
-def test_rollout_with_dynamic_sampling(fleet, model_dir, prompts):
+def test_rollout_with_dynamic_sampling(fleet, model_dir, prompts, sglang_contract):
     args = make_args(model_dir, prompts, "over_sampling_batch_size=5", f"dynamic_sampling_filter_path={FILTER}")
     ds = RolloutDataSourceWithBuffer(args)
-    out = generate_rollout(args, 0, ds, fleet, validate=contract_validator())
+    out = generate_rollout(args, 0, ds, fleet)
+    assert len(sglang_contract) >= 12  # every sample's request was checked
     assert len(out.groups) == 3 and all(len(g) == 4 for g in out.groups)
     check_ledger(out.ledger)
     assert out.ledger["trained"] == sorted(g[0].group_index for g in out.groups)
@@ -411,13 +423,14 @@ def test_engine_that_fails_to_start_shows_its_log(prompts, tmp_path):
         EngineFleet(args, str(tmp_path / "no-model"), log_dir=str(tmp_path)).start()
 
 
-def test_router_in_front_of_two_engines(fleet, model_dir, prompts, tmp_path, monkeypatch):
+def test_router_in_front_of_two_engines(fleet, model_dir, prompts, tmp_path, monkeypatch, sglang_contract):
     monkeypatch.setenv("ROLLOUT_TEST_ENGINE_KEY", fleet.api_key)  # attached engines: their key comes by name
     args = make_args(model_dir, prompts, f"engine_urls={fleet.urls}", "use_router=true",
                      "engine_api_key_env=ROLLOUT_TEST_ENGINE_KEY")
     with EngineFleet(args, model_dir, log_dir=str(tmp_path)) as routed:
         assert routed.router_url is not None
-        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), routed, validate=contract_validator())
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), routed)
+        assert sglang_contract
         assert len(out.groups) == 3
         check_ledger(out.ledger)
 
@@ -566,8 +579,9 @@ def _real_sglang_available() -> bool:
     not _real_sglang_available(),
     reason="real SGLang needs the sglang package with its runtime and a CUDA GPU; the local engine covers the API here",
 )
-def test_real_sglang_server_launch(model_dir, prompts, tmp_path):
+def test_real_sglang_server_launch(model_dir, prompts, tmp_path, sglang_contract):
     args = make_args(model_dir, prompts, "engine_type=sglang", "num_engines=1", "sglang_mem_fraction_static=0.3")
     with EngineFleet(args, model_dir, log_dir=str(tmp_path)) as fleet:
-        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet, validate=contract_validator())
+        out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+        assert sglang_contract
         assert len(out.groups) == 3

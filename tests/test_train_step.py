@@ -194,9 +194,10 @@ def test_padding_masks_and_loss_batch():
     items[1].per_token["advantages"] = torch.ones(items[1].response_length)
     for it in (items[0], items[2]):
         it.per_token["advantages"] = torch.zeros(it.response_length)
-    mb = pad_micro_batch(items, pad_token_id=0, pad_to_multiple_of=8)
+    mb = pad_micro_batch(items, pad_token_id=0)
     lengths = [it.total_length for it in items]
-    assert mb.input_ids.shape == (3, -(-max(lengths) // 8) * 8)
+    assert len(set(lengths)) > 1  # so that some rows are padded
+    assert mb.input_ids.shape == (3, max(lengths))
     for b, it in enumerate(items):
         n = it.total_length
         assert mb.attention_mask[b].tolist() == [1] * n + [0] * (mb.input_ids.shape[1] - n)

@@ -36,7 +36,7 @@ import traceback
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -50,6 +50,9 @@ from slime_wf.engine_server.model import (
 )
 from slime_wf.engine_server.response import error_response, generate_response, waiting_abort_response
 from slime_wf.engine_server.sampling import InvalidRequest, Request, sample
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +90,8 @@ class LocalEngine:
         self.max_running_requests = max_running_requests
         self.max_queued_requests = max_queued_requests
         self.weight_version = weight_version
-        self.model = None
-        self.tokenizer = None
+        self.model: PreTrainedModel | None = None  # both set by _load, on the scheduler thread
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.ready = threading.Event()
         self.load_error: BaseException | None = None
         self.last_step_time = 0.0
@@ -123,14 +126,14 @@ class LocalEngine:
         from transformers import AutoTokenizer, GenerationConfig
 
         logger.info("loading %s (%s)", self.model_path, self.dtype)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
-        self.model = load_model(self.model_path, self.dtype)
-        config = self.model.config.get_text_config()
+        self.tokenizer = tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        self.model = model = load_model(self.model_path, self.dtype)
+        config = model.config.get_text_config()
         self.vocab_size = int(config.vocab_size)
         self.context_length = int(getattr(config, "max_position_embeddings", 0) or 1 << 20)
         self.num_layers = int(config.num_hidden_layers)
         eos: set[int] = set()
-        for source in [config.eos_token_id, self.tokenizer.eos_token_id]:
+        for source in [config.eos_token_id, tokenizer.eos_token_id]:
             eos.update([source] if isinstance(source, int) else (source or []))
         try:
             gen_eos = GenerationConfig.from_pretrained(self.model_path).eos_token_id
@@ -255,6 +258,8 @@ class LocalEngine:
         try:
             if not Path(model_path).is_dir():
                 raise FileNotFoundError(f"model_path {model_path!r} is not a directory")
+            if self.model is None:
+                raise RuntimeError(f"the model failed to load: {self.load_error}")
             checked = check_state_dict(self.model, read_state_dict(model_path))
         except Exception as err:  # any failure to read leaves the old weights in place
             logger.warning("weight update from %s failed: %s", model_path, err)
@@ -274,6 +279,7 @@ class LocalEngine:
         `weight_version` (None: the version stays); returns the number of requests in flight."""
 
         def swap() -> int:
+            assert self.model is not None  # the scheduler thread runs actions only after _load succeeded
             copy_weights_(self.model, checked)
             running = self._batch + self._admitting
             if weight_version is not None and weight_version != self.weight_version:
@@ -353,6 +359,7 @@ class LocalEngine:
 
     def _drop_aborted(self) -> None:
         for active in [a for a in self._admitting if a.abort_message]:
+            assert active.abort_message is not None  # picked for it, and an abort message is never cleared
             self._leave_admitting([active])
             self._finish(active, _abort_reason(active.abort_message))
         if any(a.abort_message for a in self._batch):
@@ -403,12 +410,14 @@ class LocalEngine:
             return None
         if req.params.stop:
             active.stop_tail = max(len(s) for s in req.params.stop) + 2
+        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
         out = self.model(input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
         self._append_tokens([active], out.logits[:, -1, :].float())
         return None if self._check_finished_safely(active) else cache
 
     def _decode_step(self) -> None:
+        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         snapshot = self._kv.snapshot()
         try:
             mask, positions = self._kv.step_inputs()
@@ -438,6 +447,7 @@ class LocalEngine:
     def _decode_rows_alone(self) -> None:
         """One decode step per row, each on a copy of its own cache: a row that fails again is answered
         with an error, the others take their step and form a new batch."""
+        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         caches, lengths, survivors = [], [], []
         for row, active in enumerate(self._batch):
             try:
@@ -495,8 +505,9 @@ class LocalEngine:
     def _check_finished(self, active: _Active) -> bool:
         """SGLang's order: stop string, then EOS / stop token (unless ignore_eos), then length."""
         p, out = active.req.params, active.output_ids
-        reason = None
+        reason: dict[str, Any] | None = None
         if p.stop:
+            assert self.tokenizer is not None  # the scheduler thread steps only after _load succeeded
             tail = self.tokenizer.decode(out[-active.stop_tail :])
             matched = next((s for s in p.stop if s in tail), None)
             if matched is not None:

@@ -217,7 +217,6 @@ class EngineSession:
         router_url: str | None = None,
         concurrency_per_engine: int = 64,
         on_engine_down: Callable[[str], Any] | None = None,
-        validate: Callable[[str, dict[str, Any]], None] | None = None,
         api_key: str | None = None,
         admin_api_key: str | None = None,
         busy_retries: int = 10,
@@ -228,7 +227,6 @@ class EngineSession:
         self.router_url = router_url.rstrip("/") if router_url else None
         self.concurrency_per_engine = concurrency_per_engine
         self.on_engine_down = on_engine_down
-        self.validate = validate  # contract checks: validate("request"|"response", body)
         self.api_key = api_key
         self.admin_api_key = admin_api_key
         self.busy_retries = busy_retries
@@ -298,8 +296,6 @@ class EngineSession:
         first, so a retry goes elsewhere); EngineTimeout when the request took too long; EngineBusy
         when the engine refused it as busy through every retry (it stays up).
         """
-        if self.validate is not None:
-            self.validate("request", payload)
         async with self._opened()[1]:
             if self.router_url is not None:
                 url, target = self.router_url, self.router_url
@@ -317,8 +313,6 @@ class EngineSession:
             finally:
                 if url in self.in_flight:
                     self.in_flight[url] -= 1
-        if self.validate is not None:
-            self.validate("response", response)
         return response, url
 
     async def for_each_engine(self, action: Callable[[EngineClient], Any], *, skip_down: bool = True) -> list[Any]:

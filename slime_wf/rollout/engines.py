@@ -30,12 +30,10 @@ import logging
 import os
 import secrets
 import signal
-import socket
 import stat
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -44,18 +42,13 @@ from typing import Any
 
 from slime_wf.redact import redact_url
 from slime_wf.rollout.engine_client import EngineSession
+from slime_wf.servers import ProcessExited, free_port, wait_until
 
 logger = logging.getLogger(__name__)
 
 
 class EngineStartError(RuntimeError):
     """An engine or the router did not come up; the message carries the end of its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 KEY_FLAGS = ("--api-key", "--admin-api-key")
@@ -212,20 +205,22 @@ class EngineFleet:
             engine.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def _wait_healthy(self, engine: Engine, what: str, path: str = "/health_generate") -> None:
-        deadline = time.monotonic() + self.args.engine_startup_timeout
-        while time.monotonic() < deadline:
-            if engine.process is not None and engine.process.poll() is not None:
-                raise EngineStartError(
-                    f"{what} at {engine.url} exited with code {engine.process.returncode} while starting.\n"
-                    f"command: {shown(engine.cmd or [])}\nlog ({engine.log_path}):\n{self._tail(engine)}"
-                )
-            if _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200:
-                return
-            time.sleep(0.25)
-        raise EngineStartError(
-            f"{what} at {engine.url} was not healthy after {self.args.engine_startup_timeout} s "
-            f"(engine.engine_startup_timeout).\nlog ({engine.log_path}):\n{self._tail(engine)}"
-        )
+        def healthy() -> bool:
+            return _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200
+
+        try:
+            wait_until(healthy, f"{what} at {engine.url}", timeout_s=self.args.engine_startup_timeout,
+                       interval_s=0.25, process=engine.process)
+        except ProcessExited as err:
+            raise EngineStartError(
+                f"{what} at {engine.url} exited with code {err.returncode} while starting.\n"
+                f"command: {shown(engine.cmd or [])}\nlog ({engine.log_path}):\n{self._tail(engine)}"
+            ) from None
+        except TimeoutError:
+            raise EngineStartError(
+                f"{what} at {engine.url} was not healthy after {self.args.engine_startup_timeout} s "
+                f"(engine.engine_startup_timeout).\nlog ({engine.log_path}):\n{self._tail(engine)}"
+            ) from None
 
     def _tail(self, engine: Engine) -> str:
         """The end of a server's log for an error message, without the key (SGLang logs its arguments)."""
@@ -379,7 +374,7 @@ class EngineFleet:
                 raise EngineStartError(f"restarted engine {redact_url(url)} was stopped again: giving it the current "
                                        f"weights failed: {err}") from err
 
-    def session(self, *, validate=None) -> EngineSession:
+    def session(self) -> EngineSession:
         """An `EngineSession` over this fleet whose dead engines are restarted in the background."""
         session: EngineSession
 
@@ -396,7 +391,6 @@ class EngineFleet:
             router_url=self.router_url,
             concurrency_per_engine=self.args.sglang_server_concurrency,
             on_engine_down=on_down,
-            validate=validate,
             api_key=self.api_key,
             admin_api_key=self.api_key,  # the engines were given one key for both
         )

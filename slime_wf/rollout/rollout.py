@@ -27,14 +27,18 @@ import asyncio
 import logging
 import statistics
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from tqdm import tqdm
 
 from slime_wf.plugins import load_function
-from slime_wf.rollout.filter_hub.base_types import call_dynamic_filter, should_drop_dynamic_filter_output
+from slime_wf.rollout.filter_hub.base_types import (
+    DropReasonCounter,
+    call_dynamic_filter,
+    load_dynamic_filter,
+    should_drop_dynamic_filter_output,
+)
 from slime_wf.rollout.generate import (
     RolloutContext,
     failure_reason,
@@ -86,15 +90,11 @@ class _Loop:
         self.ctx = ctx
         self.target = args.rollout_batch_size
         self.draw_size = args.over_sampling_batch_size or args.rollout_batch_size
-        self.filter_fn = (
-            load_function(args.dynamic_sampling_filter_path, num_positional=2, kind="dynamic sampling filter")
-            if args.dynamic_sampling_filter_path
-            else None
-        )
+        self.filter_fn = load_dynamic_filter(args.dynamic_sampling_filter_path)
         self.sampling_params = sampling_params_from_args(args)
         self.budget = args.max_groups_drawn_per_rollout or 20 * self.target
         self.ledger = new_ledger()
-        self.drops: Counter = Counter()
+        self.drops = DropReasonCounter()
         self.pending: dict[asyncio.Task, int] = {}
         self.remaining = 0  # groups kept or still in flight, as slime counts them
         self.kept: list[Group] = []
@@ -133,7 +133,7 @@ class _Loop:
 
     def _drop(self, group_index: int, reason: str) -> None:
         self.ledger["dropped"].setdefault(reason, []).append(group_index)
-        self.drops[reason] += 1
+        self.drops.drop(reason)
 
     def _drop_failed(self, group: Group, group_index: int, reason: str) -> None:
         self._drop(group_index, reason)
@@ -216,7 +216,7 @@ class _Loop:
         self.fallback = []
 
     def _report_shortfall(self) -> None:
-        drops = dict(self.drops.most_common())
+        drops = self.drops.counts()
         filter_path = self.args.dynamic_sampling_filter_path
         if not self.kept:
             raise RuntimeError(
@@ -294,8 +294,7 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
         "rollout/filter/filled_groups": float(loop.filled),
         "rollout/time_s": elapsed,
     }
-    for reason, count in loop.drops.items():
-        metrics[f"rollout/dynamic_filter/drop_{reason}"] = float(count)
+    metrics.update(loop.drops.metrics())
     for name, count in loop.ctx.counters.items():
         metrics[f"rollout/{name}"] = float(count)
     return metrics
@@ -334,7 +333,6 @@ async def generate_rollout_async(
 
 def generate_rollout(
     args: Any, rollout_id: int, data_source: Any, engines: Any, *, tokenizer: Any = None, reward_hub: Any = None,
-    validate=None,
 ) -> RolloutOutput:
     """One rollout id on an `EngineFleet`: a batch of kept groups plus its ledger and metrics.
 
@@ -352,7 +350,7 @@ def generate_rollout(
         tokenizer = load_tokenizer(engines.model_path)
 
     async def _run() -> RolloutOutput:
-        async with engines.session(validate=validate) as session:
+        async with engines.session() as session:
             try:
                 return await generate_rollout_async(
                     args, rollout_id, data_source, session, tokenizer, reward_hub=reward_hub

@@ -217,14 +217,12 @@ class PaddedBatch:
 
 
 def pad_micro_batch(
-    items: Sequence[TrainItem], *, pad_token_id: int = 0, pad_to_multiple_of: int = 1,
-    device: torch.device | str = "cpu",
+    items: Sequence[TrainItem], *, pad_token_id: int = 0, device: torch.device | str = "cpu",
 ) -> PaddedBatch:
-    """Right-pad `items` to their longest length (rounded up to `pad_to_multiple_of`)."""
+    """Right-pad `items` to their longest length."""
     if not items:
         raise ValueError("a micro-batch needs at least one sample")
-    longest = max(item.total_length for item in items)
-    length = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    length = max(item.total_length for item in items)
     input_ids = torch.full((len(items), length), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(items), length), dtype=torch.long)
     for b, item in enumerate(items):

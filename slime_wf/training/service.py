@@ -244,9 +244,16 @@ def serve(argv: list[str] | None = None) -> int:
                     except OSError as err:
                         command["samples_text"] = None
                         command["error"] = f"cannot read the samples: {err}"
+            # The engines' admin key is for rank 0 alone (it makes the HTTP calls): it never
+            # travels over the trainer's network to the other ranks.
+            secret = None
+            if command is not None and command.get("cmd") == "broadcast_weights":
+                secret = command.get("plan", {}).pop("api_key", None)
             box = [command]
             dist.broadcast_object_list(box, src=0)
             command = box[0]
+            if secret is not None:
+                command["plan"]["api_key"] = secret
             if command["cmd"] == "heartbeat":
                 continue
             if command["cmd"] == "shutdown":

@@ -228,7 +228,6 @@ def train_rollout(
     args: Any,
     dp: DataParallel,
     device: torch.device,
-    pad_to_multiple_of: int = 1,
     critic: Critic | None = None,
     train_actor: bool = True,
     rollout_id: int | None = None,
@@ -256,7 +255,7 @@ def train_rollout(
                     args.global_batch_size * args.num_steps_per_rollout, len(steps),
                     "/".join(str(len(step)) for step in steps))
     plan = [
-        [pad_micro_batch(mb, pad_to_multiple_of=pad_to_multiple_of, device=device)
+        [pad_micro_batch(mb, device=device)
          for mb in make_micro_batches(shard_for_data_parallel(step, dp.rank, dp.size),
                                       micro_batch_size=args.micro_batch_size,
                                       max_tokens_per_gpu=args.max_tokens_per_gpu)]

@@ -85,17 +85,27 @@ def call_dynamic_filter(
 
 
 class DropReasonCounter:
-    """Counts dropped groups by reason, as `rollout/dynamic_filter/drop_<reason>` metrics."""
+    """Counts dropped groups by reason, as `rollout/dynamic_filter/drop_<reason>` metrics.
+
+    The filter's verdicts come in through `add`; the rollout loop's own drops (failed, aborted,
+    surplus groups) through `drop`, so that every reason shares one metric family."""
 
     def __init__(self) -> None:
         self._drops: collections.Counter[str] = collections.Counter()
 
     def add(self, output: DynamicFilterOutput) -> None:
         if not output.keep:
-            self._drops[output.reason or "unspecified"] += 1
+            self.drop(output.reason or "unspecified")
 
-    def metrics(self) -> dict[str, int]:
-        return {f"rollout/dynamic_filter/drop_{reason}": n for reason, n in sorted(self._drops.items())}
+    def drop(self, reason: str) -> None:
+        self._drops[reason] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Drops per reason, the most frequent first."""
+        return dict(self._drops.most_common())
+
+    def metrics(self) -> dict[str, float]:
+        return {f"rollout/dynamic_filter/drop_{reason}": float(n) for reason, n in sorted(self._drops.items())}
 
     def reset(self) -> None:
         self._drops.clear()
