@@ -110,7 +110,7 @@ class LocalServer:
     """The local engine server as a subprocess, started once and timed over several rounds."""
 
     def __init__(self, model_dir: Path, threads: int, max_running: int, log: Path):
-        from conftest import free_port
+        from slime_wf.servers import free_port
 
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -123,17 +123,19 @@ class LocalServer:
     def wait_ready(self, timeout: float = 300) -> None:
         import urllib.request
 
-        deadline = time.monotonic() + timeout
-        while True:
+        from slime_wf.servers import ProcessExited, wait_until
+
+        def healthy() -> bool:
             try:
                 with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as resp:
-                    if resp.status == 200:
-                        return
+                    return resp.status == 200
             except OSError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"local server did not start:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+                return False
+
+        try:
+            wait_until(healthy, "the local server", timeout_s=timeout, process=self.proc)
+        except (ProcessExited, TimeoutError):
+            raise RuntimeError(f"local server did not start:\n{self.log.read_text()[-3000:]}") from None
 
     def run(self, work) -> tuple[float, float]:
         import aiohttp

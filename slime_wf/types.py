@@ -4,17 +4,22 @@
 plugins (reward functions, filters, generate functions) work unchanged. Unlike slime,
 samples are persisted as JSON, never pickled: `to_dict` / `from_dict` round-trip
 losslessly through `json.dumps` / `json.loads`, and `to_json` is one line whatever the text holds.
+`write_samples_jsonl` / `read_samples_jsonl` hold a list of them as a JSON-lines file: the form in
+which the trainer service receives what it trains on.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from enum import Enum
+from pathlib import Path
 from typing import Any
 
-from slime_wf.store import json_text
+from slime_wf.store import json_text, jsonl_lines
 
 
 class RewardKeyError(KeyError):
@@ -142,3 +147,33 @@ class Sample:
 
 Group = list[Sample]
 """The `n_samples_per_prompt` samples generated from one prompt (one GRPO group)."""
+
+
+# ---- samples as JSON lines (how the trainer service receives them) -------------------------------
+
+
+def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike[str]) -> Path:
+    """The samples, one JSON line each (line-safe whatever their text holds), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        for sample in samples:
+            f.write(sample.to_json() + "\n")
+    tmp.rename(path)
+    return path
+
+
+def read_samples_jsonl(path: str | os.PathLike[str]) -> list[Sample]:
+    with open(path, encoding="utf-8", newline="\n") as f:  # split on "\n" only, as the store does
+        return parse_samples_jsonl(f.read(), str(path))
+
+
+def parse_samples_jsonl(text: str, where: str) -> list[Sample]:
+    """The samples of JSON-lines `text`; a line that is not a sample is named by `where`:line."""
+    samples = []
+    for line_no, line in jsonl_lines(text):
+        try:
+            samples.append(Sample.from_json(line))
+        except ValueError as err:
+            raise ValueError(f"{where}:{line_no}: not a sample: {err}") from None
+    return samples

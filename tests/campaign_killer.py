@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from slime_wf import servers
 from slime_wf.store import RunStore
 
 POLL_S = 0.05
@@ -64,12 +65,7 @@ def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], what: str) 
 
 def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 120):
     """Poll `condition` until it is truthy and return its value; the deadline only stops a hang."""
-    deadline = time.monotonic() + timeout_s
-    while not (value := condition()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"still waiting for {what} after {timeout_s} s")
-        time.sleep(0.02)
-    return value
+    return servers.wait_until(condition, what, timeout_s=timeout_s, interval_s=0.02)
 
 
 def processes_matching(pattern: str) -> str:

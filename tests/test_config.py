@@ -4,7 +4,17 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from slime_wf.config import SECTIONS, CampaignConfig, ConfigError, leaf_sections
+from slime_wf.config import (
+    SECTIONS,
+    CampaignConfig,
+    ConfigError,
+    ObjectiveConfigError,
+    ObjectiveFields,
+    ObjectiveOptions,
+    RolloutConfig,
+    TrainConfig,
+    leaf_sections,
+)
 
 
 def write(tmp_path, data):
@@ -133,3 +143,47 @@ def test_validate_assignment():
     cfg = CampaignConfig()
     with pytest.raises(ValidationError):
         cfg.rollout.rollout_batch_size = -2
+
+
+def test_the_objective_options_are_the_train_sections_fields():
+    objective = set(ObjectiveFields.model_fields)
+    assert objective <= set(TrainConfig.model_fields) and "advantage_estimator" in objective
+    assert set(ObjectiveOptions.model_fields) == objective | {"rollout_temperature"}
+    for name in objective:
+        assert repr(TrainConfig.model_fields[name]) == repr(ObjectiveOptions.model_fields[name]), name
+    assert repr(RolloutConfig.model_fields["rollout_temperature"]) == repr(
+        ObjectiveOptions.model_fields["rollout_temperature"])
+    # a campaign's flat args resolve into the options with the campaign's values
+    cfg = CampaignConfig.from_dict({
+        "train": {"advantage_estimator": "gspo", "eps_clip": 0.3, "use_tis": True},
+        "rollout": {"rollout_temperature": 0.7},
+    })
+    options = ObjectiveOptions.from_args(cfg.args())
+    assert (options.advantage_estimator, options.eps_clip, options.eps_clip_high, options.use_tis,
+            options.rollout_temperature) == ("gspo", 0.3, 0.3, True, 0.7)
+    assert options.model_dump(exclude={"eps_clip_high", "rollout_temperature"}) == cfg.train.model_dump(
+        include=objective - {"eps_clip_high"})
+
+
+@pytest.mark.parametrize(
+    ("section", "settings", "problem"),
+    [
+        ("train", {"eps_clip_c": 0.9}, "eps_clip_c = 0.9: Input should be greater than 1"),
+        ("train", {"kl_loss_type": "k5"}, "kl_loss_type = 'k5': Input should be 'k1', 'k2', 'k3' or"),
+        ("train", {"gamma": 1.5}, "gamma = 1.5: Input should be less than or equal to 1"),
+        ("train", {"advantage_estimator": "reinforce_plus_plus"},
+         "advantage_estimator=reinforce_plus_plus requires normalize_advantages: true"),
+        ("train", {"loss_type": "custom_loss"}, "loss_type=custom_loss needs custom_loss_function_path"),
+        ("train", {"tis_clip_low": 3.0}, "tis_clip_low=3.0 is above tis_clip=2.0"),
+        ("rollout", {"rollout_temperature": -1.0}, "rollout_temperature = -1.0: Input should be greater than"),
+    ],
+)
+def test_a_bad_objective_option_gets_one_message_from_a_campaign_file_and_from_the_objectives(
+    section, settings, problem
+):
+    with pytest.raises(ObjectiveConfigError) as resolved:
+        ObjectiveOptions.from_args(settings)
+    with pytest.raises(ConfigError) as loaded:
+        CampaignConfig.from_dict({section: settings})
+    line = str(resolved.value).splitlines()[1].strip()
+    assert line.startswith(problem) and line in str(loaded.value)

@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
@@ -18,6 +17,7 @@ from prefect_fixtures import prefect_env
 from tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig, ConfigError
+from slime_wf.servers import ProcessExited, wait_until
 from slime_wf.store import RunStore
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,16 +103,12 @@ def _client(api: str):
 
 
 def _wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"{what}: the process exited with {proc.returncode}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not after {timeout:.0f} s\n{_tail(log)}")
-        time.sleep(1.0)
+    try:
+        return wait_until(check, what, timeout_s=timeout, interval_s=1.0, process=proc)
+    except ProcessExited as err:
+        raise AssertionError(f"{what}: the process exited with {err.returncode}:\n{_tail(log)}") from None
+    except TimeoutError:
+        raise AssertionError(f"{what}: not after {timeout:.0f} s\n{_tail(log)}") from None
 
 
 def _tail(log: Path | None) -> str:

@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -21,15 +20,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
 from tiny_models import make_tiny_model, perturb_checkpoint
 
+from slime_wf import servers
 from slime_wf.engine_server.schema import (
     schema_available,
     validate_generate_request,
     validate_generate_response,
     validate_model_info,
 )
+from slime_wf.servers import free_port
 
 REQUEST_TIMEOUT = 60
 
@@ -93,18 +93,21 @@ def start_server(model_dir: Path, log: Path, *extra: str) -> tuple[subprocess.Po
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"local server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+
+    def healthy() -> bool:
         try:
-            if call(url, "/health_generate")[0] == 200:
-                return proc, url
+            return call(url, "/health_generate")[0] == 200
         except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError(f"local server did not become healthy:\n{log.read_text()[-3000:]}")
+            return False
+
+    try:
+        servers.wait_until(healthy, "the local server to become healthy", timeout_s=120, process=proc)
+    except servers.ProcessExited:
+        raise RuntimeError(f"local server exited with {proc.returncode}:\n{log.read_text()[-3000:]}") from None
+    except TimeoutError:
+        proc.kill()
+        raise RuntimeError(f"local server did not become healthy:\n{log.read_text()[-3000:]}") from None
+    return proc, url
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -157,11 +160,7 @@ class InProcessServer:
 
 
 def wait_until(predicate, timeout: float = 20.0, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while not predicate():
-        if time.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+    servers.wait_until(predicate, what, timeout_s=timeout, interval_s=0.02)
 
 
 class Reference:

@@ -16,6 +16,7 @@ import torch
 from slime_wf.plugins import PluginError
 from slime_wf.training.objectives import (
     ObjectiveConfigError,
+    ObjectiveOptions,
     PolicyOutputs,
     compute_advantages_and_returns,
     compute_approx_kl,
@@ -447,11 +448,11 @@ def test_custom_loss_function_is_loaded_by_path(tmp_path, monkeypatch):
 def test_options_are_validated_with_clear_messages():
     args = resolve_objective_args(Namespace(eps_clip=0.3))
     assert args.eps_clip_high == 0.3 and args.tis_clip == 2.0 and args.kl_loss_type == "k1"
-    with pytest.raises(ObjectiveConfigError, match="eps_clip_c=0.9"):
+    with pytest.raises(ObjectiveConfigError, match="eps_clip_c = 0.9: Input should be greater than 1"):
         resolve_objective_args(Namespace(eps_clip_c=0.9))
-    with pytest.raises(ObjectiveConfigError, match="kl_loss_type='k5'"):
+    with pytest.raises(ObjectiveConfigError, match="kl_loss_type = 'k5': Input should be 'k1', 'k2'"):
         resolve_objective_args(Namespace(kl_loss_type="k5"))
-    with pytest.raises(ObjectiveConfigError, match="custom_loss needs a dotted path"):
+    with pytest.raises(ObjectiveConfigError, match="loss_type=custom_loss needs custom_loss_function_path"):
         resolve_objective_args(Namespace(loss_type="custom_loss"))
     with pytest.raises(ValueError, match=r"batch\['advantages'\]\[1\] has 1 entries but response_length is 3"):
         lp, ent, batch = _policy_batch()
@@ -475,6 +476,36 @@ class BagLM(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         counts = torch.arange(1, tokens.size(1) + 1, dtype=torch.float32).view(1, -1, 1)
         return self.head(torch.tanh(self.embed(tokens).cumsum(1) / counts))
+
+
+def count_validations(monkeypatch) -> list:
+    """The list that every validation of ObjectiveOptions appends to from now on."""
+    validated: list = []
+    validate = ObjectiveOptions.model_validate.__func__
+
+    def counting(cls, *args, **kwargs):
+        validated.append(cls)
+        return validate(cls, *args, **kwargs)
+
+    monkeypatch.setattr(ObjectiveOptions, "model_validate", classmethod(counting))
+    return validated
+
+
+def test_resolved_options_are_passed_down_as_they_are(monkeypatch):
+    options = ObjectiveOptions.from_args(Namespace(entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1))
+    with pytest.raises(ValueError, match="frozen"):
+        options.kl_loss_coef = 0.2
+    validated = count_validations(monkeypatch)
+    lp, ent, batch = _policy_batch()
+    loss, _ = loss_function(Namespace(), batch, PolicyOutputs(lp, ent), options=options)
+    adv, _ = compute_advantages_and_returns(options, t(1.0, 0.0), loss_masks=[t(1), t(1)],
+                                            response_lengths=[1, 1], n_samples_per_prompt=2)
+    assert validated == []
+    close(torch.cat(adv), [0.7071, -0.7071], tol=1e-4)
+    expected, _ = loss_function(Namespace(entropy_coef=0.01, use_kl_loss=True, kl_loss_coef=0.1), batch,
+                                PolicyOutputs(lp, ent))
+    assert validated == [ObjectiveOptions]  # a namespace is resolved on the call
+    close(loss, expected.item())
 
 
 def test_grpo_raises_the_reward_of_a_tiny_policy():

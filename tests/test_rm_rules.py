@@ -7,8 +7,10 @@ same input, unless a comment says otherwise.
 
 import pytest
 
+from slime_wf.config import RULE_RM_TYPES, CampaignConfig, ConfigError
 from slime_wf.rollout.rm_hub import deepscaler, f1, math_dapo_utils, math_utils
 from slime_wf.rollout.rm_hub._latex_text import latex_to_text
+from slime_wf.rollout.rm_hub.rules import GRADERS, UnknownRewardTypeError, grade
 
 reward = deepscaler.get_deepscaler_rule_based_reward
 
@@ -314,3 +316,14 @@ def test_pathological_inputs_finish():
     assert math_dapo_utils.normalize_final_answer("$" + "a$b" * 3000) == "a"
     assert not math_dapo_utils.compute_score("Answer" + " " * 5000 + "x", "1")["acc"]
     assert reward("</think>" + "\\boxed{" * 2000, "1") == 0
+
+
+def test_the_rule_types_are_the_configs():
+    assert set(GRADERS) == set(RULE_RM_TYPES)
+    for bad in ("maths", "boxed_remote_rm"):
+        with pytest.raises(UnknownRewardTypeError) as graded:
+            grade(bad, "\\boxed{1}", "1")
+        with pytest.raises(ConfigError) as loaded:
+            CampaignConfig.from_dict({"reward": {"rm_type": bad}})
+        message = str(graded.value)
+        assert message.startswith(f"unknown rm_type {bad!r}; allowed:") and message in str(loaded.value)

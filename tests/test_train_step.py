@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import random
-import typing
 
 import pytest
 import torch
 from tiny_models import make_tiny_model
 
-from slime_wf.config import CampaignConfig, ConfigError, RolloutConfig, TrainConfig
+from slime_wf.config import CampaignConfig, ConfigError
 from slime_wf.training import train_step
 from slime_wf.training.batching import (
     items_from_samples,
@@ -21,7 +20,7 @@ from slime_wf.training.batching import (
     split_steps,
 )
 from slime_wf.training.model import forward_logits
-from slime_wf.training.objectives import ADVANTAGE_ESTIMATORS, KL_LOSS_TYPES, LOSS_TYPES, OBJECTIVE_OPTIONS
+from slime_wf.training.objectives import ObjectiveOptions
 from slime_wf.training.train_args import resolve_train_args
 from slime_wf.training.trainer import Trainer
 from slime_wf.types import Sample
@@ -55,15 +54,7 @@ BASE = dict(rollout_batch_size=2, n_samples_per_prompt=4, lr=1e-3, weight_decay=
 # ---- settings --------------------------------------------------------------------------------
 
 
-def test_train_section_mirrors_objective_options():
-    fields = TrainConfig.model_fields
-    for name, (default, _) in OBJECTIVE_OPTIONS.items():
-        section = RolloutConfig if name == "rollout_temperature" else TrainConfig
-        assert section.model_fields[name].default == default, name
-    choices = {name: set(typing.get_args(fields[name].annotation)) for name in
-               ("advantage_estimator", "kl_loss_type", "loss_type")}
-    assert choices == {"advantage_estimator": set(ADVANTAGE_ESTIMATORS), "kl_loss_type": set(KL_LOSS_TYPES),
-                       "loss_type": set(LOSS_TYPES)}
+def test_campaign_args_carry_the_trainer_defaults():
     args = CampaignConfig().args()
     assert (args.lr, args.micro_batch_size, args.save_interval, args.params_dtype) == (1e-6, 1, 1, "auto")
 
@@ -79,7 +70,7 @@ def test_train_section_mirrors_objective_options():
         ({"train": {"lr_decay_style": "cosine", "lr_warmup_iters": 5}}, "lr_warmup_iters=5 must be below"),
         ({"train": {"loss_type": "value_loss"}}, "the value loss is the critic's"),
         ({"train": {"num_critic_only_steps": 2}}, "num_critic_only_steps=2 needs advantage_estimator: ppo"),
-        ({"train": {"advantage_estimator": "reinforce_plus_plus"}}, "requires train.normalize_advantages"),
+        ({"train": {"advantage_estimator": "reinforce_plus_plus"}}, "requires normalize_advantages: true"),
         ({"train": {"loss_type": "custom_loss"}}, "custom_loss_function_path"),
         ({"train": {"kl_loss_type": "k4"}}, "train.kl_loss_type = 'k4'"),
         ({"train": {"params_dtype": "float16"}}, "train.params_dtype = 'float16'"),
@@ -312,6 +303,28 @@ def test_reference_model_only_when_a_kl_term_needs_it(tiny_dir, monkeypatch):
         # the second step's ratio moved away from 1: the old-policy log-probs are really the old ones
         assert metrics["steps"][0]["ppo_kl"] == pytest.approx(0.0, abs=1e-7)
         assert abs(metrics["steps"][1]["ppo_kl"]) > 1e-6
+    finally:
+        trainer.shutdown()
+
+
+def test_the_trainer_resolves_the_objective_options_once(tiny_dir, monkeypatch):
+    trainer = Trainer({**BASE, "eps_clip": 0.3, "num_steps_per_rollout": 2}, tiny_dir)
+    try:
+        assert trainer.objective == ObjectiveOptions.from_args(trainer.args)
+        assert trainer.objective.eps_clip_high == 0.3
+        validated = []
+        validate = ObjectiveOptions.model_validate.__func__
+
+        def counting(cls, *args, **kwargs):
+            validated.append(cls)
+            return validate(cls, *args, **kwargs)
+
+        monkeypatch.setattr(ObjectiveOptions, "model_validate", classmethod(counting))
+        metrics = trainer.train(random_samples(8, seed=5), 0)
+        assert metrics["num_steps"] == 2 and math.isfinite(metrics["loss"])
+        assert validated == []  # every advantage and micro-batch loss took the trainer's options as they are
+        ObjectiveOptions.from_args(trainer.args)
+        assert validated == [ObjectiveOptions]
     finally:
         trainer.shutdown()
 

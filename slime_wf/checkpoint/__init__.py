@@ -10,7 +10,8 @@
 - `fp8_format.Fp8Format`: the FP8 layout of the checkpoint the engines serve (a published one's
   own block size, scale names and kept modules), which every weight sync reproduces.
 - `layout`: what a folder holds (HF checkpoint, FP8 or not; trainer checkpoint; slime's
-  Megatron-LM torch_dist checkpoint, which is refused with the way out).
+  Megatron-LM torch_dist checkpoint, which is refused with the way out), and its `config.json`.
+- `dtypes.torch_dtype`: a dtype from its name, as settings, HF configs and SGLang spell it.
 
 Submodules are imported on demand, so that a download does not pay for importing torch.
 """

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from slime_wf.checkpoint import CheckpointError
 from slime_wf.checkpoint.fp8 import (
     DEFAULT_BLOCK_SIZE,
     QUANTIZABLE_DTYPES,
@@ -36,6 +37,7 @@ from slime_wf.checkpoint.fp8 import (
     quantize_fp8,
 )
 from slime_wf.checkpoint.fp8_format import Fp8Format, ScaleSpec
+from slime_wf.checkpoint.layout import CONFIG, hf_config
 from slime_wf.checkpoint.safetensors_stream import (
     INDEX_NAME,
     TORCH_DTYPES,
@@ -266,17 +268,16 @@ def _plan_shard(src: str, dst: str, fmt: Fp8Format) -> _Shard:
 def _read_config(model_dir: str) -> dict[str, Any]:
     if not os.path.isdir(model_dir):
         raise ConversionError(f"model dir {model_dir} does not exist or is not a directory")
-    path = os.path.join(model_dir, "config.json")
-    if not os.path.isfile(path):
+    path = os.path.join(model_dir, CONFIG)
+    try:
+        config = hf_config(model_dir)
+    except CheckpointError as err:  # not valid JSON
+        raise ConversionError(str(err)) from None
+    if config is None:
         raise ConversionError(
             f"{model_dir} has no config.json: convert-fp8 needs a Hugging Face checkpoint folder "
             "(config.json plus *.safetensors)"
         )
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except json.JSONDecodeError as err:
-        raise ConversionError(f"{path} is not valid JSON ({err})") from None
     if config.get("quantization_config"):
         method = config["quantization_config"].get("quant_method")
         raise ConversionError(

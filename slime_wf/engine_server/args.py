@@ -8,6 +8,7 @@ import ipaddress
 import socket
 import sys
 from pathlib import Path
+from typing import cast
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -97,7 +98,9 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False
-    return bool(infos) and all(ipaddress.ip_address(info[4][0].split("%")[0]).is_loopback for info in infos)
+    # A host lookup answers in the IP families only, whose socket addresses start with the address string.
+    addresses = [cast(str, info[4][0]) for info in infos]
+    return bool(addresses) and all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in addresses)
 
 
 def check_args(args: argparse.Namespace) -> None:

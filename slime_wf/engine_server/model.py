@@ -8,17 +8,21 @@ appends exactly one column for all rows, and positions stay per row.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-logger = logging.getLogger(__name__)
+from slime_wf.checkpoint import layout
+from slime_wf.checkpoint.dtypes import FLOAT_DTYPES, torch_dtype
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
 
 
 class WeightLoadError(ValueError):
@@ -27,18 +31,14 @@ class WeightLoadError(ValueError):
 
 def resolve_dtype(name: str) -> torch.dtype:
     """`auto` is float32: the CPU engine computes in full precision so its log-probs match the trainer's."""
-    if name == "auto":
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"--dtype {name!r} is not one of auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+    return torch_dtype(name, "--dtype", choices=FLOAT_DTYPES, auto=torch.float32)
 
 
 def read_config(model_path: str | Path) -> dict:
-    path = Path(model_path) / "config.json"
-    if not path.is_file():
-        raise WeightLoadError(f"{model_path} is not a Hugging Face checkpoint directory: {path} does not exist")
-    return json.loads(path.read_text())
+    config = layout.hf_config(model_path)
+    if config is None:
+        raise WeightLoadError(f"{model_path} is not a Hugging Face checkpoint directory: it has no config.json")
+    return config
 
 
 def read_state_dict(model_path: str | Path) -> dict[str, torch.Tensor]:
@@ -73,7 +73,7 @@ def read_state_dict(model_path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_model(model_path: str | Path, dtype: torch.dtype):
+def load_model(model_path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
     """A causal LM from a checkpoint directory, in eval mode with SDPA attention."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -90,7 +90,9 @@ def load_model(model_path: str | Path, dtype: torch.dtype):
     return model.eval()
 
 
-def check_state_dict(model, state: dict[str, torch.Tensor], *, partial: bool = False) -> dict[str, torch.Tensor]:
+def check_state_dict(
+    model: torch.nn.Module, state: dict[str, torch.Tensor], *, partial: bool = False
+) -> dict[str, torch.Tensor]:
     """Match checkpoint tensors to the model's: every weight present (tied ones may be absent; with
     `partial`, any may be, as an update over a weight-update group names only what it sends), shapes equal.
 
@@ -124,7 +126,7 @@ def check_state_dict(model, state: dict[str, torch.Tensor], *, partial: bool = F
 
 
 @torch.no_grad()
-def copy_weights_(model, state: dict[str, torch.Tensor]) -> None:
+def copy_weights_(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
     """Copy checked tensors into the model's own storage (tied weights follow their source)."""
     own = model.state_dict()
     for name, tensor in state.items():
@@ -138,10 +140,11 @@ class _RowLayer(DynamicLayer):
     full, so a decode step does not copy the whole cache as `torch.cat` would.
     """
 
-    def __init__(self):
+    def __init__(self) -> None:
         super().__init__()
         self.start = self.end = 0
-        self.k_buf = self.v_buf = None
+        self.k_buf: torch.Tensor | None = None  # None until the first set_buffers
+        self.v_buf: torch.Tensor | None = None
 
     def set_buffers(self, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, end: int) -> None:
         self.k_buf, self.v_buf, self.start, self.end = k_buf, v_buf, start, end
@@ -149,8 +152,14 @@ class _RowLayer(DynamicLayer):
         self._refresh()
 
     def _refresh(self) -> None:
+        assert self.k_buf is not None and self.v_buf is not None  # set_buffers runs before any refresh
         self.keys = self.k_buf[:, :, self.start : self.end]
         self.values = self.v_buf[:, :, self.start : self.end]
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values of the valid columns `[start, end)`."""
+        assert self.keys is not None and self.values is not None, "a KV layer read before it holds any buffer"
+        return self.keys, self.values
 
     def lazy_initialization(self, key_states, value_states) -> None:
         self.device = key_states.device
@@ -161,14 +170,16 @@ class _RowLayer(DynamicLayer):
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        assert self.k_buf is not None and self.v_buf is not None  # lazy_initialization allocates them
         n = key_states.shape[-2]
         if self.end + n > self.k_buf.shape[2]:
             width = self.end - self.start
             cap = max(2 * (width + n), 64)
             b, h, _, d = self.k_buf.shape
             k_new, v_new = self.k_buf.new_zeros(b, h, cap, d), self.v_buf.new_zeros(b, h, cap, d)
-            k_new[:, :, :width] = self.keys
-            v_new[:, :, :width] = self.values
+            keys, values = self.kv()
+            k_new[:, :, :width] = keys
+            v_new[:, :, :width] = values
             self.k_buf, self.v_buf, self.start, self.end = k_new, v_new, 0, width
         self.k_buf[:, :, self.end : self.end + n] = key_states
         self.v_buf[:, :, self.end : self.end + n] = value_states
@@ -184,12 +195,20 @@ def new_cache(num_layers: int) -> Cache:
     return Cache(layers=[_RowLayer() for _ in range(num_layers)])
 
 
+def _row_layers(cache: Cache) -> list[_RowLayer]:
+    """The layers of a cache from `new_cache` (every cache here is one), typed as what they are."""
+    return cast(list[_RowLayer], cache.layers)
+
+
 class BatchKV:
     """The running batch's KV cache, padding mask and per-row positions."""
 
     def __init__(self, num_layers: int):
         self.num_layers = num_layers
-        self.cache = new_cache(num_layers)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.cache = new_cache(self.num_layers)
         self.valid = torch.zeros(0, 0, dtype=torch.bool)  # [rows, width]: False on left padding
         self.positions = torch.zeros(0, dtype=torch.long)  # next position of each row
 
@@ -213,19 +232,21 @@ class BatchKV:
         valid[:old_rows, width - old_width :] = self.valid
         for i, n in enumerate(lengths):
             valid[old_rows + i, width - n :] = True
+        own_layers = _row_layers(self.cache)
         for li in range(self.num_layers):
-            sample = caches[0].layers[li]
-            _, heads, _, dim = sample.keys.shape
-            k_buf = sample.keys.new_zeros(rows, heads, cap, dim)
-            v_buf = sample.values.new_zeros(rows, heads, cap, dim)
+            sample_keys, sample_values = _row_layers(caches[0])[li].kv()
+            _, heads, _, dim = sample_keys.shape
+            k_buf = sample_keys.new_zeros(rows, heads, cap, dim)
+            v_buf = sample_values.new_zeros(rows, heads, cap, dim)
             if old_rows:
-                old = self.cache.layers[li]
-                k_buf[:old_rows, :, width - old_width : width] = old.keys
-                v_buf[:old_rows, :, width - old_width : width] = old.values
+                old_keys, old_values = own_layers[li].kv()
+                k_buf[:old_rows, :, width - old_width : width] = old_keys
+                v_buf[:old_rows, :, width - old_width : width] = old_values
             for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
-                k_buf[old_rows + i, :, width - n : width] = cache.layers[li].keys[0]
-                v_buf[old_rows + i, :, width - n : width] = cache.layers[li].values[0]
-            layer = self.cache.layers[li] if old_rows else _RowLayer()
+                keys, values = _row_layers(cache)[li].kv()
+                k_buf[old_rows + i, :, width - n : width] = keys[0]
+                v_buf[old_rows + i, :, width - n : width] = values[0]
+            layer = own_layers[li] if old_rows else _RowLayer()
             layer.set_buffers(k_buf, v_buf, 0, width)
             self.cache.layers[li] = layer
         self.valid = valid
@@ -236,14 +257,15 @@ class BatchKV:
         if len(rows) == self.rows:
             return
         if not rows:
-            self.__init__(self.num_layers)
+            self._clear()
             return
         index = torch.tensor(rows, dtype=torch.long)
         valid = self.valid.index_select(0, index)
         first = int(valid.any(dim=0).float().argmax())
         self.valid = valid[:, first:]
         self.positions = self.positions.index_select(0, index)
-        for layer in self.cache.layers:
+        for layer in _row_layers(self.cache):
+            assert layer.k_buf is not None and layer.v_buf is not None  # a batch with rows has buffers
             # One gather keeps the buffer's spare capacity; trimmed columns just move the start.
             layer.set_buffers(
                 layer.k_buf.index_select(0, index), layer.v_buf.index_select(0, index), layer.start + first, layer.end
@@ -252,13 +274,13 @@ class BatchKV:
     def snapshot(self) -> tuple:
         """The state before a decode step, for `restore` after a failed one. Cheap: a step only writes
         past each layer's end (or into a new buffer when full), so references suffice."""
-        layers = [(layer.k_buf, layer.v_buf, layer.start, layer.end) for layer in self.cache.layers]
+        layers = [(layer.k_buf, layer.v_buf, layer.start, layer.end) for layer in _row_layers(self.cache)]
         return self.valid, self.positions.clone(), layers
 
     def restore(self, snapshot: tuple) -> None:
         self.valid, positions, layers = snapshot
         self.positions = positions.clone()
-        for layer, (k_buf, v_buf, start, end) in zip(self.cache.layers, layers, strict=True):
+        for layer, (k_buf, v_buf, start, end) in zip(_row_layers(self.cache), layers, strict=True):
             if k_buf is not None:
                 layer.set_buffers(k_buf, v_buf, start, end)
 
@@ -266,8 +288,9 @@ class BatchKV:
         """A copy of one row without its left padding, as a single-row cache, and its length."""
         n = int(self.valid[row].sum())
         cache = new_cache(self.num_layers)
-        for layer, own in zip(cache.layers, self.cache.layers, strict=True):
-            keys, values = own.keys[row : row + 1, :, -n:], own.values[row : row + 1, :, -n:]
+        for layer, own in zip(_row_layers(cache), _row_layers(self.cache), strict=True):
+            own_keys, own_values = own.kv()
+            keys, values = own_keys[row : row + 1, :, -n:], own_values[row : row + 1, :, -n:]
             _, heads, _, dim = keys.shape
             k_buf, v_buf = keys.new_zeros(1, heads, n + 64, dim), values.new_zeros(1, heads, n + 64, dim)
             k_buf[:, :, :n], v_buf[:, :, :n] = keys, values

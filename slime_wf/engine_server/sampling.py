@@ -25,7 +25,7 @@ import torch
 TOP_K_ALL = 1 << 30
 
 # Parameters SGLang accepts that this engine does not implement: any value but the default is refused.
-_UNSUPPORTED_DEFAULTS = {
+_UNSUPPORTED_DEFAULTS: dict[str, Any] = {
     "frequency_penalty": 0.0,
     "presence_penalty": 0.0,
     "repetition_penalty": 1.0,

@@ -22,6 +22,7 @@ from typing import Any
 
 from aiohttp import web
 
+from slime_wf.checkpoint.dtypes import dtype_name
 from slime_wf.engine_server import weight_update
 from slime_wf.engine_server.args import check_args, parse_args
 from slime_wf.engine_server.engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull
@@ -145,6 +146,7 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
     if input_ids is None:
         if not isinstance(text, str):
             raise InvalidRequest("text must be a string")
+        assert engine.tokenizer is not None  # /generate takes requests only once the model loaded (_not_ready)
         input_ids = engine.tokenizer.encode(text)
     if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
         raise InvalidRequest("input_ids must be a list of integers")
@@ -340,7 +342,7 @@ async def server_info(request: web.Request) -> web.Response:
             "tokenizer_path": engine.tokenizer_path,
             "host": args.host,
             "port": args.port,
-            "dtype": str(engine.dtype).removeprefix("torch."),
+            "dtype": dtype_name(engine.dtype),
             "max_running_requests": engine.max_running_requests,
             "max_queued_requests": engine.max_queued_requests,
             "max_context_length": getattr(engine, "context_length", None),

@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from aiohttp import web
 
+from slime_wf.checkpoint.dtypes import torch_dtype
 from slime_wf.weight_group import WeightGroup, connect
 
 logger = logging.getLogger(__name__)
@@ -163,9 +164,7 @@ def _announced(body: dict[str, Any]) -> dict[str, torch.Tensor]:
         raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length")
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
-        kind = getattr(torch, str(dtype), None)
-        if not isinstance(kind, torch.dtype):
-            raise ValueError(f"{name}: dtype {dtype!r} is not a torch dtype")
+        kind = torch_dtype(str(dtype), f"{name}: dtype")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise ValueError(f"{name}: shape {shape!r} is not a list of sizes")
         if name in out:
@@ -204,7 +203,7 @@ def _answer(method: str):
 
 
 async def _get_weights_by_name(request: web.Request) -> web.Response:
-    body = await _body(request) if request.can_read_body else dict(request.query)
+    body: dict[str, Any] | None = await _body(request) if request.can_read_body else dict(request.query)
     if body and "truncate_size" in body and isinstance(body["truncate_size"], str) and body["truncate_size"].isdigit():
         body["truncate_size"] = int(body["truncate_size"])
     receiver = request.app[RECEIVER]

@@ -20,6 +20,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from slime_wf.checkpoint import CheckpointError
+from slime_wf.checkpoint.layout import hf_config
 from slime_wf.store import filesystem_for
 from slime_wf.types import Sample
 
@@ -126,9 +128,8 @@ def checkpoint_context_length(hf_checkpoint: str) -> int | None:
         value = getattr(AutoConfig.from_pretrained(hf_checkpoint).get_text_config(), "max_position_embeddings", None)
     except Exception:  # a model type this transformers does not know: read the file itself
         try:
-            with open(config_file, encoding="utf-8") as f:
-                raw = json.load(f)
-        except (OSError, ValueError) as err:
+            raw = hf_config(hf_checkpoint) or {}
+        except (OSError, CheckpointError) as err:
             raise DataError(f"cannot read {config_file}: {err}") from err
         text_config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
         value = text_config.get("max_position_embeddings", raw.get("max_position_embeddings"))

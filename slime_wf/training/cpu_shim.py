@@ -34,6 +34,7 @@ import importlib
 import logging
 import types
 import warnings
+from typing import Any
 
 import torch
 
@@ -209,10 +210,13 @@ def install() -> None:
     import_megatron()
     if _installed or not is_active():
         return
+    # Typed Any: a module object declares no attributes to assign, and megatron-core ships no types.
+    module: Any
     for module_name in _MODULES_USING_CUDA:
-        importlib.import_module(module_name).torch = _CPU_TORCH
-    optimizer_module = importlib.import_module("megatron.core.optimizer.optimizer")
-    optimizer_module.clip_grad_by_total_norm_fp32 = _clip_grads_by_total_norm
+        module = importlib.import_module(module_name)
+        module.torch = _CPU_TORCH
+    module = importlib.import_module("megatron.core.optimizer.optimizer")
+    module.clip_grad_by_total_norm_fp32 = _clip_grads_by_total_norm
     _installed = True
     logger.debug("megatron-core CPU shim installed for %d modules", len(_MODULES_USING_CUDA))
 

@@ -58,6 +58,7 @@ def run_hf_parity(hf_dir: str, *, tp: int = 1, dtype: str = "float32", export_di
     import torch
     import torch.distributed as dist
 
+    from slime_wf.checkpoint.dtypes import torch_dtype
     from slime_wf.training.model import build_gpt_model, forward_logits
     from slime_wf.training.parallel import destroy_parallel, init_parallel
     from slime_wf.training.weights import (
@@ -67,13 +68,11 @@ def run_hf_parity(hf_dir: str, *, tp: int = 1, dtype: str = "float32", export_di
         save_hf_checkpoint,
     )
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
-    torch_dtype = getattr(torch, dtype)
+    params_dtype = torch_dtype(dtype, "--dtype", choices=DTYPES)
     start = time.perf_counter()
     info = init_parallel(tp)
     try:
-        model = build_gpt_model(hf_dir, params_dtype=torch_dtype)
+        model = build_gpt_model(hf_dir, params_dtype=params_dtype)
         load_hf_checkpoint_into(model, hf_dir)
         model.eval()
         arch = model.hf_arch
@@ -87,7 +86,7 @@ def run_hf_parity(hf_dir: str, *, tp: int = 1, dtype: str = "float32", export_di
         if info.rank != 0:
             return None
 
-        hf = _hf_logits(hf_dir, input_ids, attention_mask, torch_dtype, device)
+        hf = _hf_logits(hf_dir, input_ids, attention_mask, params_dtype, device)
         keep = attention_mask.bool()
         max_abs_logit_diff = (logits - hf).abs()[keep].max().item()
         max_abs_pad_diff = (logits[2, :real] - alone[0]).abs().max().item()

@@ -10,7 +10,6 @@ the HF model's.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 
 import torch
 
+from slime_wf.checkpoint import layout
 from slime_wf.training import cpu_shim
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
@@ -69,11 +69,10 @@ def hf_config_dict(hf_config: Any) -> dict:
     if isinstance(hf_config, dict):
         return dict(hf_config)
     if isinstance(hf_config, str | os.PathLike):
-        path = os.path.join(os.fspath(hf_config), "config.json")
-        if not os.path.isfile(path):
+        config = layout.hf_config(hf_config)
+        if config is None:
             raise FileNotFoundError(f"no config.json in HF checkpoint directory {os.fspath(hf_config)!r}")
-        with open(path) as f:
-            return json.load(f)
+        return config
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
     raise TypeError(f"hf_config must be a checkpoint directory, a PretrainedConfig or a dict, got {type(hf_config)!r}")

@@ -38,7 +38,7 @@ import time
 import traceback
 from multiprocessing.connection import Listener
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from slime_wf.training.trainer_client import (
     AUTHKEY_ENV,
@@ -46,21 +46,16 @@ from slime_wf.training.trainer_client import (
     RemoteTrainer,
     TrainerServiceError,
     make_trainer,
-    parse_samples_jsonl,
-    read_samples_jsonl,
     trainer_status,
-    write_samples_jsonl,
 )
+from slime_wf.types import Sample, parse_samples_jsonl
 
-__all__ = [
-    "LocalTrainer",
-    "RemoteTrainer",
-    "TrainerServiceError",
-    "make_trainer",
-    "read_samples_jsonl",
-    "serve",
-    "write_samples_jsonl",
-]
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from slime_wf.training.trainer import Trainer
+
+__all__ = ["LocalTrainer", "RemoteTrainer", "TrainerServiceError", "make_trainer", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +63,12 @@ logger = logging.getLogger(__name__)
 # ---- the service (every rank of the torchrun group) ---------------------------------------
 
 
-def _run_command(trainer, command: dict[str, Any]) -> Any:
+def _run_command(trainer: Trainer, command: dict[str, Any]) -> Any:
     name = command["cmd"]
     if name == "train":
-        return trainer.train(parse_samples_jsonl(command["samples_text"], command["samples_path"]),
-                             command["rollout_id"])
+        samples: list[Sample | dict[str, Any]] = list(parse_samples_jsonl(command["samples_text"],
+                                                                          command["samples_path"]))
+        return trainer.train(samples, command["rollout_id"])
     if name == "save":
         return trainer.save(command["path"], command.get("rollout_id"))
     if name == "load":
@@ -102,7 +98,7 @@ def _watch_client(client_pid: int) -> None:
             pass
 
 
-def _send(conn, message: dict[str, Any]) -> None:
+def _send(conn: Connection[Any, Any], message: dict[str, Any]) -> None:
     conn.send_bytes(json.dumps(message, default=str).encode())
 
 
@@ -192,9 +188,9 @@ def serve(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format=f"[rank {rank}] %(asctime)s %(name)s: %(message)s")
     authkey = os.environ.pop(AUTHKEY_ENV, None)
 
-    conn = None
+    conn: Connection[Any, Any] | None = None
     if rank == 0:
-        if None in (authkey, opts.args_json, opts.hf_checkpoint, opts.address_file, opts.client_pid):
+        if authkey is None or None in (opts.args_json, opts.hf_checkpoint, opts.address_file, opts.client_pid):
             parser.error(f"rank 0 needs --args-json, --hf-checkpoint, --address-file, --client-pid and {AUTHKEY_ENV} "
                          "(RemoteTrainer starts it so); the other nodes join with `slime-wf trainer-node`")
         threading.Thread(target=_watch_client, args=(opts.client_pid,), daemon=True).start()
@@ -232,7 +228,7 @@ def serve(argv: list[str] | None = None) -> int:
 
     try:
         while True:
-            command = None
+            command: dict[str, Any] | None = None
             if conn is not None:
                 try:
                     command = json.loads(conn.recv_bytes()) if conn.poll(opts.heartbeat_s) else {"cmd": "heartbeat"}

@@ -15,9 +15,8 @@ from typing import Any
 
 import torch
 
+from slime_wf.checkpoint.dtypes import torch_dtype
 from slime_wf.training import cpu_shim
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_train_args(args: Any = None, **overrides: Any) -> argparse.Namespace:
@@ -54,12 +53,9 @@ def resolve_train_args(args: Any = None, **overrides: Any) -> argparse.Namespace
 
 def params_dtype(args: Any) -> torch.dtype:
     """The torch dtype of `args.params_dtype` ("auto": bfloat16 with CUDA, float32 on CPU)."""
-    name = getattr(args, "params_dtype", "auto")
-    if name == "auto":
-        return torch.float32 if cpu_shim.is_active() else torch.bfloat16
-    if name not in _DTYPES:
-        raise ValueError(f"params_dtype={name!r} is not one of auto, {', '.join(_DTYPES)}")
-    return _DTYPES[name]
+    auto = torch.float32 if cpu_shim.is_active() else torch.bfloat16
+    return torch_dtype(getattr(args, "params_dtype", "auto"), "params_dtype", choices=("float32", "bfloat16"),
+                       auto=auto)
 
 
 def needs_critic(args: Any) -> bool:

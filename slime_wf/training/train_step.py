@@ -51,6 +51,7 @@ from slime_wf.training.critic import Critic
 from slime_wf.training.model import forward_logits
 from slime_wf.training.nonfinite import NonFiniteTrainingError, describe, nonfinite_inputs, skip_message
 from slime_wf.training.objectives import (
+    ObjectiveOptions,
     compute_advantages_and_returns,
     loss_function,
     response_log_probs_and_entropy,
@@ -118,9 +119,10 @@ def score_values(critic_model, micro_batches: Sequence[PaddedBatch]) -> None:
     _score(critic_model, micro_batches, "values", values)
 
 
-def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
+def set_advantages(items: Sequence[TrainItem], args: Any, objective: ObjectiveOptions | None = None) -> None:
     """`item.per_token["advantages"]` for every item of the rollout (rewards are raw), and
-    `returns` when the critic's `values` are there (the value loss's targets)."""
+    `returns` when the critic's `values` are there (the value loss's targets). `objective`: the
+    objective options resolved from `args` (None: resolved here)."""
     def optional(key):
         if all(key in it.per_token for it in items):
             return [it.per_token[key] for it in items]
@@ -128,7 +130,7 @@ def set_advantages(items: Sequence[TrainItem], args: Any) -> None:
 
     values = optional("values")
     advantages, returns = compute_advantages_and_returns(
-        args,
+        args if objective is None else objective,
         [it.reward for it in items],
         log_probs=optional("log_probs"),
         ref_log_probs=optional("ref_log_probs"),
@@ -176,7 +178,7 @@ def _lr(optimizer) -> float:
 
 def optimizer_step(
     ddp_model, optimizer, micro_batches: Sequence[PaddedBatch], args: Any, *, normalizer: float,
-    dp: DataParallel, device: torch.device,
+    dp: DataParallel, device: torch.device, objective: ObjectiveOptions | None = None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch of this rank, all-reduce the gradients, clip, Adam.
 
@@ -185,6 +187,7 @@ def optimizer_step(
     shares. Megatron DDP averages gradients over the data-parallel ranks; scaling the loss by
     their number turns that average into the sum of the shares. When the step's loss or gradient
     norm is not finite the update is skipped (`update_skipped` 1) and the gradients are zeroed.
+    `objective`: the objective options resolved from `args`, given to every micro-batch's loss.
     """
     from megatron.core.distributed import finalize_model_grads
 
@@ -193,7 +196,7 @@ def optimizer_step(
     sums: dict[str, torch.Tensor] = {}
     for mb in micro_batches:
         logits = _forward(ddp_model, mb)
-        loss, metrics = loss_function(args, mb.loss_batch(device), logits, normalizer=normalizer)
+        loss, metrics = loss_function(args, mb.loss_batch(device), logits, normalizer=normalizer, options=objective)
         (loss * dp.size).backward()
         sums[_LOSS_SUM] = sums.get(_LOSS_SUM, 0.0) + loss.detach().float()
         del logits, loss  # free the micro-batch's logits before the next forward
@@ -232,14 +235,20 @@ def train_rollout(
     train_actor: bool = True,
     rollout_id: int | None = None,
     consecutive_skipped_steps: int = 0,
+    objective: ObjectiveOptions | None = None,
 ) -> dict[str, Any]:
     """Train on one rollout's items; returns the rollout's metrics (means over its steps, leaving
     out the non-finite values of skipped steps) and `steps`, the list of each step's metrics.
     `critic`: ppo's (see critic.py); `train_actor` False trains the critic alone.
     `consecutive_skipped_steps`: the skips in a row before this rollout (the trainer's count);
     the metrics give it after the rollout, and `NonFiniteTrainingError` is raised when it
-    reaches `args.max_consecutive_skipped_steps`."""
+    reaches `args.max_consecutive_skipped_steps`.
+    `objective`: the objective options resolved once from `args` (the Trainer's; None: resolved
+    here); the critic's are resolved from `critic.args`. Every loss and advantage call gets them
+    as they are."""
     started = time.perf_counter()
+    objective = ObjectiveOptions.from_args(args) if objective is None else objective
+    critic_objective = None if critic is None else ObjectiveOptions.from_args(critic.args)
     for flag in ("use_rollout_logprobs", "use_tis"):
         if getattr(args, flag) and items and items[0].rollout_log_probs is None:
             raise ValueError(f"{flag} needs the engine's log-probs: the samples carry no rollout_log_probs "
@@ -281,7 +290,7 @@ def train_rollout(
         raise ValueError("train_actor=False trains the critic alone; only advantage_estimator ppo has one")
     # Advantages normalize over the whole rollout: every rank needs every sample's log-probs.
     _share_per_token(items, shared_keys, dp)
-    set_advantages(items, args)
+    set_advantages(items, args, objective)
     scored = time.perf_counter()
 
     limit = int(args.max_consecutive_skipped_steps)
@@ -305,7 +314,8 @@ def train_rollout(
             normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
             if critic is not None:
                 critic_metrics = optimizer_step(critic.ddp_model, critic.optimizer, micro_batches, critic.args,
-                                                normalizer=normalizer, dp=dp, device=device)
+                                                normalizer=normalizer, dp=dp, device=device,
+                                                objective=critic_objective)
                 if critic_metrics["update_skipped"]:
                     reason = (f"critic value loss {critic_metrics.get('value_loss', float('nan')):.4g}, "
                               f"grad_norm {critic_metrics['grad_norm']:.4g}")
@@ -315,7 +325,7 @@ def train_rollout(
                 metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
             if train_actor:
                 actor_metrics = optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer,
-                                               dp=dp, device=device)
+                                               dp=dp, device=device, objective=objective)
                 if actor_metrics["update_skipped"]:
                     reason = "; ".join(filter(None, [reason, f"loss {actor_metrics.get('loss', float('nan')):.4g}, "
                                                              f"grad_norm {actor_metrics['grad_norm']:.4g}"]))

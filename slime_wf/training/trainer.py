@@ -35,6 +35,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from slime_wf.checkpoint.dtypes import torch_dtype
 from slime_wf.checkpoint.layout import hf_quantization_config, is_hf_checkpoint, refuse_megatron_checkpoint
 from slime_wf.training import cpu_shim
 from slime_wf.training.batching import items_from_samples
@@ -47,6 +48,7 @@ from slime_wf.training.checkpointing import (
 from slime_wf.training.critic import CRITIC_DIR, Critic, critic_source
 from slime_wf.training.model import build_gpt_model, check_tp_size, describe_hf_config
 from slime_wf.training.nonfinite import NonFiniteTrainingError
+from slime_wf.training.objectives import ObjectiveOptions
 from slime_wf.training.optimizer import build_optimizer, build_scheduler
 from slime_wf.training.parallel import destroy_parallel, init_parallel
 from slime_wf.training.train_args import needs_critic, needs_reference_model, params_dtype, resolve_train_args
@@ -150,6 +152,7 @@ class Trainer:
 
     def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike):
         self.args = resolve_train_args(args)
+        self.objective = ObjectiveOptions.from_args(self.args)  # resolved once, for every loss and advantage
         self.hf_checkpoint_dir = str(hf_checkpoint_dir)
         tp = self.args.tensor_model_parallel_size
         check_tp_size(describe_hf_config(self.hf_checkpoint_dir), tp)  # before any process group exists
@@ -232,7 +235,7 @@ class Trainer:
                 ddp_model=self.ddp_model, optimizer=self.optimizer, scheduler=self.scheduler, ref_model=self.ref,
                 items=items, args=self.args, dp=self.dp, device=self.info.device, critic=self.critic,
                 train_actor=train_actor, rollout_id=int(rollout_id),
-                consecutive_skipped_steps=self.consecutive_skipped_steps,
+                consecutive_skipped_steps=self.consecutive_skipped_steps, objective=self.objective,
             )
         except NonFiniteTrainingError as err:
             self.step += err.applied_steps
@@ -291,9 +294,7 @@ class Trainer:
         self._check_alive()
         out_dir = _local_path(out_dir, "export directory")
         if isinstance(dtype, str):
-            if not isinstance(getattr(torch, dtype, None), torch.dtype):
-                raise ValueError(f"export dtype {dtype!r} is not a torch dtype (e.g. 'bfloat16', 'float32')")
-            dtype = getattr(torch, dtype)
+            dtype = torch_dtype(dtype, "export dtype")
         rank = dist.get_rank()
         weights = {}
         for name, tensor in iter_hf_weights(self.ddp_model, dtype):

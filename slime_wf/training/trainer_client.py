@@ -1,6 +1,6 @@
 """Clients of the trainer: `LocalTrainer` (world size one, in this process) and `RemoteTrainer`
 (a torchrun group running `slime_wf.training.service`), with the same methods; `make_trainer`
-picks one. The wire protocol and the service side are described in `service.py`.
+picks one, a `TrainerClient`. The wire protocol and the service side are described in `service.py`.
 """
 
 from __future__ import annotations
@@ -14,54 +14,32 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
-from multiprocessing.connection import Client
+from collections.abc import Sequence
+from multiprocessing.connection import Client, Connection
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from slime_wf.store import jsonl_lines
 from slime_wf.training.trainer_group import (
     SERVICE_MODULE,
+    STARTING_MARK,
+    failure_summary,
     join_commands,
+    log_tail,
     publish_generation,
     torchrun_command,
 )
-from slime_wf.types import Sample
+from slime_wf.types import Sample, write_samples_jsonl
+
+if TYPE_CHECKING:
+    from slime_wf.training.trainer import InitialWeights
 
 logger = logging.getLogger(__name__)
 
 AUTHKEY_ENV = "SLIME_WF_TRAINER_AUTHKEY"
-_LOG_TAIL_LINES = 40
 
 
 class TrainerServiceError(RuntimeError):
     """The trainer service failed a command, or is gone."""
-
-
-def write_samples_jsonl(samples: Iterable[Sample], path: str | os.PathLike) -> Path:
-    """The samples the service trains on, one JSON line each (line-safe whatever their text holds)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        for sample in samples:
-            f.write(sample.to_json() + "\n")
-    tmp.rename(path)
-    return path
-
-
-def read_samples_jsonl(path: str | os.PathLike) -> list[Sample]:
-    with open(path, encoding="utf-8", newline="\n") as f:  # split on "\n" only, as the store does
-        return parse_samples_jsonl(f.read(), str(path))
-
-
-def parse_samples_jsonl(text: str, where: str) -> list[Sample]:
-    samples = []
-    for line_no, line in jsonl_lines(text):
-        try:
-            samples.append(Sample.from_json(line))
-        except ValueError as err:
-            raise ValueError(f"{where}:{line_no}: not a sample: {err}") from None
-    return samples
 
 
 def trainer_status(trainer: Any) -> dict[str, Any]:
@@ -72,7 +50,7 @@ def trainer_status(trainer: Any) -> dict[str, Any]:
     return status
 
 
-def _with_load(args: Any, load: str | None) -> dict[str, Any]:
+def _with_load(args: Any, load: str | os.PathLike[str] | None) -> dict[str, Any]:
     values = dict(args) if isinstance(args, dict) else dict(vars(args))
     if load is not None:
         values["load"] = str(load)
@@ -96,11 +74,11 @@ class LocalTrainer:
         self.trainer = Trainer(self._args, self._hf_dir)
 
     @property
-    def initial_weights(self):
+    def initial_weights(self) -> InitialWeights:
         return self.trainer.initial_weights
 
-    def train(self, samples: list[Sample], rollout_id: int) -> dict[str, Any]:
-        return self.trainer.train(samples, rollout_id)
+    def train(self, samples: Sequence[Sample | dict[str, Any]], rollout_id: int) -> dict[str, Any]:
+        return self.trainer.train(list(samples), rollout_id)
 
     def save(self, path: str | os.PathLike, rollout_id: int | None = None) -> str:
         return self.trainer.save(path, rollout_id)
@@ -182,8 +160,8 @@ class RemoteTrainer:
         self.startup_timeout, self.command_timeout = startup_timeout, command_timeout
         self.heartbeat_s = heartbeat_s
         self.threads_per_rank = threads_per_rank
-        self._proc: subprocess.Popen | None = None
-        self._conn = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._conn: Connection[Any, Any] | None = None
         self.pids: list[int] = []
         self._ready: dict[str, Any] = {}
         self._start(load=None)
@@ -195,7 +173,7 @@ class RemoteTrainer:
         return self._log_path
 
     @property
-    def initial_weights(self):
+    def initial_weights(self) -> InitialWeights | None:
         """Where the policy's first weights came from (`trainer.InitialWeights`), as the service reported it."""
         from slime_wf.training.trainer import InitialWeights
 
@@ -206,6 +184,7 @@ class RemoteTrainer:
         """What each other node runs to join this group (none for one node)."""
         if self.nnodes == 1:
             return []
+        assert self.rdzv_endpoint is not None, "__init__ refuses a group of several nodes without one"
         return join_commands(self.rdzv_endpoint, self.nnodes, self.nproc_per_node, self.rdzv_timeout_s)
 
     def _start(self, load: str | None) -> None:
@@ -225,7 +204,7 @@ class RemoteTrainer:
             "--client-pid", str(os.getpid()), "--heartbeat-s", str(self.heartbeat_s),
         ]
         with open(self.log_path, "ab") as log:
-            log.write(f"\n==== starting: {' '.join(cmd)}\n".encode())
+            log.write(f"\n{STARTING_MARK} {' '.join(cmd)}\n".encode())
             self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         waiting = ""
         if generation is not None:
@@ -242,8 +221,10 @@ class RemoteTrainer:
             if time.monotonic() > deadline:
                 self._stop(force=True)
                 raise TrainerServiceError(f"trainer service did not listen in time{waiting}; "
-                                          f"log {self.log_path}:\n{self._log_tail()}")
-            published = published or publish_generation(self.rdzv_endpoint, generation)
+                                          f"log {self.log_path}:\n{log_tail(self.log_path)}")
+            if not published:  # several nodes: join_commands() checked the endpoint
+                assert self.rdzv_endpoint is not None and generation is not None
+                published = publish_generation(self.rdzv_endpoint, generation)
             time.sleep(0.1)
         address = json.loads(address_file.read_text())
         try:
@@ -256,23 +237,6 @@ class RemoteTrainer:
         self.pids = list(ready["pids"])
         logger.info("trainer service up: %d ranks (pids %s), step %s", len(self.pids), self.pids, ready["step"])
 
-    def _log_tail(self) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return "(no log)"
-        return "\n".join(lines[-_LOG_TAIL_LINES:])
-
-    def _failure_summary(self) -> str:
-        """torchrun's own account of which rank failed and how (its "exitcode" lines)."""
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return ""
-        start = max((i for i, line in enumerate(lines) if line.startswith("==== starting")), default=0)
-        found = [line.strip() for line in lines[start:] if "exitcode" in line or "Signal" in line]
-        return "; ".join(dict.fromkeys(found))
-
     def _raise_if_dead(self, doing: str) -> None:
         if self._proc is None:
             raise TrainerServiceError("trainer service is not running (shut down); call restart()")
@@ -281,13 +245,14 @@ class RemoteTrainer:
             self._close_conn()
             raise TrainerServiceError(
                 f"trainer service died {doing}: torchrun exited with code {code} (a rank failed or was killed: "
-                f"{self._failure_summary() or 'see the log'}); restart it with restart(from_checkpoint=...). "
-                f"Last lines of {self.log_path}:\n{self._log_tail()}"
+                f"{failure_summary(self.log_path) or 'see the log'}); restart it with restart(from_checkpoint=...). "
+                f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
             )
 
-    def _connection_lost(self, doing: str, grace_s: float = 60.0) -> None:
+    def _connection_lost(self, doing: str, grace_s: float = 60.0) -> NoReturn:
         """Rank 0 closed the connection: torchrun is (or soon will be) tearing the group down.
         Wait for its exit to report how it ended; a group that lingers is stopped."""
+        assert self._proc is not None, "only called while talking to a started service"
         try:
             self._proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
@@ -296,7 +261,7 @@ class RemoteTrainer:
         self._stop(force=True)
         raise TrainerServiceError(
             f"trainer service closed the connection {doing} and did not exit within {grace_s}s; it was stopped. "
-            f"Last lines of {self.log_path}:\n{self._log_tail()}"
+            f"Last lines of {self.log_path}:\n{log_tail(self.log_path)}"
         )
 
     def _close_conn(self) -> None:
@@ -353,10 +318,12 @@ class RemoteTrainer:
 
     def _receive(self, what: str, timeout: float | None) -> Any:
         deadline = None if timeout is None else time.monotonic() + timeout
+        conn = self._conn
+        assert conn is not None, "callers send on the connection first, or have just opened it"
         while True:
             try:
-                if self._conn.poll(0.2):
-                    message = json.loads(self._conn.recv_bytes())
+                if conn.poll(0.2):
+                    message = json.loads(conn.recv_bytes())
                     if message.get("nonfinite"):  # the user must change something: not a fault to recover from
                         from slime_wf.training.nonfinite import NonFiniteTrainingError
 
@@ -375,15 +342,16 @@ class RemoteTrainer:
 
     def _call(self, command: dict[str, Any]) -> Any:
         self._raise_if_dead(f"before {command['cmd']}")
+        assert self._conn is not None, "a live service has its connection (_raise_if_dead closes it on exit)"
         try:
             self._conn.send_bytes(json.dumps(command).encode())
         except (OSError, EOFError):
             self._connection_lost(f"sending {command['cmd']}")
         return self._receive(command["cmd"], self.command_timeout)
 
-    def train(self, samples: list[Sample | dict], rollout_id: int) -> dict[str, Any]:
-        samples = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
-        path = write_samples_jsonl(samples, self.work_dir / f"samples-{int(rollout_id):06d}.jsonl")
+    def train(self, samples: Sequence[Sample | dict[str, Any]], rollout_id: int) -> dict[str, Any]:
+        as_samples = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
+        path = write_samples_jsonl(as_samples, self.work_dir / f"samples-{int(rollout_id):06d}.jsonl")
         try:
             return self._call({"cmd": "train", "samples_path": str(path), "rollout_id": int(rollout_id)})
         finally:
@@ -409,9 +377,13 @@ class RemoteTrainer:
         return self._call({"cmd": "ping"})
 
 
+TrainerClient = LocalTrainer | RemoteTrainer
+"""What `make_trainer` returns: the campaign talks to either through the same methods."""
+
+
 def make_trainer(
-    args: Any, hf_checkpoint_dir: str | os.PathLike, *, nproc_per_node: int | None = None, **remote_options
-):
+    args: Any, hf_checkpoint_dir: str | os.PathLike[str], *, nproc_per_node: int | None = None, **remote_options: Any
+) -> TrainerClient:
     """A `LocalTrainer` for a world of one, a `RemoteTrainer` (torchrun) for more. The group is the
     settings' `actor_num_nodes` x `actor_num_gpus_per_node` (a campaign's), else one node of
     `nproc_per_node` processes, by default the tensor-parallel size (one data-parallel replica)."""

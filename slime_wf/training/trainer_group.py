@@ -10,6 +10,9 @@ node needs no config file, only the same software and the HF checkpoint at the s
 rendezvous is the static one (`--node-rank`): the dynamic (c10d) one numbers the nodes by host
 and process id, which would not keep rank 0 on the campaign's node.
 
+Each start of a group is logged after a line that begins with `STARTING_MARK`; `failure_summary` and
+`log_tail` read how the latest start ended from that log.
+
 A group ends as a whole (a rank died, or the client shut it down), and the campaign starts a new one
 from its committed checkpoint. So that a joining node takes part in every group and never in the
 one that is ending, each start of the head publishes a fresh generation id in its rendezvous store
@@ -27,12 +30,19 @@ import subprocess
 import sys
 import time
 from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch.distributed import TCPStore
 
 logger = logging.getLogger(__name__)
 
 SERVICE_MODULE = "slime_wf.training.service"
 GENERATION_KEY = "slime-wf/trainer-generation"
+STARTING_MARK = "==== starting:"
 _POLL_S = 0.5
+_LOG_TAIL_LINES = 40
 
 
 def split_endpoint(endpoint: str) -> tuple[str, int]:
@@ -78,7 +88,27 @@ def join_commands(rdzv_endpoint: str, nnodes: int, nproc_per_node: int, rdzv_tim
     ]
 
 
-def _store(endpoint: str):
+def log_tail(log_path: Path) -> str:
+    """The last lines of a group's log, for an error message."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return "(no log)"
+    return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def failure_summary(log_path: Path) -> str:
+    """torchrun's own account of which rank of the latest start failed and how (its "exitcode" lines)."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return ""
+    start = max((i for i, line in enumerate(lines) if line.startswith(STARTING_MARK)), default=0)
+    found = [line.strip() for line in lines[start:] if "exitcode" in line or "Signal" in line]
+    return "; ".join(dict.fromkeys(found))
+
+
+def _store(endpoint: str) -> TCPStore | None:
     """A client of the rendezvous store at `endpoint`, or None while nothing listens there (checked with a
     plain connection first: a TCPStore client logs every failed attempt at length)."""
     from torch.distributed import TCPStore
@@ -94,10 +124,13 @@ def _store(endpoint: str):
 def publish_generation(endpoint: str, generation: str) -> bool:
     """Write `generation` into the head agent's rendezvous store; False while that store is not up."""
     store = _store(endpoint)
+    if store is None:
+        return False
     try:
-        return store is not None and store.set(GENERATION_KEY, generation) is None
+        store.set(GENERATION_KEY, generation)
     except RuntimeError:
         return False
+    return True
 
 
 def read_generation(endpoint: str) -> str | None:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from slime_wf.checkpoint.layout import hf_quantization_config
 from slime_wf.training.model import Architecture, check_tp_size, describe_hf_config, unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -285,8 +286,7 @@ class DequantizedCheckpoint(Mapping):
 def open_hf_weights(hf_dir: str | os.PathLike) -> Mapping[str, torch.Tensor]:
     """The weights of an HF checkpoint by name; an FP8 checkpoint's come back dequantized (lossy: FP8
     rounding is not undone)."""
-    config_file = Path(hf_dir) / "config.json"
-    quant = json.loads(config_file.read_text()).get("quantization_config") if config_file.is_file() else None
+    quant = hf_quantization_config(hf_dir)
     return DequantizedCheckpoint(hf_dir, quant) if quant else SafetensorsCheckpoint(hf_dir)
 
 

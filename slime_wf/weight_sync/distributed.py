@@ -36,14 +36,15 @@ from typing import Any
 
 import torch
 
+from slime_wf.checkpoint.dtypes import dtype_name
 from slime_wf.checkpoint.fp8_format import Fp8Format, ScaleSpec
+from slime_wf.checkpoint.safetensors_stream import TORCH_DTYPES
 from slime_wf.redact import redact_url
 from slime_wf.weight_group import WeightGroup, host_store, join
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 600.0
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class WeightSyncError(RuntimeError):
@@ -51,10 +52,6 @@ class WeightSyncError(RuntimeError):
 
 
 # ---- SGLang's request bodies (contract-tested against its io_struct) -------------------------------
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 def init_group_body(plan: dict[str, Any], engine: dict[str, Any], port: int) -> dict[str, Any]:
@@ -126,7 +123,7 @@ def cast_for_engines(name: str, tensor: torch.Tensor, fmt: Fp8Format | None) -> 
     except ValueError as err:
         raise WeightSyncError(str(err)) from None
     q, scale = quantize_fp8(tensor, fmt.strategy, fmt.block_size or DEFAULT_BLOCK_SIZE)
-    return [(name, q), (spec.name, scale.to(_TORCH_DTYPES[spec.dtype]).reshape(spec.shape))]
+    return [(name, q), (spec.name, scale.to(TORCH_DTYPES[spec.dtype]).reshape(spec.shape))]
 
 
 # ---- trainer rank 0 ---------------------------------------------------------------------------------

@@ -23,12 +23,13 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from slime_wf.config import rm_type_problem
+
 from .deepscaler import get_deepscaler_rule_based_reward
 from .f1 import f1_score
 from .math_dapo_utils import compute_score as compute_score_dapo
 from .math_utils import grade_answer_verl
 
-RULE_TYPES = ("deepscaler", "dapo", "math", "f1", "math_verify")
 DAPO_TAIL_CHARS = 300
 # math_dapo_utils grades the last match of this in the tail (Minerva's answer line)
 _DAPO_ANSWER = re.compile(r"(?i)Answer\s*:\s*([^\n]+)")
@@ -64,6 +65,7 @@ def math_verify_reward(response: str, label: Any) -> int:
     return 1 if verify(gold, pred, timeout_seconds=limit) else 0
 
 
+# One grader per rule-based type that the config accepts (slime_wf.config.RULE_RM_TYPES).
 GRADERS: dict[str, Callable[[str, Any], Any]] = {
     "deepscaler": get_deepscaler_rule_based_reward,
     "math": lambda response, label: 1 if grade_answer_verl(response, label) else 0,
@@ -78,8 +80,9 @@ def split_rm_type(rm_type: str) -> tuple[str, bool]:
     boxed = rm_type.startswith("boxed_")
     inner = rm_type[len("boxed_") :] if boxed else rm_type
     if inner not in GRADERS:
-        allowed = ", ".join([*RULE_TYPES, *(f"boxed_{t}" for t in RULE_TYPES), "remote_rm"])
-        raise UnknownRewardTypeError(f"unknown rm_type {rm_type!r}; allowed: {allowed}")
+        raise UnknownRewardTypeError(
+            rm_type_problem(rm_type) or f"rm_type {rm_type!r} is graded by the reward server, not by a rule"
+        )
     return inner, boxed
 
 
@@ -172,7 +175,6 @@ def label_key(label: Any) -> Any:
 
 __all__ = [
     "GRADERS",
-    "RULE_TYPES",
     "UnknownRewardTypeError",
     "boxed_rewrite",
     "grade",

@@ -2,7 +2,9 @@
 per-token losses, slime's reductions, and the per-micro-batch loss entry point.
 
 Nothing here knows about Megatron: inputs are tensors and per-sample lists of tensors, so the
-objectives serve any model that produces logits (or log-probs) over a micro-batch.
+objectives serve any model that produces logits (or log-probs) over a micro-batch. Their
+settings are `ObjectiveOptions` (slime's flag names, defined with the campaign config), resolved
+once and passed in as `args`.
 """
 
 from .advantages import (
@@ -45,8 +47,8 @@ from .options import (
     ADVANTAGE_ESTIMATORS,
     KL_LOSS_TYPES,
     LOSS_TYPES,
-    OBJECTIVE_OPTIONS,
     ObjectiveConfigError,
+    ObjectiveOptions,
     resolve_objective_args,
 )
 from .reduction import get_sum_of_sample_mean, make_reducer, step_normalizer
@@ -55,8 +57,8 @@ __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_LOSS_TYPES",
     "LOSS_TYPES",
-    "OBJECTIVE_OPTIONS",
     "ObjectiveConfigError",
+    "ObjectiveOptions",
     "PolicyOutputs",
     "broadcast_to_tokens",
     "cispo_loss",

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .losses import compute_approx_kl
-from .options import resolve_objective_args
+from .options import ObjectiveOptions
 
 GROUP_NORMALIZED = ("grpo", "gspo", "cispo", "reinforce_plus_plus_baseline")
 STD_NORMALIZED = ("grpo", "gspo", "cispo")
@@ -73,13 +73,14 @@ def post_process_rewards(
 ) -> torch.Tensor:
     """slime's reward post-processing: group mean subtraction for grpo, gspo, cispo and
     reinforce_plus_plus_baseline (when `rewards_normalization`), plus std division for grpo, gspo
-    and cispo (when `grpo_std_normalization`); other estimators get the rewards unchanged."""
-    args = resolve_objective_args(args)
+    and cispo (when `grpo_std_normalization`); other estimators get the rewards unchanged.
+    `args`: the `ObjectiveOptions`, or a namespace to resolve them from."""
+    if n_samples_per_prompt is None:
+        n_samples_per_prompt = getattr(args, "n_samples_per_prompt", None)
+    args = ObjectiveOptions.from_args(args)
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
     if args.advantage_estimator not in GROUP_NORMALIZED or not args.rewards_normalization:
         return rewards
-    if n_samples_per_prompt is None:
-        n_samples_per_prompt = getattr(args, "n_samples_per_prompt", None)
     sizes = resolve_group_sizes(rewards.numel(), n_samples_per_prompt, group_sizes)
     return group_normalize(
         rewards, sizes, std_normalization=args.advantage_estimator in STD_NORMALIZED and args.grpo_std_normalization
@@ -227,9 +228,12 @@ def compute_advantages_and_returns(
     The per-token KL(actor||ref) (`kl_loss_type` estimator) is a reward penalty for ppo and the
     reinforce_plus_plus estimators; grpo/gspo/cispo ignore `kl_coef` (use `use_kl_loss`).
     With `normalize_advantages`, advantages are whitened over all loss-masked tokens (over
-    `process_group` too when given).
+    `process_group` too when given). `args`: the `ObjectiveOptions` (resolved once by the
+    trainer), or a namespace to resolve them from (`n_samples_per_prompt` is read from it too).
     """
-    args = resolve_objective_args(args)
+    if n_samples_per_prompt is None:
+        n_samples_per_prompt = getattr(args, "n_samples_per_prompt", None)
+    args = ObjectiveOptions.from_args(args)
     lengths = [int(r) for r in response_lengths]
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
     if rewards.numel() != len(lengths):

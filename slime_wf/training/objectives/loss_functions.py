@@ -1,9 +1,11 @@
 """The per-micro-batch loss entry points, with slime's signatures.
 
-A train step calls `loss_function(args, batch, logits, normalizer=...)` once per micro-batch and
-back-propagates the returned loss. It dispatches on `args.loss_type` to `policy_loss_function`,
-`value_loss_function`, `sft_loss_function` or the user's `custom_loss_function_path`, all called
-as `func(args, batch, logits, sum_of_sample_mean) -> (loss, metrics)`.
+A train step calls `loss_function(args, batch, logits, normalizer=..., options=...)` once per
+micro-batch and back-propagates the returned loss. It dispatches on `loss_type` to
+`policy_loss_function`, `value_loss_function`, `sft_loss_function` or the user's
+`custom_loss_function_path`, all called as `func(args, batch, logits, sum_of_sample_mean) ->
+(loss, metrics)`; the built-in ones read only the objective options, so they take an
+`ObjectiveOptions` as `args` (a namespace is resolved on the call).
 
 `batch` is a dict of per-sample lists (slime's micro-batch keys):
 
@@ -31,10 +33,10 @@ import torch
 from ...plugins import load_function
 from .logprobs import per_sample_tokens, response_log_probs_and_entropy, slice_responses
 from .losses import cispo_loss, compute_approx_kl, policy_loss, sequence_mean_ppo_kl, tis_weights, value_loss
-from .options import resolve_objective_args
+from .options import ObjectiveOptions
 from .reduction import Reducer, make_reducer
 
-LossFunction = Callable[[Any, dict, Any, Reducer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+LossFunction = Callable[[Any, Mapping[str, Any], Any, Reducer], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 
 
 @dataclass
@@ -127,7 +129,7 @@ def policy_loss_function(
     and ois with use_tis; train_rollout_logprob_abs_diff and train_rollout_kl (k3 estimate of
     KL(rollout||train)) whenever the batch has rollout_log_probs.
     """
-    args = resolve_objective_args(args)
+    args = ObjectiveOptions.from_args(args)
     _, lengths = _lengths(batch)
     outputs = compute_policy_outputs(args, batch, logits, with_entropy=True, entropy_grad=args.entropy_coef != 0)
     device = outputs.log_probs[0].device if outputs.log_probs else torch.device("cpu")
@@ -211,7 +213,7 @@ def value_loss_function(
     """Clipped value loss of a critic. `values` is the value head's output over the micro-batch
     (packed `[T]`, `[T, 1]`, `[1, T, 1]` or padded `[B, L, 1]`, sliced like logits) or a list of
     per-sample `[response_length_i]` tensors; the batch holds the old `values` and the `returns`."""
-    args = resolve_objective_args(args)
+    args = ObjectiveOptions.from_args(args)
     total_lengths, lengths = _lengths(batch)
     if isinstance(values, torch.Tensor):
         rows = slice_responses(values, total_lengths, lengths, layout=batch.get("layout"))
@@ -234,7 +236,7 @@ def sft_loss_function(
     args: Any, batch: Mapping[str, Any], logits: Any, sum_of_sample_mean: Reducer
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Negative log-likelihood of the loss-masked response tokens."""
-    args = resolve_objective_args(args)
+    args = ObjectiveOptions.from_args(args)
     outputs = compute_policy_outputs(args, batch, logits, with_entropy=False)
     log_probs = torch.cat(outputs.log_probs) if outputs.log_probs else torch.zeros(0)
     loss = -sum_of_sample_mean(log_probs)
@@ -249,7 +251,8 @@ def _custom_loss(path: str) -> LossFunction:
 
 
 def loss_function(
-    args: Any, batch: Mapping[str, Any], logits: Any, *, normalizer: float | None = None
+    args: Any, batch: Mapping[str, Any], logits: Any, *, normalizer: float | None = None,
+    options: ObjectiveOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch, per `args.loss_type`, and its metrics.
 
@@ -257,19 +260,27 @@ def loss_function(
     (`reduction.step_normalizer` over every micro-batch of the step); the losses of the step's
     micro-batches then add up to the step's mean loss, and so do the metrics. Without it, the
     micro-batch is its own step.
+
+    `options` are the objective options resolved once from `args` (the trainer passes them, so
+    nothing is checked again per micro-batch); without them they are resolved from `args` here.
+    The built-in losses take the options; a custom loss gets `args` itself, slime's namespace
+    with every flag, its own ones included.
     """
-    args = resolve_objective_args(args)
+    options = ObjectiveOptions.from_args(args) if options is None else options
     _, lengths = _lengths(batch)
     masks = _require(batch, "loss_masks", lengths, "one 0/1 mask per response token")
-    reducer = make_reducer(lengths, masks, args.calculate_per_token_loss, normalizer)
-    func: LossFunction = {
+    reducer = make_reducer(lengths, masks, options.calculate_per_token_loss, normalizer)
+    builtin: LossFunction | None = {
         "policy_loss": policy_loss_function,
         "value_loss": value_loss_function,
         "sft_loss": sft_loss_function,
-    }.get(args.loss_type) or _custom_loss(args.custom_loss_function_path)
-    loss, metrics = func(args, batch, logits, reducer)
+    }.get(options.loss_type)
+    if builtin is not None:
+        loss, metrics = builtin(options, batch, logits, reducer)
+    else:
+        loss, metrics = _custom_loss(options.custom_loss_function_path)(args, batch, logits, reducer)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError(f"loss function for loss_type {args.loss_type!r} must return a scalar tensor, got {loss!r}")
+        raise TypeError(f"loss function for loss_type {options.loss_type!r} must return a scalar tensor, got {loss!r}")
     if not isinstance(metrics, Mapping):
-        raise TypeError(f"loss function for loss_type {args.loss_type!r} must return (loss, metrics dict)")
+        raise TypeError(f"loss function for loss_type {options.loss_type!r} must return (loss, metrics dict)")
     return loss, dict(metrics)
