@@ -86,7 +86,8 @@ class CampaignTrainer:
                                     log_dir=os.path.join(self.scratch, "logs"))
         return self.client
 
-    def _started(self) -> TrainerClient:
+    def started(self) -> TrainerClient:
+        """The trainer client; raises when it is not started."""
         if self.client is None:
             raise RuntimeError(f"campaign {self.args.campaign}: the trainer is not started: call start() first")
         return self.client
@@ -94,7 +95,7 @@ class CampaignTrainer:
     def train(self, rid: int) -> dict[str, Any]:
         """One training step on rollout `rid`'s stored samples."""
         rows = self.store.read_jsonl(RunStore.rollout_file(rid, "samples.jsonl"))
-        return self._started().train([Sample.from_dict(r) for r in rows], rid)
+        return self.started().train([Sample.from_dict(r) for r in rows], rid)
 
     def can_restart_for(self, rid: int) -> list[int] | None:
         """The rollout ids to train again, in order, on a trainer rebuilt from the committed checkpoint before
@@ -131,7 +132,7 @@ class CampaignTrainer:
 
     def save(self, rid: int) -> str:
         """Save the trainer's checkpoint of `rid` into the store; returns its folder relative to the store."""
-        trainer, rel = self._started(), RunStore.checkpoint_dir(rid)
+        trainer, rel = self.started(), RunStore.checkpoint_dir(rid)
         if self.store.is_local:
             trainer.save(self.store.local_path(rel), rid)
             return rel

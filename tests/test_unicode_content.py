@@ -13,8 +13,7 @@ from slime_wf.config import CampaignConfig
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
 from slime_wf.rollout.dataset import DataError, Dataset
 from slime_wf.store import RunStore
-from slime_wf.training.trainer_client import read_samples_jsonl, write_samples_jsonl
-from slime_wf.types import Sample
+from slime_wf.types import Sample, read_samples_jsonl, write_samples_jsonl
 
 HOSTILE = {
     "nel": "\u0085",

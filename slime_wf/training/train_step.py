@@ -34,7 +34,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -137,7 +137,8 @@ def set_advantages(items: Sequence[TrainItem], args: Any, objective: ObjectiveOp
         loss_masks=[it.loss_mask for it in items],
         response_lengths=[it.response_length for it in items],
         n_samples_per_prompt=args.n_samples_per_prompt,
-        rollout_log_probs=[it.rollout_log_probs for it in items] if items[0].rollout_log_probs is not None else None,
+        rollout_log_probs=[cast(torch.Tensor, it.rollout_log_probs) for it in items]
+        if items[0].rollout_log_probs is not None else None,  # all items carry them, or none
         values=values,
     )
     for item, adv, ret in zip(items, advantages, returns, strict=True):

@@ -30,7 +30,7 @@ import dataclasses
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,9 @@ from slime_wf.training.train_args import needs_critic, needs_reference_model, pa
 from slime_wf.training.train_step import DataParallel, train_rollout
 from slime_wf.training.weights import iter_hf_weights, load_hf_checkpoint_into, save_hf_checkpoint
 from slime_wf.types import Sample
+
+if TYPE_CHECKING:
+    from slime_wf.weight_sync.distributed import WeightBroadcaster
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +132,7 @@ def resolve_initial_weights(
         if recorded and os.path.exists(recorded.get("path", "")):
             return resume, InitialWeights(**recorded)
         return resume, weights_source(ref_load, hf_checkpoint)
-    if is_hf_checkpoint(load):
+    if load and is_hf_checkpoint(load):
         return None, _hf_weights(load, "load")
     if load:
         logger.info("load=%s holds no checkpoint: the initial weights come from %s", load,
@@ -149,6 +152,8 @@ def load_weights_into(model, source: InitialWeights) -> None:
 class Trainer:
     """See the module docstring. `args`: a campaign's `cfg.args()` or any partial namespace/dict
     (completed by `resolve_train_args`)."""
+
+    _weight_broadcaster: WeightBroadcaster | None = None  # rank 0's end of the weight-update group, once used
 
     def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike):
         self.args = resolve_train_args(args)
@@ -226,8 +231,8 @@ class Trainer:
     def train(self, samples: list[Sample | dict], rollout_id: int) -> dict[str, Any]:
         """Train on one rollout's samples (in group order); returns the rollout's metrics."""
         self._check_alive()
-        samples = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
-        items = items_from_samples(samples, self.args)
+        rollout = [s if isinstance(s, Sample) else Sample.from_dict(s) for s in samples]
+        items = items_from_samples(rollout, self.args)
         # slime's num_critic_only_steps: the first rollouts train the critic alone
         train_actor = self.critic is None or int(rollout_id) >= self.args.num_critic_only_steps
         try:
@@ -315,7 +320,7 @@ class Trainer:
             for _ in weights:
                 pass
             return {}
-        if getattr(self, "_weight_broadcaster", None) is None:
+        if self._weight_broadcaster is None:
             from slime_wf.weight_sync.distributed import WeightBroadcaster
 
             self._weight_broadcaster = WeightBroadcaster()
@@ -323,7 +328,7 @@ class Trainer:
 
     def close_weight_group(self) -> None:
         """Destroy rank 0's weight-update group, on the engines too (best effort)."""
-        if getattr(self, "_weight_broadcaster", None) is not None:
+        if self._weight_broadcaster is not None:
             self._weight_broadcaster.close()
 
     def shutdown(self) -> None:
@@ -331,7 +336,7 @@ class Trainer:
         if not getattr(self, "_alive", False):
             return
         self._alive = False
-        if getattr(self, "_weight_broadcaster", None) is not None:
+        if self._weight_broadcaster is not None:
             self._weight_broadcaster.shutdown()
             self._weight_broadcaster = None
         for name in ("ddp_model", "optimizer", "scheduler", "actor", "ref", "critic"):

@@ -239,6 +239,7 @@ def compute_advantages_and_returns(
     if rewards.numel() != len(lengths):
         raise ValueError(f"{rewards.numel()} rewards for {len(lengths)} samples: give one reward per sample")
     masks = _per_token_list("loss_masks", loss_masks, lengths)
+    assert masks is not None  # loss_masks is a required argument
     policy_lp = _per_token_list(
         "rollout_log_probs" if args.use_rollout_logprobs else "log_probs",
         rollout_log_probs if args.use_rollout_logprobs else log_probs,

@@ -172,6 +172,7 @@ def policy_loss_function(
         metrics["ois"] = sum_of_sample_mean(torch.exp(-ppo_kl.detach())).detach()
 
     pg_loss = sum_of_sample_mean(pg)
+    assert outputs.entropy is not None  # computed above with with_entropy=True
     entropy_loss = sum_of_sample_mean(torch.cat(outputs.entropy) if lengths else log_probs.detach())
     loss = pg_loss - args.entropy_coef * entropy_loss
 
