@@ -34,6 +34,7 @@ import importlib
 import logging
 import types
 import warnings
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -80,19 +81,19 @@ _installed = False
 class _NullStream:
     """A CUDA stream stand-in: on CPU every operation is already ordered, so waiting is a no-op."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
 
-    def wait_stream(self, other) -> None:
+    def wait_stream(self, other: Any) -> None:
         pass
 
-    def wait_event(self, event) -> None:
+    def wait_event(self, event: Any) -> None:
         pass
 
     def synchronize(self) -> None:
         pass
 
-    def record_event(self, event=None):
+    def record_event(self, event: Any = None) -> Any:
         return event
 
 
@@ -106,7 +107,7 @@ class _CpuCuda:
         return "cpu"
 
     @staticmethod
-    def synchronize(device=None) -> None:
+    def synchronize(device: Any = None) -> None:
         pass
 
     @staticmethod
@@ -114,25 +115,25 @@ class _CpuCuda:
         pass
 
     @staticmethod
-    def current_stream(device=None) -> _NullStream:
+    def current_stream(device: Any = None) -> _NullStream:
         return _NullStream()
 
     @staticmethod
-    def default_stream(device=None) -> _NullStream:
+    def default_stream(device: Any = None) -> _NullStream:
         return _NullStream()
 
     @staticmethod
-    def stream(stream):
+    def stream(stream: Any) -> contextlib.nullcontext[None]:
         return contextlib.nullcontext()
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         # Anything not listed above behaves as the real torch.cuda does (and fails loudly if used).
         return getattr(torch.cuda, name)
 
 
-def _on_cpu_instead_of_cuda(factory):
+def _on_cpu_instead_of_cuda(factory: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
     @functools.wraps(factory)
-    def wrapper(*args, device=None, **kwargs):
+    def wrapper(*args: Any, device: Any = None, **kwargs: Any) -> torch.Tensor:
         if device is not None and torch.device(device).type == "cuda":
             device = "cpu"
         return factory(*args, device=device, **kwargs)
@@ -149,14 +150,15 @@ class _CpuTorch(types.ModuleType):
         for name in ("tensor", "zeros", "ones", "empty", "full", "arange"):
             setattr(self, name, _on_cpu_instead_of_cuda(getattr(torch, name)))
 
-    def __getattr__(self, name):
+    def __getattr__(self, name: str) -> Any:
         return getattr(torch, name)
 
 
 _CPU_TORCH = _CpuTorch()
 
 
-def _clip_grads_by_total_norm(parameters, max_norm, total_norm, use_decoupled_grad=False):
+def _clip_grads_by_total_norm(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, total_norm: float,
+                              use_decoupled_grad: bool = False) -> None:
     """Scale gradients in place so that their total norm is at most `max_norm`.
 
     Replaces megatron's `clip_grad_by_total_norm_fp32` in the optimizer module: the original
@@ -234,7 +236,7 @@ def local_device(local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
-def rng_tracker_options() -> dict:
+def rng_tracker_options() -> dict[str, bool]:
     """Keyword arguments for `tensor_parallel.model_parallel_cuda_manual_seed`.
 
     Megatron's training RNG tracker snapshots CUDA generator states, which do not exist on
@@ -244,7 +246,7 @@ def rng_tracker_options() -> dict:
     return {"inference_rng_tracker": is_active()}
 
 
-def transformer_config_options() -> dict:
+def transformer_config_options() -> dict[str, bool]:
     """TransformerConfig settings that depend on the device.
 
     Without CUDA, Megatron must create parameters on the CPU (`use_cpu_initialization`);
@@ -269,12 +271,12 @@ def check_trainable(params_dtype: torch.dtype, use_distributed_optimizer: bool) 
         )
 
 
-def device_rng_state():
+def device_rng_state() -> list[torch.Tensor] | None:
     """The accelerator's RNG states (for checkpoints); None on CPU."""
     return None if is_active() else torch.cuda.get_rng_state_all()
 
 
-def set_device_rng_state(state) -> None:
+def set_device_rng_state(state: list[torch.Tensor] | None) -> None:
     """Restore what `device_rng_state` returned (ignored on CPU or when None)."""
     if state is not None and not is_active():
         torch.cuda.set_rng_state_all(state)

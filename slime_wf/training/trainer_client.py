@@ -222,7 +222,7 @@ class RemoteTrainer:
                 self._stop(force=True)
                 raise TrainerServiceError(f"trainer service did not listen in time{waiting}; "
                                           f"log {self.log_path}:\n{log_tail(self.log_path)}")
-            if not published:  # several nodes: join_commands() checked the endpoint
+            if not published:  # only a group of several nodes publishes: it has a generation and (__init__) an endpoint
                 assert self.rdzv_endpoint is not None and generation is not None
                 published = publish_generation(self.rdzv_endpoint, generation)
             time.sleep(0.1)
@@ -307,7 +307,7 @@ class RemoteTrainer:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
-    def __del__(self):
+    def __del__(self) -> None:
         if getattr(self, "_proc", None) is not None:
             try:
                 self._stop(force=True)
