@@ -28,6 +28,10 @@ test: venv
 	$(BIN)/lint-imports --no-cache
 	$(BIN)/pytest -q
 
+# The edit loop: every test not marked slow (about 100 s on 2 cores).
+test-fast: venv
+	$(BIN)/pytest -q -m "not slow"
+
 # ruff, and the import contracts in pyproject.toml (layers, no cycles, what the engine server may import)
 lint: venv
 	$(BIN)/ruff check .
