@@ -10,9 +10,9 @@ import random
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
+from campaign_killer import wait_until
 
 from slime_wf.rollout.rm_hub import (
     GraderPool,
@@ -388,10 +388,8 @@ def test_sympy_bomb_is_killed_and_the_worker_replaced():
     rewards, after, before, pids, metrics, samples = run(with_hub(body))
     assert rewards == [1, -7.0] and after == 1
     assert pids and pids != before
-    deadline = time.monotonic() + 60  # the killed worker is reaped in the background
-    while os.path.exists(f"/proc/{before[0]}") and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not os.path.exists(f"/proc/{before[0]}")
+    # the killed worker is reaped in the background
+    wait_until(lambda: not os.path.exists(f"/proc/{before[0]}"), "the killed reward worker reaped", timeout_s=60)
     assert metrics["rollout/rm/timeouts"] == 1 and metrics["rollout/rm/max_seconds"] >= 1.0
     assert samples[1].metadata["rm_failure"].startswith("timeout: killed after")
 
@@ -575,10 +573,7 @@ def test_workers_exit_when_their_owner_dies_abruptly():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     pids = [int(p) for p in out.stdout.split()]
     assert pids, out.stderr
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(os.path.exists(f"/proc/{p}") for p in pids):
-        time.sleep(0.2)
-    assert not any(os.path.exists(f"/proc/{p}") for p in pids)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{p}") for p in pids), "the reward workers gone", timeout_s=60)
 
 
 def test_closing_the_hub_stops_its_workers():

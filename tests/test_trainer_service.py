@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import psutil
 import pytest
 import torch
+from campaign_killer import wait_until
 from safetensors.torch import load_file
 from test_train_step import BASE, random_samples
 from tiny_models import make_tiny_model
@@ -100,7 +100,9 @@ def test_torchrun_service_matches_in_process_and_survives_a_dead_rank(tiny_dir, 
                 assert have_step["grad_norm"] == pytest.approx(want_step["grad_norm"], rel=1e-5)
         assert_first_step_matches(expected, got)
         assert got[1]["steps"][0]["grad_norm"] > 0.1 and abs(got[1]["kl_loss"]) > 1e-5
-        time.sleep(1.5)  # idle for a few heartbeats: the ranks stay in step
+        # idle for a few heartbeats (seen in the service log): the ranks stay in step
+        wait_until(lambda: remote.log_path.read_text(errors="replace").count("idle: heartbeat") >= 3,
+                   "three idle heartbeats")
         assert remote.ping() == {"step": 4, "rollout_id": 1}
 
         remote.save(tmp_path / "ckpts" / "000001", 1)

@@ -226,6 +226,7 @@ def serve(argv: list[str] | None = None) -> int:
         ready = {"pids": pids, **trainer_status(trainer), "initial_weights": dataclasses.asdict(trainer.initial_weights)}
         _send(conn, {"ok": True, "result": ready})
 
+    heartbeats = 0
     try:
         while True:
             command: dict[str, Any] | None = None
@@ -251,6 +252,9 @@ def serve(argv: list[str] | None = None) -> int:
             if secret is not None:
                 command["plan"]["api_key"] = secret
             if command["cmd"] == "heartbeat":
+                heartbeats += 1
+                if rank == 0:  # a line per heartbeat_s of idling: the group is alive while the campaign generates
+                    logger.info("idle: heartbeat %d, every rank in step", heartbeats)
                 continue
             if command["cmd"] == "shutdown":
                 if conn is not None:
