@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint typecheck docs clean
+.PHONY: venv demo test test-fast lint typecheck format docs clean
 
 venv: $(STAMP)
 
@@ -23,23 +23,30 @@ demo: venv
 	$(BIN)/python examples/tiny-math/make_assets.py --out examples/tiny-math/assets
 	$(BIN)/slime-wf train --config examples/tiny-math/campaign.yaml
 
-test: venv
-	$(BIN)/ruff check .
-	$(BIN)/lint-imports --no-cache
+# Everything CI runs: the lint of `make lint`, then every tier (tests/unit, tests/integration, tests/e2e).
+test: lint
 	$(BIN)/pytest -q
 
 # The edit loop: every test not marked slow (about 100 s on 2 cores).
 test-fast: venv
 	$(BIN)/pytest -q -m "not slow"
 
-# ruff, and the import contracts in pyproject.toml (layers, no cycles, what the engine server may import)
+# ruff (lint and format), the import contracts in pyproject.toml (layers, no cycles, what the engine
+# server may import), and mypy over slime_wf.
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy
 
 # mypy over slime_wf, with the settings in pyproject.toml's [tool.mypy]
 typecheck: venv
 	$(BIN)/mypy
+
+# Apply the formatter and ruff's safe fixes.
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # Regenerate the configuration reference embedded in README.md.
 docs: venv

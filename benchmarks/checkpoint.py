@@ -72,15 +72,18 @@ def baseline_convert(model_dir: str, save_dir: str, processes: int = 1) -> int:
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(processes, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads,
-                             initargs=(1,)) as pool:
+    with ProcessPoolExecutor(
+        processes, mp_context=mp.get_context("spawn"), initializer=torch.set_num_threads, initargs=(1,)
+    ) as pool:
         return max(pool.map(baseline_shard, *zip(*pairs, strict=True)))
 
 
 # ---- the generated checkpoint -------------------------------------------------------------------
 
 
-def layer_shapes(hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int) -> dict[str, tuple[int, ...]]:
+def layer_shapes(
+    hidden: int, inter: int, heads: int, kv_heads: int, head_dim: int
+) -> dict[str, tuple[int, ...]]:
     return {
         "input_layernorm.weight": (hidden,),
         "self_attn.q_proj.weight": (heads * head_dim, hidden),
@@ -105,7 +108,10 @@ def generate_checkpoint(out_dir: str, size_mb: int, n_shards: int) -> int:
     layers = max(1, (size_mb * 10**6 - 2 * vocab * hidden * 2) // per_layer)
     tensors: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
     for i in range(layers):
-        tensors += [(f"model.layers.{i}.{k}", s) for k, s in layer_shapes(hidden, inter, heads, kv_heads, head_dim).items()]
+        tensors += [
+            (f"model.layers.{i}.{k}", s)
+            for k, s in layer_shapes(hidden, inter, heads, kv_heads, head_dim).items()
+        ]
     tensors += [("model.norm.weight", (hidden,)), ("lm_head.weight", (vocab, hidden))]
     total = sum(_numel(s) * 2 for _, s in tensors)
     target, shard, shard_bytes, weight_map, files = total / n_shards, {}, 0, {}, []
@@ -130,9 +136,18 @@ def generate_checkpoint(out_dir: str, size_mb: int, n_shards: int) -> int:
         real = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
         os.replace(os.path.join(out_dir, name), os.path.join(out_dir, real))
         weight_map = {k: (real if v == name else v) for k, v in weight_map.items()}
-    config = {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv_heads, "head_dim": head_dim, "vocab_size": vocab, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "head_dim": head_dim,
+        "vocab_size": vocab,
+        "torch_dtype": "bfloat16",
+    }
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2)
     with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
@@ -174,11 +189,21 @@ def run_one(impl: str, model_dir: str, save_dir: str) -> dict:
     else:
         from slime_wf.checkpoint.fp8_convert import convert_checkpoint
 
-        convert_checkpoint(model_dir, save_dir, "block", (128, 128), max_workers=int(impl.rsplit("-", 1)[1]),
-                           progress=False, overwrite=True)
+        convert_checkpoint(
+            model_dir,
+            save_dir,
+            "block",
+            (128, 128),
+            max_workers=int(impl.rsplit("-", 1)[1]),
+            progress=False,
+            overwrite=True,
+        )
     seconds = time.perf_counter() - start
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds() - cpu_start,
-            "peak_rss_mb": max(peak_rss_kb(), workers_kb) / 1024}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu_seconds() - cpu_start,
+        "peak_rss_mb": max(peak_rss_kb(), workers_kb) / 1024,
+    }
 
 
 def cpu_seconds() -> float:
@@ -188,8 +213,9 @@ def cpu_seconds() -> float:
 
 
 def spawn(impl: str, model_dir: str, save_dir: str) -> dict:
-    proc = subprocess.Popen([sys.executable, __file__, "--run-one", impl, model_dir, save_dir],
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--run-one", impl, model_dir, save_dir], stdout=subprocess.PIPE, text=True
+    )
     out, _ = proc.communicate()
     if proc.returncode != 0:
         raise SystemExit(f"{impl} failed with exit code {proc.returncode}")
@@ -226,7 +252,9 @@ def main() -> None:
         impl, model_dir, save_dir = sys.argv[2:5]
         print(json.dumps(run_one(impl, model_dir, save_dir)))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size-mb", type=int, default=500)
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--repeats", type=int, default=2)
@@ -239,8 +267,10 @@ def main() -> None:
         t0 = time.perf_counter()
         total = generate_checkpoint(model_dir, args.size_mb, args.shards)
         shards = len([n for n in os.listdir(model_dir) if n.endswith(".safetensors")])
-        print(f"checkpoint: {total / 1e6:.0f} MB bf16 in {shards} shards, generated in {time.perf_counter() - t0:.1f}s;"
-              f" {os.cpu_count()} CPUs, torch {torch.__version__}")
+        print(
+            f"checkpoint: {total / 1e6:.0f} MB bf16 in {shards} shards, generated in {time.perf_counter() - t0:.1f}s;"
+            f" {os.cpu_count()} CPUs, torch {torch.__version__}"
+        )
         best: dict[str, dict] = {}
         for _ in range(args.repeats):
             for impl in args.impls:
@@ -253,16 +283,24 @@ def main() -> None:
 
     base = best[args.impls[0]]["seconds"]
     print(f"\nFP8 block conversion (128x128), best of {args.repeats}; MB/s of bf16 input")
-    print(f"| {'impl':<44} | {'seconds':>7} | {'MB/s':>6} | {'ratio':>5} | {'CPU s':>5} | {'peak RSS MB':>11} |")
+    print(
+        f"| {'impl':<44} | {'seconds':>7} | {'MB/s':>6} | {'ratio':>5} | {'CPU s':>5} | {'peak RSS MB':>11} |"
+    )
     print(f"|{'-' * 46}|{'-' * 9}|{'-' * 8}|{'-' * 7}|{'-' * 7}|{'-' * 13}|")
     for impl in args.impls:
         r = best[impl]
-        print(f"| {IMPLS[impl]:<44} | {r['seconds']:7.2f} | {total / 1e6 / r['seconds']:6.0f} | "
-              f"{base / r['seconds']:5.2f} | {r['cpu_seconds']:5.1f} | {r['peak_rss_mb']:11.0f} |")
-    print("(CPU s: user + system time, which other load on the machine disturbs less than wall time;"
-          " peak RSS includes ~220 MB of imported torch)")
+        print(
+            f"| {IMPLS[impl]:<44} | {r['seconds']:7.2f} | {total / 1e6 / r['seconds']:6.0f} | "
+            f"{base / r['seconds']:5.2f} | {r['cpu_seconds']:5.1f} | {r['peak_rss_mb']:11.0f} |"
+        )
+    print(
+        "(CPU s: user + system time, which other load on the machine disturbs less than wall time;"
+        " peak RSS includes ~220 MB of imported torch)"
+    )
     for impl, (ok, n) in identical.items():
-        print(f"{impl}: output {'identical to' if ok else 'DIFFERS from'} {args.impls[0]} ({n} tensors compared)")
+        print(
+            f"{impl}: output {'identical to' if ok else 'DIFFERS from'} {args.impls[0]} ({n} tensors compared)"
+        )
     if not all(ok for ok, _ in identical.values()):
         raise SystemExit(1)
     # Weight sync seconds per GB (trainer -> disk -> engines) is measured by benchmarks/weight_sync.py.

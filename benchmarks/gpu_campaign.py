@@ -13,7 +13,7 @@ invariant and prints, per phase, the median seconds per rollout id, the reward c
 the held-out reward (`eval/test/reward`).
 
 Without CUDA, without SGLang (in this environment or at --sglang-python) or with too few GPUs it
-says what is missing and exits with status 0; tests/test_gpu_campaign.py skips for the same reason.
+says what is missing and exits with status 0; tests/e2e/test_gpu_campaign.py skips for the same reason.
 How to carry the project to a GPU machine, in order, is in the README ("Running on GPUs").
 """
 
@@ -41,10 +41,13 @@ def missing(tp: int, num_engines: int, sglang_python: str) -> str | None:
         return "no CUDA device (torch.cuda.is_available() is False)"
     need, have = tp + num_engines, torch.cuda.device_count()
     if have < need:
-        return (f"{have} GPU(s), the layout needs {need}: {tp} for the trainer (TP={tp}) and one per engine; "
-                f"run with --tp 1, or share a GPU with --set engine_base_gpu=0 --set sglang_mem_fraction_static=0.3")
-    probe = subprocess.run([sglang_python, "-c", "import sglang.srt.entrypoints.http_server"],
-                           capture_output=True, text=True)
+        return (
+            f"{have} GPU(s), the layout needs {need}: {tp} for the trainer (TP={tp}) and one per engine; "
+            f"run with --tp 1, or share a GPU with --set engine_base_gpu=0 --set sglang_mem_fraction_static=0.3"
+        )
+    probe = subprocess.run(
+        [sglang_python, "-c", "import sglang.srt.entrypoints.http_server"], capture_output=True, text=True
+    )
     if probe.returncode != 0:
         tail = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
         return f"SGLang's server does not import with {sglang_python}: {tail}"
@@ -58,13 +61,21 @@ def run(opts: argparse.Namespace) -> int:
     from slime_wf.store import RunStore
 
     if not (ASSETS / "model").is_dir():
-        subprocess.run([sys.executable, str(CONFIG.parent / "make_assets.py"), "--out", str(ASSETS)], check=True)
+        subprocess.run(
+            [sys.executable, str(CONFIG.parent / "make_assets.py"), "--out", str(ASSETS)], check=True
+        )
     store = opts.store or tempfile.mkdtemp(prefix="slime-wf-gpu-")
     overrides = [
-        f"num_rollout={opts.num_rollout}", f"store={store}", "campaign=gpu-demo",
-        "engine_type=sglang", f"num_engines={opts.num_engines}", f"sglang_python={opts.sglang_python}",
-        f"actor_num_gpus_per_node={opts.tp}", f"tensor_model_parallel_size={opts.tp}",
-        f"weight_sync_mode={opts.sync}", *opts.set,
+        f"num_rollout={opts.num_rollout}",
+        f"store={store}",
+        "campaign=gpu-demo",
+        "engine_type=sglang",
+        f"num_engines={opts.num_engines}",
+        f"sglang_python={opts.sglang_python}",
+        f"actor_num_gpus_per_node={opts.tp}",
+        f"tensor_model_parallel_size={opts.tp}",
+        f"weight_sync_mode={opts.sync}",
+        *opts.set,
     ]
     os.chdir(ROOT)  # the example's paths are relative to the repository root
     cfg = CampaignConfig.from_yaml(str(CONFIG), overrides)
@@ -72,10 +83,14 @@ def run(opts: argparse.Namespace) -> int:
 
     run_store = RunStore.for_campaign(cfg)
     counts = check_campaign_invariant(run_store)
-    rows = [run_store.read_json(RunStore.rollout_file(rid, "metrics.json"))
-            for rid in range(cfg.rollout.num_rollout)]
-    print(f"\nGPU campaign: {cfg.rollout.num_rollout} rollout ids, TP={opts.tp} trainer, {opts.num_engines} "
-          f"SGLang engine(s), {opts.sync} weight sync; run store {run_store.uri}")
+    rows = [
+        run_store.read_json(RunStore.rollout_file(rid, "metrics.json"))
+        for rid in range(cfg.rollout.num_rollout)
+    ]
+    print(
+        f"\nGPU campaign: {cfg.rollout.num_rollout} rollout ids, TP={opts.tp} trainer, {opts.num_engines} "
+        f"SGLang engine(s), {opts.sync} weight sync; run store {run_store.uri}"
+    )
     print(f"ledger invariant holds: {counts}")
     print("\n| phase | median s per rollout id | total s |\n| --- | ---: | ---: |")
     for phase in ("rollout", "train", "sync", "save", "eval"):
@@ -99,8 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tp", type=int, default=2, help="trainer tensor-parallel size = its GPUs")
     ap.add_argument("--num-engines", type=int, default=1)
     ap.add_argument("--sync", choices=("disk", "distributed"), default="distributed")
-    ap.add_argument("--sglang-python", default=sys.executable,
-                    help="the Python of SGLang's environment (SGLang pins its own torch)")
+    ap.add_argument(
+        "--sglang-python",
+        default=sys.executable,
+        help="the Python of SGLang's environment (SGLang pins its own torch)",
+    )
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more config overrides")
     opts = ap.parse_args(argv)
     why = missing(opts.tp, opts.num_engines, opts.sglang_python)

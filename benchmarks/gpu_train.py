@@ -31,12 +31,29 @@ import torch
 warnings.filterwarnings("ignore")
 
 QWEN3_0_6B = dict(
-    model_type="qwen3", vocab_size=151936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
-    num_key_value_heads=8, head_dim=128, intermediate_size=3072, max_position_embeddings=40960,
-    rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    model_type="qwen3",
+    vocab_size=151936,
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
 )
-TINY = dict(QWEN3_0_6B, vocab_size=1024, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=32, intermediate_size=256)
+TINY = dict(
+    QWEN3_0_6B,
+    vocab_size=1024,
+    hidden_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    intermediate_size=256,
+)
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0}
 
 
@@ -63,9 +80,18 @@ def make_samples(seed: int, count: int, vocab: int, max_prompt: int, max_respons
     for g in range(count // group):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(min(64, max_prompt), max_prompt))]
         for i in range(group):
-            response = [rng.randrange(vocab) for _ in range(rng.randint(min(128, max_response), max_response))]
-            samples.append(Sample(group_index=g, index=g * group + i, tokens=prompt + response,
-                                  response_length=len(response), reward=float(rng.random() < 0.5)))
+            response = [
+                rng.randrange(vocab) for _ in range(rng.randint(min(128, max_response), max_response))
+            ]
+            samples.append(
+                Sample(
+                    group_index=g,
+                    index=g * group + i,
+                    tokens=prompt + response,
+                    response_length=len(response),
+                    reward=float(rng.random() < 0.5),
+                )
+            )
     return samples
 
 
@@ -75,9 +101,19 @@ def train_args(opts, budget: int):
 
     return resolve_objective_args(
         dict(
-            rollout_batch_size=opts.samples // 8, n_samples_per_prompt=8, global_batch_size=opts.samples,
-            num_steps_per_rollout=1, micro_batch_size=1, max_tokens_per_gpu=budget, lr=1e-6, min_lr=0.0,
-            lr_warmup_iters=0, lr_decay_style="constant", lr_decay_iters=100, weight_decay=0.01, reward_key=None,
+            rollout_batch_size=opts.samples // 8,
+            n_samples_per_prompt=8,
+            global_batch_size=opts.samples,
+            num_steps_per_rollout=1,
+            micro_batch_size=1,
+            max_tokens_per_gpu=budget,
+            lr=1e-6,
+            min_lr=0.0,
+            lr_warmup_iters=0,
+            lr_decay_style="constant",
+            lr_decay_iters=100,
+            weight_decay=0.01,
+            reward_key=None,
         ),
         advantage_estimator="grpo",
     )
@@ -97,7 +133,9 @@ def measure(opts, cfg: dict, budget: int, dtype: torch.dtype) -> dict:
             overrides = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
         model = build_gpt_model(cfg, params_dtype=dtype, **overrides)
         args = train_args(opts, budget)
-        ddp_model, optimizer = build_optimizer(model, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay)
+        ddp_model, optimizer = build_optimizer(
+            model, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay
+        )
         scheduler = build_scheduler(optimizer, args)
         if info.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(info.device)
@@ -109,8 +147,16 @@ def measure(opts, cfg: dict, budget: int, dtype: torch.dtype) -> dict:
             if info.device.type == "cuda":
                 torch.cuda.synchronize(info.device)
             start = time.perf_counter()
-            metrics = train_rollout(ddp_model=ddp_model, optimizer=optimizer, scheduler=scheduler, ref_model=None,
-                                    items=items, args=args, dp=DataParallel(), device=info.device)
+            metrics = train_rollout(
+                ddp_model=ddp_model,
+                optimizer=optimizer,
+                scheduler=scheduler,
+                ref_model=None,
+                items=items,
+                args=args,
+                dp=DataParallel(),
+                device=info.device,
+            )
             seconds = time.perf_counter() - start
             result = {
                 "tokens_per_s": sum(lengths) / seconds,
@@ -118,9 +164,12 @@ def measure(opts, cfg: dict, budget: int, dtype: torch.dtype) -> dict:
                 "seconds": seconds,
                 "padding": metrics["padding_fraction"],
             }
-            print(f"  budget {budget}, rollout {k}{' (warm-up)' if k == 0 else ''}: {sum(lengths)} tokens in "
-                  f"{seconds:.2f}s, {result['tokens_per_s']:.0f} tokens/s, {result['tflops']:.1f} TFLOP/s, "
-                  f"loss {metrics.get('loss', float('nan')):.4f}", flush=True)
+            print(
+                f"  budget {budget}, rollout {k}{' (warm-up)' if k == 0 else ''}: {sum(lengths)} tokens in "
+                f"{seconds:.2f}s, {result['tokens_per_s']:.0f} tokens/s, {result['tflops']:.1f} TFLOP/s, "
+                f"loss {metrics.get('loss', float('nan')):.4f}",
+                flush=True,
+            )
             if k > 0 and (best is None or result["tokens_per_s"] > best["tokens_per_s"]):
                 best = result
         if info.device.type == "cuda":
@@ -135,11 +184,15 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="samples per rollout (a multiple of 8)")
     parser.add_argument("--max-prompt", type=int, default=512)
     parser.add_argument("--max-response", type=int, default=2048)
-    parser.add_argument("--budgets", type=int, nargs="+", default=[8192, 16384],
-                        help="max_tokens_per_gpu values to measure")
+    parser.add_argument(
+        "--budgets", type=int, nargs="+", default=[8192, 16384], help="max_tokens_per_gpu values to measure"
+    )
     parser.add_argument("--rollouts", type=int, default=3, help="timed rollouts per budget (after a warm-up)")
-    parser.add_argument("--recompute-attention", action="store_true",
-                        help="recompute core attention in backward (Megatron's selective recompute)")
+    parser.add_argument(
+        "--recompute-attention",
+        action="store_true",
+        help="recompute core attention in backward (Megatron's selective recompute)",
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s of the GPU")
     parser.add_argument("--tiny", action="store_true", help="a tiny model instead of Qwen3-0.6B's shape")
     parser.add_argument("--allow-cpu", action="store_true", help="run on CPU in float32 (a smoke test)")
@@ -149,8 +202,10 @@ def main(argv=None) -> int:
 
     on_gpu = torch.cuda.is_available()
     if not on_gpu and not opts.allow_cpu:
-        print("gpu_train: no CUDA device here; nothing to measure (run it on a GPU machine, or pass --allow-cpu "
-              "--tiny for a smoke run)")
+        print(
+            "gpu_train: no CUDA device here; nothing to measure (run it on a GPU machine, or pass --allow-cpu "
+            "--tiny for a smoke run)"
+        )
         return 0
     if not on_gpu and opts.recompute_attention:
         parser.error("--recompute-attention needs a GPU (Megatron's recompute forks the CUDA RNG tracker)")
@@ -158,9 +213,11 @@ def main(argv=None) -> int:
     dtype = torch.bfloat16 if on_gpu else torch.float32
     name = torch.cuda.get_device_name(0) if on_gpu else "CPU"
     peak = opts.peak_tflops or next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
-    print(f"{'tiny' if opts.tiny else 'Qwen3-0.6B'}-shaped model, {matmul_weights(cfg) / 1e6:.1f}M matmul weights, "
-          f"{dtype}, on {name}; {opts.samples} samples per rollout, prompts <= {opts.max_prompt}, "
-          f"responses <= {opts.max_response}")
+    print(
+        f"{'tiny' if opts.tiny else 'Qwen3-0.6B'}-shaped model, {matmul_weights(cfg) / 1e6:.1f}M matmul weights, "
+        f"{dtype}, on {name}; {opts.samples} samples per rollout, prompts <= {opts.max_prompt}, "
+        f"responses <= {opts.max_response}"
+    )
     rows = [(budget, measure(opts, cfg, budget, dtype)) for budget in opts.budgets]
 
     print("\n| max_tokens_per_gpu | tokens/s | TFLOP/s | MFU | padding | peak memory (GiB) |")
@@ -168,7 +225,9 @@ def main(argv=None) -> int:
     for budget, r in rows:
         mfu = f"{r['tflops'] / peak:.1%}" if peak else "n/a (pass --peak-tflops)"
         memory = f"{r['peak_gib']:.1f}" if "peak_gib" in r else "n/a"
-        print(f"| {budget} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | {r['padding']:.1%} | {memory} |")
+        print(
+            f"| {budget} | {r['tokens_per_s']:.0f} | {r['tflops']:.1f} | {mfu} | {r['padding']:.1%} | {memory} |"
+        )
     return 0
 
 

@@ -59,11 +59,15 @@ def median_ms(fn, iters: int) -> float:
 
 
 def loss_of(logits, ids):
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--iters", type=int, default=20)
@@ -71,7 +75,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from megatron_helpers import make_hf_checkpoint
+    from helpers.megatron_helpers import make_hf_checkpoint
     from transformers import AutoModelForCausalLM
 
     from slime_wf.training.model import build_gpt_model, forward_logits
@@ -79,7 +83,13 @@ def main() -> None:
     from slime_wf.training.parallel import destroy_parallel, init_parallel
     from slime_wf.training.weights import load_hf_checkpoint_into, megatron_to_hf
 
-    rows = [("import (fresh process), s", import_seconds(IMPORTS["transformers"]), import_seconds(IMPORTS["megatron"]))]
+    rows = [
+        (
+            "import (fresh process), s",
+            import_seconds(IMPORTS["transformers"]),
+            import_seconds(IMPORTS["megatron"]),
+        )
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_hf_checkpoint(Path(tmp) / "qwen3", "qwen3", tied=False)
         ids = torch.randint(0, 130, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))

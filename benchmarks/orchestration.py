@@ -51,7 +51,7 @@ from types import SimpleNamespace
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from helpers.tiny_models import make_tiny_model  # noqa: E402
 
 from slime_wf.campaign import Campaign  # noqa: E402
 from slime_wf.config import CampaignConfig  # noqa: E402
@@ -115,7 +115,11 @@ class Clock:
 
     def walls(self, campaign: str) -> dict[int, float]:
         marks = self.marks[campaign]
-        return {rid: t_next - t for (rid, t), (_, t_next) in zip(marks, marks[1:], strict=False) if rid is not None}
+        return {
+            rid: t_next - t
+            for (rid, t), (_, t_next) in zip(marks, marks[1:], strict=False)
+            if rid is not None
+        }
 
 
 def make_assets(root: Path) -> dict[str, str]:
@@ -130,23 +134,31 @@ def parse_size(text: str) -> tuple[int, int, int]:
     try:
         batch, samples, length = (int(x) for x in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"size {text!r}: write PROMPTSxSAMPLESxTOKENS, e.g. 4x4x16") from None
+        raise argparse.ArgumentTypeError(
+            f"size {text!r}: write PROMPTSxSAMPLESxTOKENS, e.g. 4x4x16"
+        ) from None
     return batch, samples, length
 
 
 def campaign_config(assets: dict[str, str], root: Path, name: str, rollouts: int, size: tuple[int, int, int]):
     batch, samples, length = size
-    return CampaignConfig.from_dict({
-        "campaign": name,
-        "model": {"hf_checkpoint": assets["model"], "cache_dir": str(root / "cache")},
-        "data": {"prompt_data": assets["data"], "rollout_shuffle": True},
-        "rollout": {"num_rollout": rollouts, "rollout_batch_size": batch, "n_samples_per_prompt": samples,
-                    "rollout_max_response_len": length},
-        "reward": {"rm_type": "math"},
-        "engine": {"num_engines": 1, "local_engine_threads": 1},
-        "train": {"lr": 1e-3, "micro_batch_size": min(batch * samples, 16)},
-        "storage": {"store": str(root / "store"), "scratch_dir": str(root / "scratch")},
-    })
+    return CampaignConfig.from_dict(
+        {
+            "campaign": name,
+            "model": {"hf_checkpoint": assets["model"], "cache_dir": str(root / "cache")},
+            "data": {"prompt_data": assets["data"], "rollout_shuffle": True},
+            "rollout": {
+                "num_rollout": rollouts,
+                "rollout_batch_size": batch,
+                "n_samples_per_prompt": samples,
+                "rollout_max_response_len": length,
+            },
+            "reward": {"rm_type": "math"},
+            "engine": {"num_engines": 1, "local_engine_threads": 1},
+            "train": {"lr": 1e-3, "micro_batch_size": min(batch * samples, 16)},
+            "storage": {"store": str(root / "store"), "scratch_dir": str(root / "scratch")},
+        }
+    )
 
 
 def phase_times(cfg: CampaignConfig) -> dict[int, dict[str, float]]:
@@ -176,12 +188,17 @@ def run_prefect(cfg: CampaignConfig) -> None:
 @contextlib.contextmanager
 def prefect_api(home: Path):
     """The API the flow reports to: PREFECT_API_URL when set, else a server started here."""
-    os.environ.update({"PREFECT_HOME": str(home / "client"), "DO_NOT_TRACK": "1",
-                       "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
+    os.environ.update(
+        {
+            "PREFECT_HOME": str(home / "client"),
+            "DO_NOT_TRACK": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+    )
     if os.environ.get("PREFECT_API_URL"):
         yield os.environ["PREFECT_API_URL"], 0.0
         return
-    from deployments.local_server import local_prefect_server
+    from helpers.prefect_server import local_prefect_server
 
     t0 = time.perf_counter()
     with local_prefect_server(home / "server") as api:
@@ -193,19 +210,31 @@ def prefect_api(home: Path):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rollouts", type=int, default=6, help="rollout ids per campaign")
     parser.add_argument(
-        "--sizes", type=parse_size, nargs="*", default=[(4, 4, 16), (16, 8, 32)], metavar="PxSxT",
+        "--sizes",
+        type=parse_size,
+        nargs="*",
+        default=[(4, 4, 16), (16, 8, 32)],
+        metavar="PxSxT",
         help="campaign sizes: prompts per rollout x samples per prompt x max response tokens (default 4x4x16 16x8x32)",
     )
     parser.add_argument(
-        "--storage-lookup", action="store_true",
+        "--storage-lookup",
+        action="store_true",
         help="also time one persisted task run with its result storage given as a saved block's name "
-             "against the saved block itself (what the flow passes for s3:// stores)",
+        "against the saved block itself (what the flow passes for s3:// stores)",
     )
-    parser.add_argument("--config", action="append", default=[], metavar="FILE",
-                        help="also measure this campaign file (repeatable); its assets must exist")
+    parser.add_argument(
+        "--config",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also measure this campaign file (repeatable); its assets must exist",
+    )
     ns = parser.parse_args()
 
     clock = Clock()
@@ -216,8 +245,10 @@ def main() -> int:
         assets = make_assets(root / "assets")
         stamp = time.strftime("%H%M%S")
         with prefect_api(root / "prefect") as (api, server_start):
-            print(f"Prefect API {api}" + (f" (server started in {server_start:.1f} s)" if server_start else ""),
-                  flush=True)
+            print(
+                f"Prefect API {api}" + (f" (server started in {server_start:.1f} s)" if server_start else ""),
+                flush=True,
+            )
             from prefect.logging.handlers import APILogHandler
 
             from flows.artifacts import ArtifactPublisher
@@ -230,16 +261,21 @@ def main() -> int:
                     plain = campaign_config(assets, root, f"bench-plain-{tag}-{stamp}", ns.rollouts, size)
                     flow = campaign_config(assets, root, f"bench-prefect-{tag}-{stamp}", ns.rollouts, size)
                 else:
-                    plain, flow = (file_config(path, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts)
-                                   for side in ("plain", "prefect"))
+                    plain, flow = (
+                        file_config(path, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts)
+                        for side in ("plain", "prefect")
+                    )
                 # alternate which goes first, so that neither always meets a warmer machine
                 for name, cfg, run in (("plain loop", plain, run_plain), ("prefect flow", flow, run_prefect))[
                     :: 1 if i % 2 == 0 else -1
                 ]:
                     t0 = time.perf_counter()
                     run(cfg)
-                    print(f"{tag} {name}: {ns.rollouts} rollout ids in {time.perf_counter() - t0:.1f} s "
-                          "(with start-up)", flush=True)
+                    print(
+                        f"{tag} {name}: {ns.rollouts} rollout ids in {time.perf_counter() - t0:.1f} s "
+                        "(with start-up)",
+                        flush=True,
+                    )
                 results.append((describe(plain, path), plain, flow, stored_artifacts(flow.campaign)))
             lookup = storage_lookup(root / "lookup") if ns.storage_lookup else None
             APILogHandler().flush()  # the flow's last log lines, before the server goes
@@ -271,7 +307,9 @@ def storage_lookup(folder: Path, runs: int = 30) -> dict[str, float]:
     def measure(by: str) -> None:
         block = LocalFileSystem(basepath=str(folder))
         block.save("slime-wf-bench-lookup", overwrite=True)
-        timed = step.with_options(result_storage=block if by == "block" else "local-file-system/slime-wf-bench-lookup")
+        timed = step.with_options(
+            result_storage=block if by == "block" else "local-file-system/slime-wf-bench-lookup"
+        )
         for rid in range(runs):
             t0 = time.perf_counter()
             timed(campaign, rid)
@@ -301,8 +339,11 @@ def stored_artifacts(campaign: str) -> list:
     prefix, found, page = artifact_key(campaign) + "-", [], 200
     with get_client(sync_client=True) as client:
         while True:
-            batch = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=prefix)),
-                                          limit=page, offset=len(found))
+            batch = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=prefix)),
+                limit=page,
+                offset=len(found),
+            )
             found += batch
             if len(batch) < page:
                 break
@@ -317,24 +358,38 @@ def print_artifacts(clock: Clock, campaign: str, rollouts: int, stored: list) ->
     by_key: dict[str, list] = defaultdict(list)
     for artifact in stored:
         by_key[artifact.key].append(artifact)
-    curves, progress = by_key.get(artifact_key(campaign, "curves"), []), by_key.get(artifact_key(campaign, "progress"), [])
+    curves, progress = (
+        by_key.get(artifact_key(campaign, "curves"), []),
+        by_key.get(artifact_key(campaign, "progress"), []),
+    )
     last_row = f"| {rollouts - 1} |"
-    complete = (tables <= set(by_key) and bool(curves) and last_row in str(curves[-1].data)
-                and bool(progress) and progress[-1].data == 100.0)
-    print(f"artifacts: publisher queued {counts.get('queued')}, sent {counts.get('sent')}, replaced by a newer "
-          f"snapshot {counts.get('replaced')}, failed {counts.get('failed')}, unsent {counts.get('unsent')}; "
-          f"flush at the flow's end {flush:.3f} s")
-    print(f"artifacts in the Prefect API: metrics tables for {len(tables & set(by_key))}/{rollouts} ids, "
-          f"{len(curves)} curves versions (latest up to id {rollouts - 1}: "
-          f"{'yes' if curves and last_row in str(curves[-1].data) else 'NO'}), {len(progress)} progress versions "
-          f"(latest {progress[-1].data if progress else None} %): {'all arrived' if complete else 'INCOMPLETE'}")
+    complete = (
+        tables <= set(by_key)
+        and bool(curves)
+        and last_row in str(curves[-1].data)
+        and bool(progress)
+        and progress[-1].data == 100.0
+    )
+    print(
+        f"artifacts: publisher queued {counts.get('queued')}, sent {counts.get('sent')}, replaced by a newer "
+        f"snapshot {counts.get('replaced')}, failed {counts.get('failed')}, unsent {counts.get('unsent')}; "
+        f"flush at the flow's end {flush:.3f} s"
+    )
+    print(
+        f"artifacts in the Prefect API: metrics tables for {len(tables & set(by_key))}/{rollouts} ids, "
+        f"{len(curves)} curves versions (latest up to id {rollouts - 1}: "
+        f"{'yes' if curves and last_row in str(curves[-1].data) else 'NO'}), {len(progress)} progress versions "
+        f"(latest {progress[-1].data if progress else None} %): {'all arrived' if complete else 'INCOMPLETE'}"
+    )
 
 
 def describe(cfg: CampaignConfig, path: str | None) -> str:
     r = cfg.rollout
-    what = (f"{r.rollout_batch_size}x{r.n_samples_per_prompt}x{r.rollout_max_response_len}: {r.num_rollout} rollout "
-            f"ids x {r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples, responses up to "
-            f"{r.rollout_max_response_len} tokens; ")
+    what = (
+        f"{r.rollout_batch_size}x{r.n_samples_per_prompt}x{r.rollout_max_response_len}: {r.num_rollout} rollout "
+        f"ids x {r.rollout_batch_size} prompts x {r.n_samples_per_prompt} samples, responses up to "
+        f"{r.rollout_max_response_len} tokens; "
+    )
     if path is None:
         return what + "tiny Qwen3 (2 layers, hidden 64), 1 local engine, 1 thread"
     return what + f"{path} ({cfg.engine.num_engines} engines, rm_type {cfg.reward.rm_type})"
@@ -342,46 +397,78 @@ def describe(cfg: CampaignConfig, path: str | None) -> str:
 
 def file_config(path: str, root: Path, name: str, rollouts: int) -> CampaignConfig:
     """A campaign file as it is, renamed, cut to `rollouts` ids, with its run store under `root`."""
-    return CampaignConfig.from_yaml(path, [
-        f"campaign={name}", f"num_rollout={rollouts}", f"store={root / 'store'}",
-        f"scratch_dir={root / 'scratch' / name}",
-    ])
+    return CampaignConfig.from_yaml(
+        path,
+        [
+            f"campaign={name}",
+            f"num_rollout={rollouts}",
+            f"store={root / 'store'}",
+            f"scratch_dir={root / 'scratch' / name}",
+        ],
+    )
 
 
-def print_table(clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfig, rollouts: int, title: str) -> None:
+def print_table(
+    clock: Clock, plain_cfg: CampaignConfig, flow_cfg: CampaignConfig, rollouts: int, title: str
+) -> None:
     plain_wall, flow_wall = clock.walls(plain_cfg.campaign), clock.walls(flow_cfg.campaign)
     plain_step, flow_step = step_times(plain_cfg), step_times(flow_cfg)
     print()
     print(f"campaign {title}")
-    header = ("rollout id", "plain wall s", "plain step s", "flow wall s", "flow step s", "overhead s",
-              "% of step", "artifacts queue ms")
+    header = (
+        "rollout id",
+        "plain wall s",
+        "plain step s",
+        "flow wall s",
+        "flow step s",
+        "overhead s",
+        "% of step",
+        "artifacts queue ms",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("-" * (len(h) + 2) for h in header) + "|")
     rows = []
     for rid in range(rollouts):
         overhead = (flow_wall[rid] - flow_step[rid]) - (plain_wall[rid] - plain_step[rid])
         art = clock.artifacts.get((flow_cfg.campaign, rid), 0.0)
-        rows.append((plain_wall[rid], plain_step[rid], flow_wall[rid], flow_step[rid], overhead,
-                     overhead / flow_step[rid], art))
+        rows.append(
+            (
+                plain_wall[rid],
+                plain_step[rid],
+                flow_wall[rid],
+                flow_step[rid],
+                overhead,
+                overhead / flow_step[rid],
+                art,
+            )
+        )
         _row(str(rid), rows[-1], header)
     mean = [statistics.fmean(r[i] for r in rows) for i in range(len(rows[0]))]
     share = mean[5] = mean[4] / mean[3]  # of the mean step, not a mean of per-id shares
     _row("mean", tuple(mean), header)
     plain_phases, flow_phases = phase_times(plain_cfg), phase_times(flow_cfg)
-    print("mean phase s (plain / flow): " + ", ".join(
-        f"{k.removeprefix('time/').removesuffix('_s')} {statistics.fmean(p[k] for p in plain_phases.values()):.3f}"
-        f" / {statistics.fmean(p[k] for p in flow_phases.values()):.3f}"
-        for k in PHASES if any(p[k] for p in plain_phases.values())
-    ))
-    print(f"Prefect overhead per rollout id: mean {mean[4]:.3f} s = {100 * share:.1f} % of the mean step "
-          f"(worst id {max(r[4] for r in rows):.3f} s); goal <= {GOAL_SECONDS:.0f} s: "
-          f"{'met' if mean[4] <= GOAL_SECONDS else 'NOT met'}, <= {100 * GOAL_SHARE:.0f} %: "
-          f"{'met' if share <= GOAL_SHARE else 'NOT met'}")
+    print(
+        "mean phase s (plain / flow): "
+        + ", ".join(
+            f"{k.removeprefix('time/').removesuffix('_s')} {statistics.fmean(p[k] for p in plain_phases.values()):.3f}"
+            f" / {statistics.fmean(p[k] for p in flow_phases.values()):.3f}"
+            for k in PHASES
+            if any(p[k] for p in plain_phases.values())
+        )
+    )
+    print(
+        f"Prefect overhead per rollout id: mean {mean[4]:.3f} s = {100 * share:.1f} % of the mean step "
+        f"(worst id {max(r[4] for r in rows):.3f} s); goal <= {GOAL_SECONDS:.0f} s: "
+        f"{'met' if mean[4] <= GOAL_SECONDS else 'NOT met'}, <= {100 * GOAL_SHARE:.0f} %: "
+        f"{'met' if share <= GOAL_SHARE else 'NOT met'}"
+    )
 
 
 def _row(label: str, values: tuple, header: tuple) -> None:
-    cells = [label] + [f"{100 * v:.1f}" if i == 5 else f"{1e3 * v:.2f}" if i == 6 else f"{v:.3f}"
-                       for i, v in enumerate(values)]
+    cells = [label] + [
+        f"{100 * v:.1f}" if i == 5 else f"{1e3 * v:.2f}" if i == 6 else f"{v:.3f}"
+        for i, v in enumerate(values)
+    ]
     print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, header, strict=True)) + " |")
 
 

@@ -40,7 +40,14 @@ WORDS = (
     "substituting back into the equation gives a quadratic whose roots satisfy vieta therefore "
     "checking the boundary case shows the inequality is strict and the minimum occurs when"
 ).split()
-LATEX_BITS = ["$x^2+1$", "$\\frac{a}{b}$", "$\\sqrt{2}$", "$a_n = a_{n-1} + 2$", "$\\binom{n}{k}$", "$3 \\cdot 7 = 21$"]
+LATEX_BITS = [
+    "$x^2+1$",
+    "$\\frac{a}{b}$",
+    "$\\sqrt{2}$",
+    "$a_n = a_{n-1} + 2$",
+    "$\\binom{n}{k}$",
+    "$3 \\cdot 7 = 21$",
+]
 
 
 def reasoning(rng: random.Random) -> str:
@@ -61,19 +68,35 @@ def math_problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
     if kind == "frac":
         a, b = rng.choice([(1, 2), (2, 3), (3, 4), (5, 7), (7, 12), (11, 6), (9, 16)])
         label = f"\\frac{{{a}}}{{{b}}}"
-        return label, [label, f"\\dfrac{{{a}}}{{{b}}}", f"{a}/{b}"], [f"\\frac{{{b}}}{{{a}}}", f"\\frac{{{a + 1}}}{{{b}}}", f"{a * 2}/{b * 2}"]
+        return (
+            label,
+            [label, f"\\dfrac{{{a}}}{{{b}}}", f"{a}/{b}"],
+            [f"\\frac{{{b}}}{{{a}}}", f"\\frac{{{a + 1}}}{{{b}}}", f"{a * 2}/{b * 2}"],
+        )
     if kind == "sqrt":
         k, m = rng.choice([(2, 3), (3, 2), (2, 5), (4, 3), (5, 2)])
         label = f"{k}\\sqrt{{{m}}}"
-        return label, [label, f"\\sqrt{{{k * k * m}}}"], [f"{k + 1}\\sqrt{{{m}}}", f"{k}\\sqrt{{{m + 1}}}", str(k * m)]
+        return (
+            label,
+            [label, f"\\sqrt{{{k * k * m}}}"],
+            [f"{k + 1}\\sqrt{{{m}}}", f"{k}\\sqrt{{{m + 1}}}", str(k * m)],
+        )
     if kind == "poly":
         r1, r2 = rng.randint(1, 6), rng.randint(1, 6)
         label = f"x^2+{r1 + r2}x+{r1 * r2}"
-        return label, [label, f"(x+{r1})(x+{r2})"], [f"x^2+{r1 * r2}x+{r1 + r2}", f"(x-{r1})(x-{r2})", f"x^2+{r1 + r2}x"]
+        return (
+            label,
+            [label, f"(x+{r1})(x+{r2})"],
+            [f"x^2+{r1 * r2}x+{r1 + r2}", f"(x-{r1})(x-{r2})", f"x^2+{r1 + r2}x"],
+        )
     if kind == "pi":
         k, m = rng.choice([(1, 4), (3, 4), (2, 3), (5, 6)])
         label = f"\\frac{{{k}\\pi}}{{{m}}}"
-        return label, [label, f"\\frac{{{k}}}{{{m}}}\\pi"], [f"\\frac{{\\pi}}{{{m}}}", f"{k}\\pi", f"\\frac{{{m}\\pi}}{{{k}}}"]
+        return (
+            label,
+            [label, f"\\frac{{{k}}}{{{m}}}\\pi"],
+            [f"\\frac{{\\pi}}{{{m}}}", f"{k}\\pi", f"\\frac{{{m}\\pi}}{{{k}}}"],
+        )
     if kind == "tuple":
         a, b = rng.randint(-9, 9), rng.randint(-9, 9)
         return f"({a},{b})", [f"({a},{b})", f"({a}, {b})"], [f"({b},{a})", f"({a},{b + 1})", f"({-a},{b})"]
@@ -87,8 +110,16 @@ def int_problem(rng: random.Random) -> tuple[str, list[str], list[str]]:
 
 
 F1_ANSWERS = [
-    "the eiffel tower", "marie curie", "the treaty of versailles", "photosynthesis", "mount kilimanjaro",
-    "george washington", "the mitochondria", "jupiter", "william shakespeare", "the pacific ocean",
+    "the eiffel tower",
+    "marie curie",
+    "the treaty of versailles",
+    "photosynthesis",
+    "mount kilimanjaro",
+    "george washington",
+    "the mitochondria",
+    "jupiter",
+    "william shakespeare",
+    "the pacific ocean",
 ]
 
 
@@ -117,20 +148,31 @@ def group(rng: random.Random, problem, style: str, size: int, group_index: int) 
                 response = f"<think>{text}</think>\nThe answer is {answer}."
             else:
                 response = f"<think>{text}</think>\nSo the final answer is $\\boxed{{{answer}}}$."
-        samples.append(Sample(group_index=group_index, index=group_index * size + i, response=response, label=label))
+        samples.append(
+            Sample(group_index=group_index, index=group_index * size + i, response=response, label=label)
+        )
     return samples
 
 
 def corpus(rm_type: str, n: int, size: int, seed: int) -> list[list[Sample]]:
     rng = random.Random(f"{seed}-{rm_type}")
-    problem, style = {"dapo": (int_problem, "dapo"), "f1": (text_problem, "f1")}.get(rm_type, (math_problem, "math"))
+    problem, style = {"dapo": (int_problem, "dapo"), "f1": (text_problem, "f1")}.get(
+        rm_type, (math_problem, "math")
+    )
     return [group(rng, problem, style, size, g) for g in range(-(-n // size))]
 
 
 def campaign_args(rm_type: str, timeout: float) -> argparse.Namespace:
     return argparse.Namespace(
-        rm_type=rm_type, reward_key="score" if rm_type == "dapo" else None, custom_rm_path=None, group_rm=False,
-        rm_url=None, rm_timeout=timeout, rm_failure_reward=0.0, rm_on_error="raise", rm_workers=None,
+        rm_type=rm_type,
+        reward_key="score" if rm_type == "dapo" else None,
+        custom_rm_path=None,
+        group_rm=False,
+        rm_url=None,
+        rm_timeout=timeout,
+        rm_failure_reward=0.0,
+        rm_on_error="raise",
+        rm_workers=None,
     )
 
 
@@ -191,8 +233,13 @@ async def measure(opts, rm_type: str, hub: RewardHub, nocache: RewardHub) -> Tot
                 totals.guarded_s += time.perf_counter() - start
                 totals.graded += int(hub.metrics()["rollout/rm/gradings"] - before)
         if not results["plain"] == results["nocache"] == results["guarded"]:
-            diff = [(s.index, s.response[-80:], s.label, p, n, g) for s, p, n, g in
-                    zip(samples, results["plain"], results["nocache"], results["guarded"], strict=True) if not p == n == g]
+            diff = [
+                (s.index, s.response[-80:], s.label, p, n, g)
+                for s, p, n, g in zip(
+                    samples, results["plain"], results["nocache"], results["guarded"], strict=True
+                )
+                if not p == n == g
+            ]
             timeouts = hub.metrics()["rollout/rm/timeouts"] + nocache.metrics()["rollout/rm/timeouts"]
             hint = f" ({timeouts:.0f} gradings timed out: a larger --rm-timeout?)" if timeouts else ""
             raise SystemExit(f"{rm_type}: guarded rewards differ from plain rewards{hint}: {diff[:5]}")
@@ -235,16 +282,22 @@ async def adversarial(hub: RewardHub, timeout: float) -> float:
 
 async def main_async(opts: argparse.Namespace) -> int:
     rm_types = [t for t in opts.rm_types.split(",") if t]
-    print(f"{opts.n} samples per rm_type in groups of {opts.group_size}; workers: {opts.workers or 'one per core'}; "
-          f"turns of {opts.block} groups" + (f", up to {opts.budget:g} s per rm_type" if opts.budget else "") + "; "
-          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+    print(
+        f"{opts.n} samples per rm_type in groups of {opts.group_size}; workers: {opts.workers or 'one per core'}; "
+        f"turns of {opts.block} groups"
+        + (f", up to {opts.budget:g} s per rm_type" if opts.budget else "")
+        + "; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    )
     hub = RewardHub(num_workers=opts.workers)
     nocache = RewardHub(num_workers=opts.workers, cache=False)
     start = time.perf_counter()
     warm = [Sample(index=i, response=f"\\boxed{{{i}}}", label="1") for i in range(16)]
     await hub.batched_async_rm(campaign_args("math", opts.rm_timeout), warm)
     await nocache.batched_async_rm(campaign_args("math", opts.rm_timeout), warm)
-    print(f"worker pools started in {time.perf_counter() - start:.1f} s (once per process; not in the rates below)\n")
+    print(
+        f"worker pools started in {time.perf_counter() - start:.1f} s (once per process; not in the rates below)\n"
+    )
 
     rows = []
     for rm_type in rm_types:
@@ -255,17 +308,23 @@ async def main_async(opts: argparse.Namespace) -> int:
         print(f"  {rm_type}: done", flush=True)
     nocache.close()
 
-    print(f"\n{'rm_type':<12} {'samples':>8} {'plain/s':>9} {'no-cache/s':>11} {'CPU x':>6} {'guarded/s':>10} "
-          f"{'graded':>7} {'ratio':>6}")
+    print(
+        f"\n{'rm_type':<12} {'samples':>8} {'plain/s':>9} {'no-cache/s':>11} {'CPU x':>6} {'guarded/s':>10} "
+        f"{'graded':>7} {'ratio':>6}"
+    )
     for rm_type, t in rows:
         plain, guarded = t.samples / t.plain_s, t.samples / t.guarded_s
-        print(f"{rm_type:<12} {t.samples:>8} {plain:>9.0f} {t.samples / t.nocache_s:>11.0f} "
-              f"{t.nocache_cpu / t.plain_cpu:>6.2f} {guarded:>10.0f} {t.graded / t.samples:>6.0%} "
-              f"{guarded / plain:>6.2f}")
-    print("samples: graded by each of the three (all of the corpus, or as many blocks as --budget allowed);\n"
-          "no-cache/s: guarded without the cache; CPU x: its CPU time (this process and the workers) over "
-          "plain's;\ngraded: share of samples the guarded hub actually graded (the rest were cache hits); "
-          "ratio: guarded/s over plain/s")
+        print(
+            f"{rm_type:<12} {t.samples:>8} {plain:>9.0f} {t.samples / t.nocache_s:>11.0f} "
+            f"{t.nocache_cpu / t.plain_cpu:>6.2f} {guarded:>10.0f} {t.graded / t.samples:>6.0%} "
+            f"{guarded / plain:>6.2f}"
+        )
+    print(
+        "samples: graded by each of the three (all of the corpus, or as many blocks as --budget allowed);\n"
+        "no-cache/s: guarded without the cache; CPU x: its CPU time (this process and the workers) over "
+        "plain's;\ngraded: share of samples the guarded hub actually graded (the rest were cache hits); "
+        "ratio: guarded/s over plain/s"
+    )
     print(f"load average now {os.getloadavg()[0]:.1f}")
 
     ok = True
@@ -282,14 +341,26 @@ def main() -> int:
     parser.add_argument("--group-size", type=int, default=8)
     parser.add_argument("--rm-types", default="deepscaler,math,dapo,f1,math_verify")
     parser.add_argument("--workers", type=int, default=None, help="grader processes (default: one per core)")
-    parser.add_argument("--rm-timeout", type=float, default=30.0,
-                        help="rm_timeout while measuring throughput (default 30, the campaign default)")
-    parser.add_argument("--adversarial-timeout", type=float, default=2.0,
-                        help="rm_timeout for the adversarial set (default 2)")
+    parser.add_argument(
+        "--rm-timeout",
+        type=float,
+        default=30.0,
+        help="rm_timeout while measuring throughput (default 30, the campaign default)",
+    )
+    parser.add_argument(
+        "--adversarial-timeout",
+        type=float,
+        default=2.0,
+        help="rm_timeout for the adversarial set (default 2)",
+    )
     parser.add_argument("--block", type=int, default=32, help="groups per turn (default 32)")
-    parser.add_argument("--budget", type=float, default=None,
-                        help="stop an rm_type after this many seconds, all three sides together, skipping the rest of "
-                        "its corpus (default: grade the whole corpus)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="stop an rm_type after this many seconds, all three sides together, skipping the rest of "
+        "its corpus (default: grade the whole corpus)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--skip-adversarial", action="store_true")
     opts = parser.parse_args()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import make_tiny_model
+from helpers.tiny_models import make_tiny_model
 
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.data_source import RolloutDataSourceWithBuffer
@@ -73,16 +73,23 @@ def main() -> None:
     ns = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = str(make_tiny_model(Path(tmp) / "model", layers=2, hidden=128, vocab_size=512, max_positions=1024))
+        model = str(
+            make_tiny_model(Path(tmp) / "model", layers=2, hidden=128, vocab_size=512, max_positions=1024)
+        )
         stop = pick_stop_token(model, ns.mean_len)
         data = Path(tmp) / "prompts.jsonl"
-        data.write_text("".join(json.dumps({"prompt": f"what is {i} plus {i}", "label": i}) + "\n" for i in range(200)))
+        data.write_text(
+            "".join(json.dumps({"prompt": f"what is {i} plus {i}", "label": i}) + "\n" for i in range(200))
+        )
         base = {
             "model": {"hf_checkpoint": model},
             "data": {"prompt_data": str(data)},
             "rollout": {
-                "rollout_batch_size": ns.batch, "n_samples_per_prompt": ns.n, "rollout_max_response_len": ns.max_len,
-                "rollout_temperature": 1.0, "rollout_stop_token_ids": [stop],
+                "rollout_batch_size": ns.batch,
+                "n_samples_per_prompt": ns.n,
+                "rollout_max_response_len": ns.max_len,
+                "rollout_temperature": 1.0,
+                "rollout_stop_token_ids": [stop],
             },
             "reward": {"custom_rm_path": f"{__name__}.length_reward"},
             "engine": {"num_engines": 1, "local_engine_threads": ns.threads},
@@ -90,16 +97,22 @@ def main() -> None:
         fleet_args = CampaignConfig.from_dict(base).args()
         with EngineFleet(fleet_args, model, log_dir=str(Path(tmp) / "logs")) as fleet:
             plain = run([], base, fleet, ns.rollouts)
-            partial = run(["partial_rollout=true", f"over_sampling_batch_size={ns.over}"], base, fleet, ns.rollouts)
+            partial = run(
+                ["partial_rollout=true", f"over_sampling_batch_size={ns.over}"], base, fleet, ns.rollouts
+            )
 
     rows = [("plain batches", plain), (f"partial rollout, over-sampling {ns.over}", partial)]
     ref, ref_mean = statistics.median(plain), statistics.fmean(plain)
-    print(f"\nrollout wall time per batch ({ns.rollouts} rollouts, batch {ns.batch} x {ns.n}, lengths ~geometric "
-          f"mean {ns.mean_len} capped {ns.max_len})")
+    print(
+        f"\nrollout wall time per batch ({ns.rollouts} rollouts, batch {ns.batch} x {ns.n}, lengths ~geometric "
+        f"mean {ns.mean_len} capped {ns.max_len})"
+    )
     print(f"{'mode':<36} {'median s':>9} {'mean s':>8} {'max s':>7} {'speed-up (median)':>18} {'(mean)':>7}")
     for name, times in rows:
         med, mean = statistics.median(times), statistics.fmean(times)
-        print(f"{name:<36} {med:9.2f} {mean:8.2f} {max(times):7.2f} {ref / med:17.2f}x {ref_mean / mean:6.2f}x")
+        print(
+            f"{name:<36} {med:9.2f} {mean:8.2f} {max(times):7.2f} {ref / med:17.2f}x {ref_mean / mean:6.2f}x"
+        )
 
 
 if __name__ == "__main__":

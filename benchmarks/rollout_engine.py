@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from tiny_models import make_tiny_model  # noqa: E402
+from helpers.tiny_models import make_tiny_model  # noqa: E402
 
 
 def workload(n: int, vocab: int, min_new: int, max_new: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -68,8 +68,17 @@ def run_static_generate(model, work) -> float:
     start = time.perf_counter()
     with torch.inference_mode():
         out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=longest, min_new_tokens=longest, do_sample=True,
-            temperature=1.0, top_k=0, top_p=1.0, pad_token_id=pad, output_scores=True, return_dict_in_generate=True,
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=longest,
+            min_new_tokens=longest,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=pad,
+            output_scores=True,
+            return_dict_in_generate=True,
         )
         # The log-probs a rollout records, for the requested tokens only.
         scores = torch.stack(out.scores, 1).log_softmax(-1)
@@ -83,8 +92,15 @@ def run_static_generate(model, work) -> float:
 def run_continuous_batching(model, work) -> float:
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=max(n for _, n in work),
-                              eos_token_id=-1, pad_token_id=1)
+    config = GenerationConfig(
+        do_sample=True,
+        temperature=1.0,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max(n for _, n in work),
+        eos_token_id=-1,
+        pad_token_id=1,
+    )
     manager = model.init_continuous_batching(generation_config=config)
     manager.start()
     try:
@@ -102,7 +118,9 @@ def run_continuous_batching(model, work) -> float:
         manager.stop(block=True)
     expected = {f"r{i}": n for i, (_, n) in enumerate(work)}
     if done != expected:
-        raise RuntimeError(f"continuous batching produced {len(done)} of {len(work)} requests with the right lengths")
+        raise RuntimeError(
+            f"continuous batching produced {len(done)} of {len(work)} requests with the right lengths"
+        )
     return wall
 
 
@@ -115,8 +133,19 @@ class LocalServer:
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
-        cmd = [sys.executable, "-m", "slime_wf.engine_server", "--model-path", str(model_dir), "--port",
-               str(port), "--num-threads", str(threads), "--max-running-requests", str(max_running)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "slime_wf.engine_server",
+            "--model-path",
+            str(model_dir),
+            "--port",
+            str(port),
+            "--num-threads",
+            str(threads),
+            "--max-running-requests",
+            str(max_running),
+        ]
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -144,8 +173,12 @@ class LocalServer:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
 
                 async def one(i, prompt, n):
-                    body = {"rid": f"r{i}-{time.monotonic_ns()}", "input_ids": prompt, "return_logprob": True,
-                            "sampling_params": {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True}}
+                    body = {
+                        "rid": f"r{i}-{time.monotonic_ns()}",
+                        "input_ids": prompt,
+                        "return_logprob": True,
+                        "sampling_params": {"max_new_tokens": n, "temperature": 1.0, "ignore_eos": True},
+                    }
                     async with session.post(self.url + "/generate", json=body) as resp:
                         out = await resp.json()
                         assert resp.status == 200, out
@@ -171,10 +204,16 @@ class LocalServer:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads for every implementation (more than 1 on a busy machine oversubscribes)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for every implementation (more than 1 on a busy machine oversubscribes)",
+    )
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--heads", type=int, default=4)
@@ -182,7 +221,9 @@ def main() -> None:
     parser.add_argument("--min-new", type=int, default=16)
     parser.add_argument("--max-new", type=int, default=128)
     parser.add_argument("--skip-cb", action="store_true", help="skip transformers' continuous batching")
-    parser.add_argument("--repeats", type=int, default=2, help="rounds, alternating order; the best time counts")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds, alternating order; the best time counts"
+    )
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -191,15 +232,27 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = make_tiny_model(Path(tmp) / "model", layers=args.layers, hidden=args.hidden, heads=args.heads,
-                                    vocab_size=args.vocab, max_positions=1024)
+        model_dir = make_tiny_model(
+            Path(tmp) / "model",
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            vocab_size=args.vocab,
+            max_positions=1024,
+        )
         work = workload(args.requests, args.vocab, args.min_new, args.max_new)
         useful = sum(n for _, n in work)
-        print(f"model: Qwen3-shaped, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32, "
-              f"{args.threads} threads", flush=True)
-        print(f"work: {len(work)} requests, prompts {min(len(p) for p, _ in work)}-{max(len(p) for p, _ in work)} "
-              f"tokens, max_new_tokens {min(n for _, n in work)}-{max(n for _, n in work)}, "
-              f"{useful} useful tokens", flush=True)
+        print(
+            f"model: Qwen3-shaped, {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, float32, "
+            f"{args.threads} threads",
+            flush=True,
+        )
+        print(
+            f"work: {len(work)} requests, prompts {min(len(p) for p, _ in work)}-{max(len(p) for p, _ in work)} "
+            f"tokens, max_new_tokens {min(n for _, n in work)}-{max(n for _, n in work)}, "
+            f"{useful} useful tokens",
+            flush=True,
+        )
 
         server = LocalServer(model_dir, args.threads, len(work), Path(tmp) / "server.log")
         try:
@@ -208,15 +261,19 @@ def main() -> None:
             model.generation_config.eos_token_id = None
             run_static_generate(model, work[:2])  # warm-up
             impls = {
-                "transformers generate (static batch)": lambda: timed(lambda: run_static_generate(model, work)),
+                "transformers generate (static batch)": lambda: timed(
+                    lambda: run_static_generate(model, work)
+                ),
                 "local engine server (HTTP)": lambda: server.run(work),
             }
             if not args.skip_cb:
-                impls["transformers continuous batching"] = lambda: timed(lambda: run_continuous_batching(model, work))
+                impls["transformers continuous batching"] = lambda: timed(
+                    lambda: run_continuous_batching(model, work)
+                )
             best: dict[str, tuple[float, float]] = {}
             for round_ in range(args.repeats):
                 # Alternate the order: background load on a shared machine drifts over minutes.
-                for name in (list(impls) if round_ % 2 == 0 else list(reversed(impls))):
+                for name in list(impls) if round_ % 2 == 0 else list(reversed(impls)):
                     try:
                         wall, cpu = impls[name]()
                     except Exception as err:  # report, do not hide, a failing implementation
@@ -231,7 +288,9 @@ def main() -> None:
 
     base_wall, base_cpu = useful / rows[0][1][0], useful / rows[0][1][1]
     print()
-    print(f"| {'impl':38} | {'wall s':>7} | {'useful tok/s':>12} | {'ratio':>6} | {'CPU s':>7} | {'tok/CPU-s':>9} | {'ratio':>6} |")
+    print(
+        f"| {'impl':38} | {'wall s':>7} | {'useful tok/s':>12} | {'ratio':>6} | {'CPU s':>7} | {'tok/CPU-s':>9} | {'ratio':>6} |"
+    )
     print(f"|{'-' * 40}|{'-' * 9}|{'-' * 14}|{'-' * 8}|{'-' * 9}|{'-' * 11}|{'-' * 8}|")
     for name, (wall, cpu) in rows:
         print(

@@ -41,9 +41,16 @@ def make_checkpoint(out: Path, layers: int, hidden: int, vocab: int) -> Path:
 
     heads = max(2, hidden // 64)
     config = Qwen3Config(
-        vocab_size=vocab, hidden_size=hidden, intermediate_size=hidden * 3, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=64,
-        max_position_embeddings=2048, tie_word_embeddings=True, rms_norm_eps=1e-6,
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 3,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 2),
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-6,
     )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out)
@@ -59,8 +66,15 @@ def make_rollout(seed: int, vocab: int, prompts: int = 2, n: int = 8):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(16, 96))]
         for i in range(n):
             response = [rng.randrange(vocab) for _ in range(rng.randint(16, 256))]
-            samples.append(Sample(group_index=g, index=g * n + i, tokens=prompt + response,
-                                  response_length=len(response), reward=float(rng.random() < 0.5)))
+            samples.append(
+                Sample(
+                    group_index=g,
+                    index=g * n + i,
+                    tokens=prompt + response,
+                    response_length=len(response),
+                    reward=float(rng.random() < 0.5),
+                )
+            )
     return samples
 
 
@@ -76,7 +90,9 @@ class TransformersTrainer:
         no_decay = [p for n, p in self.model.named_parameters() if p.dim() <= 1]
         self.optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=args.lr, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps,
+            lr=args.lr,
+            betas=(args.adam_beta1, args.adam_beta2),
+            eps=args.adam_eps,
         )
 
     def train(self, samples) -> dict:
@@ -91,8 +107,9 @@ class TransformersTrainer:
         self.optimizer.zero_grad()
         for group in make_micro_batches(items, max_tokens_per_gpu=self.args.max_tokens_per_gpu):
             mb = pad_micro_batch(group)
-            logits = self.model(input_ids=mb.input_ids, attention_mask=mb.attention_mask,
-                                position_ids=mb.position_ids).logits
+            logits = self.model(
+                input_ids=mb.input_ids, attention_mask=mb.attention_mask, position_ids=mb.position_ids
+            ).logits
             loss, _ = loss_function(self.args, mb.loss_batch(), logits, normalizer=normalizer)
             loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.args.clip_grad)
@@ -111,8 +128,14 @@ def _timed(fn):
 def compare_training(hf_dir: Path, opts) -> dict[str, dict[str, float]]:
     from slime_wf.training.trainer import Trainer
 
-    settings = dict(rollout_batch_size=2, n_samples_per_prompt=8, lr=1e-5, max_tokens_per_gpu=opts.max_tokens,
-                    num_rollout=opts.rollouts + 1, seed=0)
+    settings = dict(
+        rollout_batch_size=2,
+        n_samples_per_prompt=8,
+        lr=1e-5,
+        max_tokens_per_gpu=opts.max_tokens,
+        num_rollout=opts.rollouts + 1,
+        seed=0,
+    )
     megatron = Trainer(settings, hf_dir)
     baseline = TransformersTrainer(megatron.args, hf_dir)
     best = {name: {"wall": 0.0, "cpu": 0.0} for name in ("megatron", "transformers")}
@@ -121,15 +144,20 @@ def compare_training(hf_dir: Path, opts) -> dict[str, dict[str, float]]:
             samples = make_rollout(k, opts.vocab)
             tokens = sum(len(s.tokens) for s in samples)
             rates = {}
-            for name, train in (("megatron", lambda s=samples, k=k: megatron.train(s, k)),
-                                ("transformers", lambda s=samples: baseline.train(s))):
+            for name, train in (
+                ("megatron", lambda s=samples, k=k: megatron.train(s, k)),
+                ("transformers", lambda s=samples: baseline.train(s)),
+            ):
                 _, wall, cpu = _timed(train)
                 rates[name] = {"wall": tokens / wall, "cpu": tokens / cpu}
                 if k > 0:
                     for clock in ("wall", "cpu"):
                         best[name][clock] = max(best[name][clock], rates[name][clock])
-            print(f"  rollout {k}{' (warm-up)' if k == 0 else ''}: {tokens} tokens; tokens/s (wall, cpu): "
-                  + ", ".join(f"{n} {r['wall']:.0f}, {r['cpu']:.0f}" for n, r in rates.items()), flush=True)
+            print(
+                f"  rollout {k}{' (warm-up)' if k == 0 else ''}: {tokens} tokens; tokens/s (wall, cpu): "
+                + ", ".join(f"{n} {r['wall']:.0f}, {r['cpu']:.0f}" for n, r in rates.items()),
+                flush=True,
+            )
     finally:
         megatron.shutdown()
     return best
@@ -144,8 +172,10 @@ def compare_layouts(hf_dir: Path, opts) -> list[tuple[int, float, float]]:
     init_parallel(1, seed=0)
     try:
         model = build_gpt_model(hf_dir)
-        items = items_from_samples(make_rollout(99, opts.vocab), resolve_train_args(
-            dict(rollout_batch_size=2, n_samples_per_prompt=8)))
+        items = items_from_samples(
+            make_rollout(99, opts.vocab),
+            resolve_train_args(dict(rollout_batch_size=2, n_samples_per_prompt=8)),
+        )
         tokens = sum(it.total_length for it in items)
 
         def padded(group):
@@ -175,7 +205,10 @@ def compare_layouts(hf_dir: Path, opts) -> list[tuple[int, float, float]]:
                 for name, fn in (("padded", padded), ("packed", packed)):
                     best[name] = min(best[name], seconds(fn, batches))
             rows.append((size, tokens / best["padded"], tokens / best["packed"]))
-            print(f"  micro-batch {size}: padded {rows[-1][1]:.0f} tok/s, packed {rows[-1][2]:.0f} tok/s", flush=True)
+            print(
+                f"  micro-batch {size}: padded {rows[-1][1]:.0f} tok/s, packed {rows[-1][2]:.0f} tok/s",
+                flush=True,
+            )
         return rows
     finally:
         destroy_parallel()
@@ -187,25 +220,35 @@ def main(argv=None) -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=4096)
     parser.add_argument("--rollouts", type=int, default=4, help="timed rollouts per side (after a warm-up)")
-    parser.add_argument("--max-tokens", type=int, default=2048, help="max_tokens_per_gpu of the micro-batches")
+    parser.add_argument(
+        "--max-tokens", type=int, default=2048, help="max_tokens_per_gpu of the micro-batches"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--layout-batch-sizes", type=int, nargs="*", default=[2, 8])
     opts = parser.parse_args(argv)
     torch.set_num_threads(opts.threads)
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_checkpoint(Path(tmp) / "qwen3", opts.layers, opts.hidden, opts.vocab)
-        print(f"Qwen3 {opts.layers} layers, hidden {opts.hidden}, vocab {opts.vocab}, fp32, "
-              f"{opts.threads} threads; GRPO, 16 samples per rollout, max_tokens_per_gpu={opts.max_tokens}")
+        print(
+            f"Qwen3 {opts.layers} layers, hidden {opts.hidden}, vocab {opts.vocab}, fp32, "
+            f"{opts.threads} threads; GRPO, 16 samples per rollout, max_tokens_per_gpu={opts.max_tokens}"
+        )
         training = compare_training(hf_dir, opts)
         layouts = compare_layouts(hf_dir, opts) if opts.layout_batch_sizes else []
 
     base = training["transformers"]
-    print("\n| impl | tokens/s (cpu time) | ratio | tokens/s (wall) | ratio |\n| --- | --- | --- | --- | --- |")
+    print(
+        "\n| impl | tokens/s (cpu time) | ratio | tokens/s (wall) | ratio |\n| --- | --- | --- | --- | --- |"
+    )
     for name, rate in training.items():
-        print(f"| {name} | {rate['cpu']:.0f} | {rate['cpu'] / base['cpu']:.2f} | {rate['wall']:.0f} | "
-              f"{rate['wall'] / base['wall']:.2f} |")
+        print(
+            f"| {name} | {rate['cpu']:.0f} | {rate['cpu'] / base['cpu']:.2f} | {rate['wall']:.0f} | "
+            f"{rate['wall'] / base['wall']:.2f} |"
+        )
     if layouts:
-        print("\n| layout (Megatron fwd+bwd) | micro-batch | tokens/s (cpu time) | ratio to padded |\n| --- | --- | --- | --- |")
+        print(
+            "\n| layout (Megatron fwd+bwd) | micro-batch | tokens/s (cpu time) | ratio to padded |\n| --- | --- | --- | --- |"
+        )
         for size, pad_tps, pack_tps in layouts:
             print(f"| padded | {size} | {pad_tps:.0f} | 1.00 |")
             print(f"| packed | {size} | {pack_tps:.0f} | {pack_tps / pad_tps:.2f} |")

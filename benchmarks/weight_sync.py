@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_models import make_tiny_model
+from helpers.tiny_models import make_tiny_model
 
 from slime_wf.checkpoint.fp8_convert import convert_checkpoint
 from slime_wf.checkpoint.fp8_format import Fp8Format
@@ -47,20 +47,26 @@ def main() -> None:
         root = Path(tmp)
         model = str(make_tiny_model(root / "model", layers=ns.layers, hidden=ns.hidden, vocab_size=ns.vocab))
         convert_checkpoint(model, str(root / "fp8"), "block", (128, 128), progress=False)
-        args = CampaignConfig.from_dict({
-            "engine": {"num_engines": 1, "local_engine_threads": 1},
-            "storage": {"weight_sync_mode": "distributed", "weight_sync_bucket_mb": ns.bucket_mb},
-        }).args()
+        args = CampaignConfig.from_dict(
+            {
+                "engine": {"num_engines": 1, "local_engine_threads": 1},
+                "storage": {"weight_sync_mode": "distributed", "weight_sync_bucket_mb": ns.bucket_mb},
+            }
+        ).args()
         trainer = Trainer(args, model)
         try:
-            for label, served, fmt in (("float32", model, None),
-                                       ("fp8 block 128", str(root / "fp8"), Fp8Format.of_checkpoint(root / "fp8"))):
+            for label, served, fmt in (
+                ("float32", model, None),
+                ("fp8 block 128", str(root / "fp8"), Fp8Format.of_checkpoint(root / "fp8")),
+            ):
                 disk, dist = [], []
                 with EngineFleet(args, served, log_dir=str(root / "logs")) as fleet:
                     group = DistributedWeightSync(args, fleet)
                     connect = group.sync(trainer, "warm-up", fp8=fmt)["sync/connect_s"]
                     for i in range(ns.repeats):
-                        disk.append(sync_weights(fleet, trainer, str(root / f"w-{label[:3]}-{i}"), f"d{i}", fp8=fmt))
+                        disk.append(
+                            sync_weights(fleet, trainer, str(root / f"w-{label[:3]}-{i}"), f"d{i}", fp8=fmt)
+                        )
                         dist.append(group.sync(trainer, f"b{i}", fp8=fmt))
                 rows.append((label, disk, dist, connect))
         finally:
@@ -69,18 +75,24 @@ def main() -> None:
     def med(runs, key):
         return statistics.median(r[key] for r in runs)
 
-    print(f"\nweight sync, disk against distributed ({ns.layers} layers, hidden {ns.hidden}, vocab {ns.vocab}, one "
-          f"local engine, buckets of {ns.bucket_mb:g} MB; median of {ns.repeats})\n")
-    print("| weights | disk MB | disk s (export + push) | disk s/GB | distributed MB | distributed s (group setup) "
-          "| distributed s/GB | ratio |")
+    print(
+        f"\nweight sync, disk against distributed ({ns.layers} layers, hidden {ns.hidden}, vocab {ns.vocab}, one "
+        f"local engine, buckets of {ns.bucket_mb:g} MB; median of {ns.repeats})\n"
+    )
+    print(
+        "| weights | disk MB | disk s (export + push) | disk s/GB | distributed MB | distributed s (group setup) "
+        "| distributed s/GB | ratio |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, disk, dist, connect in rows:
         disk_s = med(disk, "sync/export_s") + med(disk, "sync/push_s")
         dist_s = med(dist, "sync/broadcast_s")
-        print(f"| {label} | {med(disk, 'sync/bytes') / 2**20:.1f} | {disk_s:.2f} ({med(disk, 'sync/export_s'):.2f} + "
-              f"{med(disk, 'sync/push_s'):.2f}) | {med(disk, 'sync/s_per_gb'):.2f} | "
-              f"{med(dist, 'sync/bytes') / 2**20:.1f} | {dist_s:.2f} ({connect:.2f}) | {med(dist, 'sync/s_per_gb'):.2f} | "
-              f"{med(disk, 'sync/s_per_gb') / med(dist, 'sync/s_per_gb'):.2f} |")
+        print(
+            f"| {label} | {med(disk, 'sync/bytes') / 2**20:.1f} | {disk_s:.2f} ({med(disk, 'sync/export_s'):.2f} + "
+            f"{med(disk, 'sync/push_s'):.2f}) | {med(disk, 'sync/s_per_gb'):.2f} | "
+            f"{med(dist, 'sync/bytes') / 2**20:.1f} | {dist_s:.2f} ({connect:.2f}) | {med(dist, 'sync/s_per_gb'):.2f} | "
+            f"{med(disk, 'sync/s_per_gb') / med(dist, 'sync/s_per_gb'):.2f} |"
+        )
 
 
 if __name__ == "__main__":

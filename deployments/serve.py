@@ -89,6 +89,10 @@ def serve(config_path: str, overrides: list[str] | None = None, cron: str | None
     deployments = build_deployments(cfg, cron)
     from prefect import serve as prefect_serve
 
-    logger.info("serving %s for campaign %s against %s", ", ".join(f"{n}/{cfg.campaign}" for n in FLOW_NAMES),
-                cfg.campaign, url)
+    logger.info(
+        "serving %s for campaign %s against %s",
+        ", ".join(f"{n}/{cfg.campaign}" for n in FLOW_NAMES),
+        cfg.campaign,
+        url,
+    )
     prefect_serve(*deployments)

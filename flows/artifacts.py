@@ -74,7 +74,8 @@ def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
 def curves_markdown(campaign: str, rewards: list[float | None], lengths: list[float | None]) -> str:
     chart = data_uri(line_chart([rewards, lengths]))
     rows = "\n".join(
-        f"| {rid} | {r:.4f} | {n:.1f} |" for rid, (r, n) in enumerate(zip(rewards, lengths, strict=True))
+        f"| {rid} | {r:.4f} | {n:.1f} |"
+        for rid, (r, n) in enumerate(zip(rewards, lengths, strict=True))
         if r is not None and n is not None
     )
     return (
@@ -115,8 +116,14 @@ class ArtifactPublisher:
     flush gave up).
     """
 
-    def __init__(self, campaign: str, *, send: Sender = send_to_prefect, logger: Any = None,
-                 flush_timeout_s: float = 60.0):
+    def __init__(
+        self,
+        campaign: str,
+        *,
+        send: Sender = send_to_prefect,
+        logger: Any = None,
+        flush_timeout_s: float = 60.0,
+    ):
         self.campaign = campaign
         self.history = CurveHistory()  # the publisher's thread alone reads and extends it
         self.flush_timeout_s = flush_timeout_s
@@ -131,8 +138,9 @@ class ArtifactPublisher:
         self._cond = threading.Condition()
         self._closing = self._abandoned = False
         context = contextvars.copy_context()
-        self._thread = threading.Thread(target=context.run, args=(self._work,), daemon=True,
-                                        name=f"artifacts-{campaign}")
+        self._thread = threading.Thread(
+            target=context.run, args=(self._work,), daemon=True, name=f"artifacts-{campaign}"
+        )
         self._thread.start()
 
     # ---- the flow's side: queue and return -------------------------------------------------
@@ -147,18 +155,39 @@ class ArtifactPublisher:
         """Queue rollout `rollout_id`'s metrics table and the curves up to it."""
         name = self.campaign
         rows = metrics_table(metrics)
-        self._queue(_Job("table", artifact_key(name, "rollout", f"{rollout_id:06d}", "metrics"),
-                         f"campaign {name}, rollout {rollout_id}", lambda: rows, replaceable=False))
+        self._queue(
+            _Job(
+                "table",
+                artifact_key(name, "rollout", f"{rollout_id:06d}", "metrics"),
+                f"campaign {name}, rollout {rollout_id}",
+                lambda: rows,
+                replaceable=False,
+            )
+        )
         point = {REWARD: metrics.get(REWARD), LENGTH: metrics.get(LENGTH)}
         with self._cond:
             self._new_points.append((rollout_id, point))
-        self._queue(_Job("markdown", artifact_key(name, "curves"), f"curves up to rollout {rollout_id}",
-                         lambda: curves_markdown(name, *self._series(rollout_id)), replaceable=True))
+        self._queue(
+            _Job(
+                "markdown",
+                artifact_key(name, "curves"),
+                f"curves up to rollout {rollout_id}",
+                lambda: curves_markdown(name, *self._series(rollout_id)),
+                replaceable=True,
+            )
+        )
 
     def progress(self, done: int, total: int) -> None:
         share = 100.0 * min(max(done, 0), total) / max(total, 1)
-        self._queue(_Job("progress", artifact_key(self.campaign, "progress"),
-                         f"campaign {self.campaign}: {done} of {total} rollout ids", lambda: share, replaceable=True))
+        self._queue(
+            _Job(
+                "progress",
+                artifact_key(self.campaign, "progress"),
+                f"campaign {self.campaign}: {done} of {total} rollout ids",
+                lambda: share,
+                replaceable=True,
+            )
+        )
 
     def close(self, timeout_s: float | None = None) -> dict[str, int]:
         """Send what is queued, waiting at most `timeout_s` (default `flush_timeout_s`); returns `counts`.
@@ -179,7 +208,10 @@ class ArtifactPublisher:
         if gave_up:
             self._logger.warning(
                 "%d artifact(s) of campaign %s not sent within %.1f s (the Prefect API is slow or down); "
-                "the run store has the same numbers", counts["unsent"], self.campaign, timeout_s,
+                "the run store has the same numbers",
+                counts["unsent"],
+                self.campaign,
+                timeout_s,
             )
         return counts
 
@@ -232,11 +264,14 @@ class ArtifactPublisher:
             try:
                 self._send(job.kind, job.key, job.description, job.content())
                 outcome = "sent"
-            except Exception as err:  # an artifact is a view of the run store: never worth failing the campaign
+            except (
+                Exception
+            ) as err:  # an artifact is a view of the run store: never worth failing the campaign
                 outcome = "failed"
                 # an API error may quote the Prefect API's URL, credentials and all
-                self._logger.warning("artifact %s was not sent: %s: %s", job.key, type(err).__name__,
-                                     redact_url(str(err)))
+                self._logger.warning(
+                    "artifact %s was not sent: %s: %s", job.key, type(err).__name__, redact_url(str(err))
+                )
             with self._cond:
                 self._in_flight = None
                 if not self._abandoned:

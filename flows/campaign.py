@@ -31,7 +31,11 @@ def result_storage(cfg: CampaignConfig) -> Any:
     from prefect.filesystems import RemoteFileSystem
 
     settings: dict[str, Any] = {}
-    endpoint = cfg.storage.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = (
+        cfg.storage.s3_endpoint_url
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
+    )
     if endpoint:
         settings["client_kwargs"] = {"endpoint_url": endpoint}
     name = f"slime-wf-{cfg.campaign}".replace("_", "-")
@@ -50,8 +54,8 @@ def train(config: CampaignConfig) -> dict[str, Any]:
     logger = get_run_logger()
     storage = result_storage(config)
     rollout, train_step, sync, evaluate, finish = (
-        _with_storage(x, storage) for x in (t.generate_rollout, t.train_step, t.sync_weights, t.evaluate,
-                                            t.finish_rollout)
+        _with_storage(x, storage)
+        for x in (t.generate_rollout, t.train_step, t.sync_weights, t.evaluate, t.finish_rollout)
     )
     name, total = config.campaign, config.rollout.num_rollout
     # the campaign is left first, so its engines stop while the last artifacts go out; then they are flushed

@@ -128,8 +128,9 @@ class Campaign:
         if self.lease is not None:
             self.lease.check()
             return
-        self.lease = Lease(self.store, timeout_s=self.cfg.storage.lease_timeout_s,
-                           campaign=self.cfg.campaign).acquire()
+        self.lease = Lease(
+            self.store, timeout_s=self.cfg.storage.lease_timeout_s, campaign=self.cfg.campaign
+        ).acquire()
 
     def release_lease(self) -> None:
         if self.lease is not None:
@@ -138,8 +139,10 @@ class Campaign:
 
     def _check_writer(self) -> Lease:
         if self.lease is None:
-            raise RuntimeError(f"campaign {self.cfg.campaign}: call start() before writing to the run store "
-                               "(it takes the writer lease)")
+            raise RuntimeError(
+                f"campaign {self.cfg.campaign}: call start() before writing to the run store "
+                "(it takes the writer lease)"
+            )
         self.lease.check()
         return self.lease
 
@@ -149,13 +152,18 @@ class Campaign:
         self.acquire_lease()
         check_fresh_start(self.store, self.cfg.campaign)
         if self.store.read_manifest() is None:
-            self.store.write_manifest(initial_manifest(self.cfg.campaign, self.cfg.config_hash(),
-                                                       self.cfg.rollout.num_rollout))
+            self.store.write_manifest(
+                initial_manifest(self.cfg.campaign, self.cfg.config_hash(), self.cfg.rollout.num_rollout)
+            )
         paths = self._prepared()
         manifest = self.manifest()
         if manifest.get("config_hash") and manifest["config_hash"] != self.cfg.config_hash():
-            logger.warning("campaign %s: the config changed since the last run (hash %s -> %s)",
-                           self.cfg.campaign, manifest["config_hash"], self.cfg.config_hash())
+            logger.warning(
+                "campaign %s: the config changed since the last run (hash %s -> %s)",
+                self.cfg.campaign,
+                manifest["config_hash"],
+                self.cfg.config_hash(),
+            )
         self.store.write_text(RunStore.CONFIG, self.cfg.to_yaml())
         last = self.last_committed()
         next_id = 0 if last is None else last + 1
@@ -168,17 +176,26 @@ class Campaign:
         self._stop_services()  # a retried start must not leave the first attempt's engines running
 
         logs = os.path.join(self.scratch, "logs")
-        early = weights_known_before_trainer(self.args, paths["rollout_dir"], manifest if last is not None else None)
+        early = weights_known_before_trainer(
+            self.args, paths["rollout_dir"], manifest if last is not None else None
+        )
         if early is not None:
             self.engines.launch(*early, log_dir=logs)
         self.data_source = RolloutDataSourceWithBuffer(self.args)
         if last is not None:
-            self.data_source.load_state_dict(self.store.read_json(RunStore.rollout_file(last, "data_source.json")))
+            self.data_source.load_state_dict(
+                self.store.read_json(RunStore.rollout_file(last, "data_source.json"))
+            )
         trainer = self._trainer.start()
         if early is None:
             weights, version = weights_from_trainer(
-                trainer, last, load=self.args.load, rollout_dir=paths["rollout_dir"],
-                weights_dir=os.path.join(self.scratch, "weights"), fp8=self._fp8())
+                trainer,
+                last,
+                load=self.args.load,
+                rollout_dir=paths["rollout_dir"],
+                weights_dir=os.path.join(self.scratch, "weights"),
+                fp8=self._fp8(),
+            )
             self.engines.launch(weights, version, log_dir=logs)
         self.engines.wait_ready(paths["hf_dir"])
         return next_id
@@ -196,8 +213,9 @@ class Campaign:
         self._check_writer()
         data_source = self.data_source
         if data_source is None:
-            raise RuntimeError(f"campaign {self.cfg.campaign}: call start() before rollout() (it restores the "
-                               "data source)")
+            raise RuntimeError(
+                f"campaign {self.cfg.campaign}: call start() before rollout() (it restores the data source)"
+            )
         if self.rollout_done(rid):
             summary = self.store.read_json(RunStore.rollout_file(rid, "rollout.json"))
             data_source.load_state_dict(self.store.read_json(RunStore.rollout_file(rid, "data_source.json")))
@@ -275,16 +293,18 @@ class Campaign:
         self.store.write_json(RunStore.rollout_file(rid, "metrics.json"), merged)
         if checkpoint is not None:
             lease.confirm()  # a train whose lease was taken over must not commit over the new holder
-            self.store.write_manifest({
-                "campaign": self.cfg.campaign,
-                "config_hash": self.cfg.config_hash(),
-                "num_rollout": self.cfg.rollout.num_rollout,
-                "last_completed_rollout_id": rid,
-                "last_checkpoint": checkpoint,
-                "weights": self.engines.served(),
-                "created_at": self.manifest().get("created_at"),
-                "updated_at": time.time(),
-            })
+            self.store.write_manifest(
+                {
+                    "campaign": self.cfg.campaign,
+                    "config_hash": self.cfg.config_hash(),
+                    "num_rollout": self.cfg.rollout.num_rollout,
+                    "last_completed_rollout_id": rid,
+                    "last_checkpoint": checkpoint,
+                    "weights": self.engines.served(),
+                    "created_at": self.manifest().get("created_at"),
+                    "updated_at": time.time(),
+                }
+            )
             self.prune_checkpoints(rid)
         return merged
 
@@ -322,8 +342,15 @@ class Campaign:
         last = manifest.get("last_completed_rollout_id")
         log_dir = os.path.join(self.scratch, "eval", "logs")
         self._eval_exports = os.path.join(self.scratch, "eval", f"weights-{os.getpid()}")
-        weights, version = committed_weights(self.args, self.store, manifest, rollout_dir=paths["rollout_dir"],
-                                             fp8=self._fp8(), exports_dir=self._eval_exports, log_dir=log_dir)
+        weights, version = committed_weights(
+            self.args,
+            self.store,
+            manifest,
+            rollout_dir=paths["rollout_dir"],
+            fp8=self._fp8(),
+            exports_dir=self._eval_exports,
+            log_dir=log_dir,
+        )
         self._stop_services()
         self.engines.launch(weights, version, log_dir=log_dir)
         self.engines.wait_ready(paths["hf_dir"])
@@ -333,8 +360,10 @@ class Campaign:
         """Evaluate the policy `open_for_evaluation` serves. Its one write is evaluations/<rid>.json,
         a file `train` never touches."""
         metrics = self.engines.evaluate(-1 if rid is None else rid)
-        self.store.write_json(RunStore.evaluation_file(rid), {**metrics, "rollout_id": rid,
-                                                              "weight_version": self.engines.started().weight_version})
+        self.store.write_json(
+            RunStore.evaluation_file(rid),
+            {**metrics, "rollout_id": rid, "weight_version": self.engines.started().weight_version},
+        )
         return metrics
 
     # ---- shutting down ---------------------------------------------------------------------------

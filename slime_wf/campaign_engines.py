@@ -65,8 +65,10 @@ class CampaignEngines:
 
     def started(self) -> EngineFleet:
         if self.fleet is None:
-            raise RuntimeError(f"campaign {self.args.campaign}: the engines are not started: call start() first "
-                               "(open_for_evaluation() before evaluate_committed())")
+            raise RuntimeError(
+                f"campaign {self.args.campaign}: the engines are not started: call start() first "
+                "(open_for_evaluation() before evaluate_committed())"
+            )
         return self.fleet
 
     # ---- what the steps do with them ------------------------------------------------------------
@@ -75,15 +77,18 @@ class CampaignEngines:
         """Rollout `rid`: groups drawn from `data_source`, generated, rewarded and filtered."""
         from slime_wf.rollout.rollout import generate_rollout
 
-        return generate_rollout(self.args, rid, data_source, self.started(), tokenizer=self.tokenizer,
-                                reward_hub=self.reward_hub)
+        return generate_rollout(
+            self.args, rid, data_source, self.started(), tokenizer=self.tokenizer, reward_hub=self.reward_hub
+        )
 
     def evaluate(self, rid: int) -> dict[str, float]:
         """Per-dataset eval metrics (`eval.eval_datasets`) of the policy the engines serve, and `time/eval_s`."""
         from slime_wf.rollout.evaluation import evaluate
 
         t0 = time.perf_counter()
-        metrics = evaluate(self.args, rid, self.started(), tokenizer=self.tokenizer, reward_hub=self.reward_hub)
+        metrics = evaluate(
+            self.args, rid, self.started(), tokenizer=self.tokenizer, reward_hub=self.reward_hub
+        )
         metrics["time/eval_s"] = time.perf_counter() - t0
         return metrics
 
@@ -95,12 +100,20 @@ class CampaignEngines:
             return self._sync_distributed(trainer, rid, fp8)
         folder = os.path.join(self.scratch, "weights")
         out_dir = os.path.join(folder, f"{rid:06d}")
-        metrics = sync_weights(self.started(), trainer.started(), out_dir, str(rid), fp8=fp8,
-                               verify=self.args.check_weight_update_equal)
+        metrics = sync_weights(
+            self.started(),
+            trainer.started(),
+            out_dir,
+            str(rid),
+            fp8=fp8,
+            verify=self.args.check_weight_update_equal,
+        )
         prune_exports(folder, self.args.keep_weight_exports, out_dir)
         return metrics
 
-    def _sync_distributed(self, trainer: CampaignTrainer, rid: int, fp8: Fp8Format | None) -> dict[str, float]:
+    def _sync_distributed(
+        self, trainer: CampaignTrainer, rid: int, fp8: Fp8Format | None
+    ) -> dict[str, float]:
         from slime_wf.weight_sync.fleet_sync import DistributedWeightSync
 
         fleet, group = self.started(), self._weight_group
@@ -109,8 +122,12 @@ class CampaignEngines:
             # the trainer of the moment: a recovery may rebuild it after the group was made
             fleet.after_restart = lambda url: group.rejoin(trainer.started(), url)
         verify = os.path.join(self.scratch, "weights", f"verify-{rid:06d}")
-        return group.sync(trainer.started(), str(rid), fp8=fp8,
-                          verify_dir=verify if self.args.check_weight_update_equal else None)
+        return group.sync(
+            trainer.started(),
+            str(rid),
+            fp8=fp8,
+            verify_dir=verify if self.args.check_weight_update_equal else None,
+        )
 
     def served(self) -> dict[str, Any]:
         """The manifest's record of what the engines serve: the folder a restarted engine loads, or after a

@@ -31,8 +31,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def build_trainer(args: argparse.Namespace, store: RunStore, checkpoint: str | None, *, work_dir: str, log_dir: str,
-                  this_node_only: bool = False) -> TrainerClient:
+def build_trainer(
+    args: argparse.Namespace,
+    store: RunStore,
+    checkpoint: str | None,
+    *,
+    work_dir: str,
+    log_dir: str,
+    this_node_only: bool = False,
+) -> TrainerClient:
     """A trainer from the store's `checkpoint` (or from `args.load` / hf_checkpoint when None), with its
     files in `work_dir` and its log in `log_dir`/trainer.log. `args` is the campaign's one namespace,
     with `hf_checkpoint` already resolved to a local folder; it is not changed: the trainer gets a copy
@@ -43,12 +50,15 @@ def build_trainer(args: argparse.Namespace, store: RunStore, checkpoint: str | N
     from slime_wf.training.trainer_client import make_trainer
     from slime_wf.training.trainer_group import threads_per_rank
 
-    assert os.path.isdir(args.hf_checkpoint), "Campaign.prepare() resolves hf_checkpoint to a local folder first"
+    assert os.path.isdir(args.hf_checkpoint), (
+        "Campaign.prepare() resolves hf_checkpoint to a local folder first"
+    )
     settings = dict(vars(args))
     if this_node_only and args.actor_num_nodes > 1:  # a checkpoint loads at any TP size
         settings["actor_num_nodes"] = 1
-        settings["tensor_model_parallel_size"] = math.gcd(args.tensor_model_parallel_size,
-                                                          args.actor_num_gpus_per_node)
+        settings["tensor_model_parallel_size"] = math.gcd(
+            args.tensor_model_parallel_size, args.actor_num_gpus_per_node
+        )
     local_copy = None
     if checkpoint:
         if store.is_local:
@@ -57,9 +67,13 @@ def build_trainer(args: argparse.Namespace, store: RunStore, checkpoint: str | N
             local_copy = os.path.join(os.path.dirname(work_dir), "restore", os.path.basename(checkpoint))
             settings["load"] = store.get_dir(checkpoint, local_copy)
     try:
-        return make_trainer(settings, args.hf_checkpoint, work_dir=work_dir,
-                            log_path=os.path.join(log_dir, "trainer.log"),
-                            threads_per_rank=threads_per_rank(args.actor_num_gpus_per_node))
+        return make_trainer(
+            settings,
+            args.hf_checkpoint,
+            work_dir=work_dir,
+            log_path=os.path.join(log_dir, "trainer.log"),
+            threads_per_rank=threads_per_rank(args.actor_num_gpus_per_node),
+        )
     finally:
         if local_copy is not None:
             shutil.rmtree(local_copy, ignore_errors=True)
@@ -81,15 +95,21 @@ class CampaignTrainer:
     def start(self) -> TrainerClient:
         """(Re)build the trainer from the committed checkpoint; a running one is shut down first."""
         self.shutdown()
-        self.client = build_trainer(self.args, self.store, self._committed()[1],
-                                    work_dir=os.path.join(self.scratch, "trainer"),
-                                    log_dir=os.path.join(self.scratch, "logs"))
+        self.client = build_trainer(
+            self.args,
+            self.store,
+            self._committed()[1],
+            work_dir=os.path.join(self.scratch, "trainer"),
+            log_dir=os.path.join(self.scratch, "logs"),
+        )
         return self.client
 
     def started(self) -> TrainerClient:
         """The trainer client; raises when it is not started."""
         if self.client is None:
-            raise RuntimeError(f"campaign {self.args.campaign}: the trainer is not started: call start() first")
+            raise RuntimeError(
+                f"campaign {self.args.campaign}: the trainer is not started: call start() first"
+            )
         return self.client
 
     def train(self, rid: int) -> dict[str, Any]:
@@ -122,9 +142,15 @@ class CampaignTrainer:
             replay = self.can_restart_for(rid)
             if replay is None:
                 raise
-            warn("training rollout %d failed (%s: %s); restarting the trainer from the committed checkpoint (rollout "
-                 "%s) and training %s again", rid, type(err).__name__, str(err).splitlines()[0] if str(err) else "",
-                 self._committed()[0], ", ".join(map(str, [*replay, rid])))
+            warn(
+                "training rollout %d failed (%s: %s); restarting the trainer from the committed checkpoint (rollout "
+                "%s) and training %s again",
+                rid,
+                type(err).__name__,
+                str(err).splitlines()[0] if str(err) else "",
+                self._committed()[0],
+                ", ".join(map(str, [*replay, rid])),
+            )
         self.start()
         for earlier in replay:
             self.train(earlier)

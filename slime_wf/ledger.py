@@ -119,8 +119,11 @@ def machine_identity() -> dict[str, str | None]:
         pid_ns = os.readlink("/proc/self/ns/pid")
     except OSError:
         pid_ns = None
-    return {"host": socket.gethostname(), "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
-            "pid_namespace": pid_ns}
+    return {
+        "host": socket.gethostname(),
+        "boot_id": _read_first_line("/proc/sys/kernel/random/boot_id"),
+        "pid_namespace": pid_ns,
+    }
 
 
 def process_state(pid: int) -> tuple[bool, float | None]:
@@ -154,8 +157,14 @@ class Lease:
     set (the last holder stays visible), and a released lease is free.
     """
 
-    def __init__(self, store: RunStore, *, timeout_s: float, heartbeat_s: float | None = None,
-                 campaign: str | None = None):
+    def __init__(
+        self,
+        store: RunStore,
+        *,
+        timeout_s: float,
+        heartbeat_s: float | None = None,
+        campaign: str | None = None,
+    ):
         if timeout_s <= 0:
             raise ValueError(f"lease timeout_s must be > 0, got {timeout_s}")
         self.store = store
@@ -188,12 +197,22 @@ class Lease:
                 assert holder is not None  # takeover_reason gives "no lease" for a missing holder
                 raise LeaseHeldError(self._held_message(holder))
             if holder is not None and holder.get("released_at") is None:
-                logger.warning("campaign %s: taking over the lease of host %s pid %s: %s", self.campaign,
-                               holder.get("host"), holder.get("pid"), reason)
+                logger.warning(
+                    "campaign %s: taking over the lease of host %s pid %s: %s",
+                    self.campaign,
+                    holder.get("host"),
+                    holder.get("pid"),
+                    reason,
+                )
             now = time.time()
             record = {
-                **machine_identity(), "pid": os.getpid(), "pid_started_at": process_state(os.getpid())[1],
-                "token": self.token, "started_at": now, "heartbeat_at": now, "timeout_s": self.timeout_s,
+                **machine_identity(),
+                "pid": os.getpid(),
+                "pid_started_at": process_state(os.getpid())[1],
+                "token": self.token,
+                "started_at": now,
+                "heartbeat_at": now,
+                "timeout_s": self.timeout_s,
                 "released_at": None,
             }
             try:
@@ -204,7 +223,9 @@ class Lease:
             if back is None or (_parse(back[0]) or {}).get("token") != self.token:
                 continue
             self.record, self._version = record, back[1]
-            self._thread = threading.Thread(target=self._heartbeat_loop, name=f"lease-{self.campaign}", daemon=True)
+            self._thread = threading.Thread(
+                target=self._heartbeat_loop, name=f"lease-{self.campaign}", daemon=True
+            )
             self._thread.start()
             return self
         raise LeaseHeldError(
@@ -253,7 +274,9 @@ class Lease:
     def check(self) -> None:
         """Raise `LeaseLostError` if the heartbeat found the lease taken over (no I/O)."""
         if self.record is None:
-            raise RuntimeError(f"campaign {self.campaign}: the writer lease was never taken (call start() first)")
+            raise RuntimeError(
+                f"campaign {self.campaign}: the writer lease was never taken (call start() first)"
+            )
         if self.lost is not None:
             raise LeaseLostError(self.lost)
 
@@ -274,8 +297,13 @@ class Lease:
             except StoreConflict:
                 now = self.store.read_versioned(LEASE)
                 other = _parse(now[0]) if now else None
-                by = "deleted" if other is None else (
-                    f"taken by host {other.get('host')} pid {other.get('pid')} at {_when(other.get('started_at'))}")
+                by = (
+                    "deleted"
+                    if other is None
+                    else (
+                        f"taken by host {other.get('host')} pid {other.get('pid')} at {_when(other.get('started_at'))}"
+                    )
+                )
                 self.lost = (
                     f"campaign {self.campaign}: this train (host {held['host']}, pid {held['pid']}) lost "
                     f"its writer lease {self.store.url(LEASE)}: {by}. It stops without committing; the other run "
@@ -292,8 +320,13 @@ class Lease:
             except LeaseLostError:
                 return
             except Exception as err:  # a store hiccup: the next beat retries, well within the timeout
-                logger.warning("campaign %s: lease heartbeat failed (%s: %s); retrying in %.0f s", self.campaign,
-                               type(err).__name__, err, self.heartbeat_s)
+                logger.warning(
+                    "campaign %s: lease heartbeat failed (%s: %s); retrying in %.0f s",
+                    self.campaign,
+                    type(err).__name__,
+                    err,
+                    self.heartbeat_s,
+                )
 
     # ---- giving it back ---------------------------------------------------------------------------
 
@@ -312,8 +345,12 @@ class Lease:
             except Exception as err:
                 logger.warning(
                     "campaign %s: could not release the lease %s (%s: %s); the next train takes it over (at once on "
-                    "this host, elsewhere after storage.lease_timeout_s)", self.campaign, self.store.url(LEASE),
-                    type(err).__name__, err)
+                    "this host, elsewhere after storage.lease_timeout_s)",
+                    self.campaign,
+                    self.store.url(LEASE),
+                    type(err).__name__,
+                    err,
+                )
 
     def __enter__(self) -> Lease:
         return self.acquire()
@@ -375,7 +412,9 @@ def check_campaign_invariant(store: RunStore) -> dict[str, Any]:
     drawn: list[int] = []
     fates: dict[int, list[str]] = {}
     for rid in range(last + 1):
-        missing = [n for n in ("ledger.json", "samples.jsonl") if not store.exists(RunStore.rollout_file(rid, n))]
+        missing = [
+            n for n in ("ledger.json", "samples.jsonl") if not store.exists(RunStore.rollout_file(rid, n))
+        ]
         if missing:
             problems.append(f"rollout {rid} is committed but its {' and '.join(missing)} is missing")
             continue
@@ -390,15 +429,21 @@ def check_campaign_invariant(store: RunStore) -> dict[str, Any]:
         in_samples = {row["group_index"] for row in samples}
         trained = set(ledger["trained"])
         if trained - in_samples:
-            problems.append(f"rollout {rid}: groups trained per ledger.json but absent from samples.jsonl: "
-                            f"{_preview(trained - in_samples)}")
+            problems.append(
+                f"rollout {rid}: groups trained per ledger.json but absent from samples.jsonl: "
+                f"{_preview(trained - in_samples)}"
+            )
         if in_samples - trained:
-            problems.append(f"rollout {rid}: groups in samples.jsonl that ledger.json does not list as trained: "
-                            f"{_preview(in_samples - trained)}")
+            problems.append(
+                f"rollout {rid}: groups in samples.jsonl that ledger.json does not list as trained: "
+                f"{_preview(in_samples - trained)}"
+            )
     state = store.read_json(RunStore.rollout_file(last, "data_source.json"), default=None)
     if state is None:
-        raise InvariantError(f"campaign invariant broken in {store.uri}: rollout {last} is committed but its "
-                             "data_source.json (the group counter and the buffer) is missing")
+        raise InvariantError(
+            f"campaign invariant broken in {store.uri}: rollout {last} is committed but its "
+            "data_source.json (the group counter and the buffer) is missing"
+        )
     for group in state["buffer"]:
         fates.setdefault(group[0]["group_index"], []).append("buffer")
 
@@ -408,12 +453,16 @@ def check_campaign_invariant(store: RunStore) -> dict[str, Any]:
         problems.append(f"groups drawn twice: {_preview(twice)}")
     never_drawn = set(range(counter)) - set(drawn)
     if never_drawn:
-        problems.append(f"groups the data source handed out (its counter is {counter} after rollout {last}) that "
-                        f"no ledger drew: {_preview(never_drawn)}")
+        problems.append(
+            f"groups the data source handed out (its counter is {counter} after rollout {last}) that "
+            f"no ledger drew: {_preview(never_drawn)}"
+        )
     beyond = {g for g in drawn if not 0 <= g < counter}
     if beyond:
-        problems.append(f"groups drawn per the ledgers that the data source never handed out (its counter is "
-                        f"{counter} after rollout {last}): {_preview(beyond)}")
+        problems.append(
+            f"groups drawn per the ledgers that the data source never handed out (its counter is "
+            f"{counter} after rollout {last}): {_preview(beyond)}"
+        )
     for g in sorted(set(drawn)):
         if len(fates.get(g, [])) != 1:
             problems.append(f"group {g}: {fates.get(g, ['lost: neither trained, dropped nor buffered'])}")

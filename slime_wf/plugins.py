@@ -70,7 +70,9 @@ def _resolve(path: str) -> Any:
     return obj
 
 
-def load_function(path: str, *, num_positional: int | None = None, kind: str = "plugin") -> Callable[..., Any]:
+def load_function(
+    path: str, *, num_positional: int | None = None, kind: str = "plugin"
+) -> Callable[..., Any]:
     """Import and return the callable at `path`.
 
     `num_positional`, when given, is how many positional arguments the caller passes; a function

@@ -39,7 +39,7 @@ def _redact_one(match: re.Match) -> str:
             end = min(end, pos)
     authority, tail = rest[:end], rest[end:]
     if "@" in authority:  # the last @ ends the userinfo (a password may hold an unescaped one)
-        authority = MASK + authority[authority.rfind("@"):]
+        authority = MASK + authority[authority.rfind("@") :]
     if tail:
         tail = _PARAM.sub(_mask_param, tail)
     return f"{scheme}://{authority}{tail}{trailing}"

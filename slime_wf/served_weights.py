@@ -48,7 +48,9 @@ def prepare_checkpoint(cfg: CampaignConfig, *, progress: bool = True) -> dict[st
 
     m = cfg.model
     if not m.hf_checkpoint:
-        raise ValueError("model.hf_checkpoint is not set: name a local folder, a hub repo id or s3://bucket/prefix")
+        raise ValueError(
+            "model.hf_checkpoint is not set: name a local folder, a hub repo id or s3://bucket/prefix"
+        )
     for what, path in (("checkpoint.load", cfg.checkpoint.load), ("train.ref_load", cfg.train.ref_load)):
         refuse_megatron_checkpoint(path, what)
     if cfg.train.ref_load and not os.path.exists(cfg.train.ref_load):
@@ -62,17 +64,29 @@ def prepare_checkpoint(cfg: CampaignConfig, *, progress: bool = True) -> dict[st
     if served is not None:
         own = (m.fp8_strategy, tuple(m.fp8_block_size) if m.fp8_strategy == "block" else None)
         if m.rollout_fp8 and own != (served.strategy, served.block_size):
-            logger.warning("model.hf_checkpoint %s is FP8 already: it is served as it is, in its own format (%s); "
-                           "rollout_fp8's fp8_strategy / fp8_block_size are not used", hf_dir, served.describe())
+            logger.warning(
+                "model.hf_checkpoint %s is FP8 already: it is served as it is, in its own format (%s); "
+                "rollout_fp8's fp8_strategy / fp8_block_size are not used",
+                hf_dir,
+                served.describe(),
+            )
     elif m.rollout_fp8:
         from slime_wf.checkpoint.fp8_convert import convert_checkpoint
 
         name = os.path.basename(os.path.normpath(hf_dir))
-        rollout_dir = os.path.join(m.cache_dir, "fp8", f"{name}-{m.fp8_strategy}-{m.fp8_block_size[0]}x{m.fp8_block_size[1]}")
+        rollout_dir = os.path.join(
+            m.cache_dir, "fp8", f"{name}-{m.fp8_strategy}-{m.fp8_block_size[0]}x{m.fp8_block_size[1]}"
+        )
         done = os.path.join(rollout_dir, ".complete")
         if not os.path.exists(done) or os.path.getmtime(done) < _newest_mtime(hf_dir):
-            convert_checkpoint(hf_dir, rollout_dir, strategy=m.fp8_strategy, block_size=m.fp8_block_size,
-                               overwrite=True, progress=progress)
+            convert_checkpoint(
+                hf_dir,
+                rollout_dir,
+                strategy=m.fp8_strategy,
+                block_size=m.fp8_block_size,
+                overwrite=True,
+                progress=progress,
+            )
             open(done, "w").close()
         served = Fp8Format.of_checkpoint(rollout_dir)
     return {
@@ -86,8 +100,9 @@ def _newest_mtime(folder: str) -> float:
     return max((os.path.getmtime(os.path.join(folder, f)) for f in os.listdir(folder)), default=0.0)
 
 
-def weights_known_before_trainer(args: argparse.Namespace, rollout_dir: str,
-                                 manifest: dict[str, Any] | None) -> tuple[str, str] | None:
+def weights_known_before_trainer(
+    args: argparse.Namespace, rollout_dir: str, manifest: dict[str, Any] | None
+) -> tuple[str, str] | None:
     """(folder, version) the engines must serve, when the trainer is not needed to know it: a fresh
     campaign (`manifest` None) whose trainer starts from hf_checkpoint (served as `rollout_dir`), or a
     resume whose committed export is still in scratch. None when the trainer must export first."""
@@ -103,8 +118,15 @@ def weights_known_before_trainer(args: argparse.Namespace, rollout_dir: str,
     return None
 
 
-def weights_from_trainer(trainer: TrainerClient, last: int | None, *, load: str | None, rollout_dir: str,
-                         weights_dir: str, fp8: Fp8Format | None) -> tuple[str, str]:
+def weights_from_trainer(
+    trainer: TrainerClient,
+    last: int | None,
+    *,
+    load: str | None,
+    rollout_dir: str,
+    weights_dir: str,
+    fp8: Fp8Format | None,
+) -> tuple[str, str]:
     """(folder, version) the engines serve when only the trainer knows it. A resume (or a start from
     `load`) serves the restored policy, exported into `weights_dir`. A fresh campaign serves its trainer's
     initial weights when they are not the served checkpoint's (slime's FP8 recipe: BF16 weights in
@@ -117,15 +139,26 @@ def weights_from_trainer(trainer: TrainerClient, last: int | None, *, load: str 
         if initial is None or initial.origin == "hf_checkpoint":
             return rollout_dir, INITIAL_WEIGHT_VERSION
         weights = export_weights(trainer, os.path.join(weights_dir, "initial"), fp8=fp8)
-        logger.info("engines start from the trainer's initial weights (%s) as %s", initial.describe(),
-                    fp8.describe() if fp8 is not None else "plain weights")
+        logger.info(
+            "engines start from the trainer's initial weights (%s) as %s",
+            initial.describe(),
+            fp8.describe() if fp8 is not None else "plain weights",
+        )
         return weights, INITIAL_WEIGHT_VERSION
     version = INITIAL_WEIGHT_VERSION if last is None else str(last)
     return export_weights(trainer, os.path.join(weights_dir, f"resume-{version}"), fp8=fp8), version
 
 
-def committed_weights(args: argparse.Namespace, store: RunStore, manifest: dict[str, Any], *, rollout_dir: str,
-                      fp8: Fp8Format | None, exports_dir: str, log_dir: str) -> tuple[str, str]:
+def committed_weights(
+    args: argparse.Namespace,
+    store: RunStore,
+    manifest: dict[str, Any],
+    *,
+    rollout_dir: str,
+    fp8: Fp8Format | None,
+    exports_dir: str,
+    log_dir: str,
+) -> tuple[str, str]:
     """(folder, weight version) of the committed policy in the engines' format.
 
     The export named by the manifest lives in the scratch of the machine that trained. When it is
@@ -146,10 +179,18 @@ def committed_weights(args: argparse.Namespace, store: RunStore, manifest: dict[
         "campaign %s: the committed policy's weight export %s is not on this machine (scratch pruned, or trained "
         "on another machine); rebuilding it from %s, which loads the trainer once. Run evaluate where the "
         "campaign trains (same storage.scratch_dir) to serve the export directly",
-        args.campaign, path or "(none named)", store.url(checkpoint) if checkpoint else args.load,
+        args.campaign,
+        path or "(none named)",
+        store.url(checkpoint) if checkpoint else args.load,
     )
-    trainer = build_trainer(args, store, checkpoint, work_dir=os.path.join(exports_dir, "trainer"), log_dir=log_dir,
-                            this_node_only=True)
+    trainer = build_trainer(
+        args,
+        store,
+        checkpoint,
+        work_dir=os.path.join(exports_dir, "trainer"),
+        log_dir=log_dir,
+        this_node_only=True,
+    )
     try:
         return export_weights(trainer, os.path.join(exports_dir, version), fp8=fp8), version
     finally:

@@ -31,7 +31,11 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_until(
-    condition: Callable[[], T], what: str, *, timeout_s: float, interval_s: float = 0.2,
+    condition: Callable[[], T],
+    what: str,
+    *,
+    timeout_s: float,
+    interval_s: float = 0.2,
     process: subprocess.Popen | None = None,
 ) -> T:
     """Poll `condition()` until it returns something truthy, and return that.

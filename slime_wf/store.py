@@ -37,7 +37,9 @@ from typing import Any
 import fsspec
 
 _MISSING = object()
-_S3_SINGLE_PUT_LIMIT = 5 * 2**30  # S3's limit for one PUT; larger objects use an (equally atomic) multipart upload
+_S3_SINGLE_PUT_LIMIT = (
+    5 * 2**30
+)  # S3's limit for one PUT; larger objects use an (equally atomic) multipart upload
 
 
 class StoreError(OSError):
@@ -107,7 +109,9 @@ class RunStore:
         """The store of one campaign: `<storage.store>/<campaign>`."""
         st = config.storage
         return cls(
-            f"{st.store.rstrip('/')}/{config.campaign}", s3_endpoint_url=st.s3_endpoint_url, s3_region=st.s3_region
+            f"{st.store.rstrip('/')}/{config.campaign}",
+            s3_endpoint_url=st.s3_endpoint_url,
+            s3_region=st.s3_region,
         )
 
     def child(self, *parts: str) -> RunStore:
@@ -169,7 +173,9 @@ class RunStore:
         except FileNotFoundError:
             return []
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
-        return [n for n in names if n and not n.startswith((".tmp-", ".lock-"))]  # in-flight writes, write_if locks
+        return [
+            n for n in names if n and not n.startswith((".tmp-", ".lock-"))
+        ]  # in-flight writes, write_if locks
 
     def delete(self, rel: str) -> None:
         path = self._path(rel)
@@ -215,7 +221,9 @@ class RunStore:
             raise
         except Exception as err:
             if _is_precondition_failure(err) or (version is not None and isinstance(err, FileNotFoundError)):
-                raise StoreConflict(f"{self.url(rel)} changed since it was read (conditional write refused)") from err
+                raise StoreConflict(
+                    f"{self.url(rel)} changed since it was read (conditional write refused)"
+                ) from err
             raise StoreError(_describe_write_error(self.url(rel), err)) from err
 
     def put_dir(self, local_dir: str, rel: str) -> None:
@@ -282,7 +290,9 @@ class RunStore:
             try:
                 lines.append(json_text(row))
             except (TypeError, ValueError) as err:
-                raise StoreError(f"cannot write {self.url(rel)}: row {i} is not JSON-serializable ({err})") from err
+                raise StoreError(
+                    f"cannot write {self.url(rel)}: row {i} is not JSON-serializable ({err})"
+                ) from err
         self.write_text(rel, "".join(line + "\n" for line in lines))
         return len(lines)
 
@@ -396,11 +406,17 @@ def _is_precondition_failure(err: BaseException) -> bool:
 
 def _describe_write_error(url: str, err: Exception) -> str:
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"writing {url} failed: no space left on the device; free space or point storage.store elsewhere"
+        return (
+            f"writing {url} failed: no space left on the device; free space or point storage.store elsewhere"
+        )
     text = f"{type(err).__name__}: {err}"
     if url.startswith("s3://"):
         bucket = url[len("s3://") :].split("/", 1)[0]
-        if "NoSuchBucket" in text or "bucket does not exist" in text.lower() or isinstance(err, FileNotFoundError):
+        if (
+            "NoSuchBucket" in text
+            or "bucket does not exist" in text.lower()
+            or isinstance(err, FileNotFoundError)
+        ):
             return f"writing {url} failed: S3 bucket {bucket!r} does not exist (or is not visible); create it first"
         if "AccessDenied" in text or isinstance(err, PermissionError) or "InvalidAccessKeyId" in text:
             return f"writing {url} failed: access denied; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ({text})"

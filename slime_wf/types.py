@@ -73,7 +73,9 @@ class Sample:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"Sample.from_dict: unknown field(s) {unknown}; known fields are {sorted(known)}")
+            raise ValueError(
+                f"Sample.from_dict: unknown field(s) {unknown}; known fields are {sorted(known)}"
+            )
         try:
             status = cls.Status(status)
         except ValueError:

@@ -45,7 +45,11 @@ class WeightGroup:
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda", torch.cuda.current_device()) if self.backend == "nccl" else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.backend == "nccl"
+            else torch.device("cpu")
+        )
 
     def broadcast(self, tensors: list[torch.Tensor]) -> None:
         """Broadcast `tensors` (in place, in order) from group rank 0: the sender passes its tensors, a
@@ -76,7 +80,12 @@ class WeightGroup:
 
 
 def connect(
-    master_address: str, master_port: int, rank: int, world_size: int, group_name: str, backend: str,
+    master_address: str,
+    master_port: int,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str,
     timeout_s: float,
 ) -> WeightGroup:
     """An engine rank's end: join the group whose rank 0 serves its store at `master_address:master_port`
@@ -91,13 +100,23 @@ def host_store(master_port: int, world_size: int, timeout_s: float) -> dist.TCPS
     """Group rank 0's store, listening at once on every interface (port 0: a free one, then `store.port`)
     without waiting for the other ranks, so that they can be told where it is."""
     return dist.TCPStore(
-        "127.0.0.1", master_port, world_size, is_master=True, timeout=_delta(timeout_s), wait_for_workers=False,
+        "127.0.0.1",
+        master_port,
+        world_size,
+        is_master=True,
+        timeout=_delta(timeout_s),
+        wait_for_workers=False,
         multi_tenant=True,
     )
 
 
 def join(
-    store: dist.TCPStore, rank: int, world_size: int, group_name: str, backend: str, timeout_s: float,
+    store: dist.TCPStore,
+    rank: int,
+    world_size: int,
+    group_name: str,
+    backend: str,
+    timeout_s: float,
 ) -> WeightGroup:
     """Build this rank's end of the group over `store` (blocks until every rank has joined)."""
     if backend not in BACKENDS:
@@ -105,7 +124,9 @@ def join(
     if not 0 <= rank < world_size:
         raise ValueError(f"weight-update group rank {rank} is outside the group's world size {world_size}")
     device = "cuda" if backend == "nccl" else "cpu"
-    prefixed = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
+    prefixed = dist.PrefixStore(
+        f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store))
+    )
     pg: dist.ProcessGroupGloo | dist.ProcessGroupNCCL
     if backend == "gloo":
         pg = dist.ProcessGroupGloo(prefixed, rank, world_size, _delta(timeout_s))

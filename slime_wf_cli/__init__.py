@@ -49,8 +49,9 @@ def _run_flow(name: str):
             print(f"run store: {store.uri}", file=sys.stderr)
             api = os.environ.get("PREFECT_API_URL")
             print(
-                f"Prefect UI: {api.removesuffix('/api')}" if api else
-                "Prefect UI: start `prefect server start` and set PREFECT_API_URL to keep flow runs and artifacts "
+                f"Prefect UI: {api.removesuffix('/api')}"
+                if api
+                else "Prefect UI: start `prefect server start` and set PREFECT_API_URL to keep flow runs and artifacts "
                 "(this run used a temporary server)",
                 file=sys.stderr,
             )
@@ -80,7 +81,10 @@ def _add_flow_command(sub, name: str, help_text: str) -> None:
     p = sub.add_parser(name, help=help_text)
     p.add_argument("--config", required=True, help="campaign YAML file (local or s3://)")
     p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a setting (repeatable), e.g. --set campaign=exp2 --set num_rollout=20",
     )
     p.set_defaults(func=_run_flow(name))
@@ -98,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="slime-wf", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("check-config", help="validate a campaign config and print it with every default filled in")
+    p = sub.add_parser(
+        "check-config", help="validate a campaign config and print it with every default filled in"
+    )
     p.add_argument("--config", required=True, help="campaign YAML file (local or s3://)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
@@ -106,12 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_check_config)
 
     _add_flow_command(sub, "train", "run or resume a campaign (the Prefect `train` flow)")
-    _add_flow_command(sub, "prepare", "download the checkpoint and make its FP8 rollout copy (the `prepare` flow)")
-    _add_flow_command(sub, "evaluate", "evaluate the last committed policy on eval.eval_datasets (the `evaluate` flow)")
+    _add_flow_command(
+        sub, "prepare", "download the checkpoint and make its FP8 rollout copy (the `prepare` flow)"
+    )
+    _add_flow_command(
+        sub, "evaluate", "evaluate the last committed policy on eval.eval_datasets (the `evaluate` flow)"
+    )
 
-    p = sub.add_parser("serve-deployments", help="register the train/prepare/evaluate deployments and serve them")
+    p = sub.add_parser(
+        "serve-deployments", help="register the train/prepare/evaluate deployments and serve them"
+    )
     p.add_argument("--config", required=True, help="campaign YAML file: the deployments' default parameters")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (repeatable)"
+    )
     p.add_argument("--cron", default=None, help="cron schedule of the train deployment (default: none)")
     p.set_defaults(func=_serve)
 
@@ -119,8 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json-schema", action="store_true", help="print the JSON schema instead")
     p.set_defaults(func=_config_reference)
 
-    p = sub.add_parser("trainer-node", help="join a campaign's trainer group from another node (train.actor_num_nodes "
-                       "> 1): the command the campaign prints")
+    p = sub.add_parser(
+        "trainer-node",
+        help="join a campaign's trainer group from another node (train.actor_num_nodes "
+        "> 1): the command the campaign prints",
+    )
     trainer_group.add_trainer_node_arguments(p)
     p.set_defaults(func=trainer_group.trainer_node_main)
 
@@ -132,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     checkpoint_commands.add_download_arguments(p)
     p.set_defaults(func=checkpoint_commands.download)
 
-    p = sub.add_parser("convert-fp8", help="convert a BF16 Hugging Face checkpoint to FP8 (block / channel / tensor)")
+    p = sub.add_parser(
+        "convert-fp8", help="convert a BF16 Hugging Face checkpoint to FP8 (block / channel / tensor)"
+    )
     checkpoint_commands.add_convert_fp8_arguments(p)
     p.set_defaults(func=checkpoint_commands.convert_fp8)
     return parser
@@ -145,4 +164,3 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"slime-wf: {err}", file=sys.stderr)
         return 2
-

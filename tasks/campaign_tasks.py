@@ -45,7 +45,8 @@ def _persisted(fn, name: str, **options):
         result_serializer="json",
         refresh_cache=True,
         result_storage_key="{parameters[campaign].cfg.campaign}/prefect/rollout-{parameters[rollout_id]:06d}-"
-                           + name + ".json",
+        + name
+        + ".json",
         **options,
     )
 
@@ -63,10 +64,14 @@ def _acquire_lease(campaign: Campaign) -> dict[str, Any]:
 def _start(campaign: Campaign) -> int:
     t = campaign.cfg.train
     if t.actor_num_nodes > 1:  # start() waits for them
-        for command in join_commands(t.trainer_rdzv_endpoint, t.actor_num_nodes, t.actor_num_gpus_per_node,
-                                     t.trainer_rdzv_timeout_s):
-            get_run_logger().warning("the trainer group waits for its other nodes at %s; join with: %s",
-                                     t.trainer_rdzv_endpoint, command)
+        for command in join_commands(
+            t.trainer_rdzv_endpoint, t.actor_num_nodes, t.actor_num_gpus_per_node, t.trainer_rdzv_timeout_s
+        ):
+            get_run_logger().warning(
+                "the trainer group waits for its other nodes at %s; join with: %s",
+                t.trainer_rdzv_endpoint,
+                command,
+            )
     return campaign.start()
 
 
@@ -74,7 +79,10 @@ def _generate_rollout(campaign: Campaign, rollout_id: int) -> dict[str, Any]:
     summary = campaign.rollout(rollout_id)
     get_run_logger().info(
         "rollout %d: %d groups, raw reward %.3f, %d groups in the buffer",
-        rollout_id, summary["num_groups"], summary["raw_reward"], summary["buffer"],
+        rollout_id,
+        summary["num_groups"],
+        summary["raw_reward"],
+        summary["buffer"],
     )
     return summary
 
@@ -105,19 +113,51 @@ def _finish_rollout(campaign: Campaign, rollout_id: int, metrics: dict) -> dict[
 
 # Tasks whose results are not kept say so: otherwise Prefect hashes their inputs, the whole Campaign, for a
 # cache key, and fails (with an error in the log) once it holds a lease or engines (threads and locks).
-prepare_checkpoint = task(_prepare, name="prepare_checkpoint", retries=2, retry_delay_seconds=10,
-                          retry_condition_fn=_retry_on_engine_fault, persist_result=False)
+prepare_checkpoint = task(
+    _prepare,
+    name="prepare_checkpoint",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_retry_on_engine_fault,
+    persist_result=False,
+)
 acquire_lease = task(_acquire_lease, name="acquire_lease", persist_result=False)
-start_campaign = task(_start, name="start_campaign", retries=1, retry_delay_seconds=5,
-                      retry_condition_fn=_retry_on_engine_fault, persist_result=False)
-open_for_evaluation = task(_open_for_evaluation, name="open_for_evaluation", retries=1, retry_delay_seconds=5,
-                           retry_condition_fn=_retry_on_engine_fault, persist_result=False)
-evaluate_committed = task(_evaluate_committed, name="evaluate_committed", retries=2, retry_delay_seconds=5,
-                          retry_condition_fn=_retry_on_engine_fault, persist_result=False)
-generate_rollout = _persisted(_generate_rollout, "generate_rollout", retries=2, retry_delay_seconds=5,
-                              retry_condition_fn=_retry_on_engine_fault)
+start_campaign = task(
+    _start,
+    name="start_campaign",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_engine_fault,
+    persist_result=False,
+)
+open_for_evaluation = task(
+    _open_for_evaluation,
+    name="open_for_evaluation",
+    retries=1,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_engine_fault,
+    persist_result=False,
+)
+evaluate_committed = task(
+    _evaluate_committed,
+    name="evaluate_committed",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_engine_fault,
+    persist_result=False,
+)
+generate_rollout = _persisted(
+    _generate_rollout,
+    "generate_rollout",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_retry_on_engine_fault,
+)
 train_step = _persisted(_train_step, "train_step")
-sync_weights = _persisted(_sync_weights, "sync_weights", retries=2, retry_delay_seconds=5,
-                          retry_condition_fn=_retry_on_engine_fault)
-evaluate = _persisted(_evaluate, "evaluate", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_engine_fault)
+sync_weights = _persisted(
+    _sync_weights, "sync_weights", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_engine_fault
+)
+evaluate = _persisted(
+    _evaluate, "evaluate", retries=2, retry_delay_seconds=5, retry_condition_fn=_retry_on_engine_fault
+)
 finish_rollout = _persisted(_finish_rollout, "finish_rollout")

@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from prefect_fixtures import prefect_server  # noqa: F401  (a session fixture: one real Prefect server)
+from helpers.prefect_fixtures import prefect_server  # noqa: F401  (a session fixture: one real Prefect server)
 
 from slime_wf.servers import ProcessExited, free_port, wait_until
 
@@ -43,7 +43,10 @@ def s3_server(tmp_path_factory):
     except (ProcessExited, TimeoutError):
         proc.kill()
         raise RuntimeError(f"moto_server did not start: {log.read_text()[-2000:]}") from None
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")}
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3")
+    }
     os.environ.update(
         AWS_ACCESS_KEY_ID="testing",
         AWS_SECRET_ACCESS_KEY="testing",
@@ -86,11 +89,18 @@ def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     words = "the a of what is plus minus times answer question user assistant".split()
-    vocab = {w: i for i, w in enumerate(["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", *words, *"0123456789+-*=?"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(["<unk>", "<pad>", "<|im_start|>", "<|im_end|>", *words, *"0123456789+-*=?"])
+    }
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
     fast.chat_template = (
         "{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}"
         "{% if add_generation_prompt %}<|im_start|>assistant{% endif %}"

@@ -42,7 +42,9 @@ def load_jsonl(path: str) -> list[dict]:
 async def push_weights(fleet, path: str, version: str) -> None:
     """Load the exported checkpoint into every engine, then record it on the fleet (restarts serve it)."""
     async with fleet.session() as session:
-        results = await session.for_each_engine(lambda c: c.update_weights_from_disk(path, version), skip_down=False)
+        results = await session.for_each_engine(
+            lambda c: c.update_weights_from_disk(path, version), skip_down=False
+        )
     for url, result in zip(fleet.urls, results, strict=True):
         if not (isinstance(result, dict) and result.get("success")):
             raise RuntimeError(f"engine {url} refused the weights at {path}: {result}")
@@ -104,8 +106,12 @@ def run(cfg, work: Path, test_path: str | None, keep_weights: bool = False) -> d
                 "raw_reward": m["rollout/raw_reward"],
                 "groups_drawn": m["rollout/groups_drawn"],
                 # the filter's reason names the common reward: zero_std_0 (all wrong) or zero_std_1 (all right)
-                "dropped_all_wrong": sum(v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_0")),
-                "dropped_all_right": sum(v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_1")),
+                "dropped_all_wrong": sum(
+                    v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_0")
+                ),
+                "dropped_all_right": sum(
+                    v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_1")
+                ),
                 "from_buffer": m["rollout/partial/from_buffer_groups"],
                 "grad_norm": metrics.get("grad_norm", float("nan")),
                 "rollout_s": t1 - t0,
@@ -163,10 +169,17 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(HERE / "campaign.yaml"), help="campaign file")
-    parser.add_argument("--test-data", default=None,
-                        help="held-out prompts for the accuracy report (default: test.jsonl beside prompt_data)")
-    parser.add_argument("--work", default=None, help="folder for engine logs and weight exports (default: a temp dir)")
-    parser.add_argument("--min-gain", type=float, default=0.15, help="required gain of the last 3 over the first 3")
+    parser.add_argument(
+        "--test-data",
+        default=None,
+        help="held-out prompts for the accuracy report (default: test.jsonl beside prompt_data)",
+    )
+    parser.add_argument(
+        "--work", default=None, help="folder for engine logs and weight exports (default: a temp dir)"
+    )
+    parser.add_argument(
+        "--min-gain", type=float, default=0.15, help="required gain of the last 3 over the first 3"
+    )
     parser.add_argument("--json", default=None, help="also write the curve and timings here")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value (e.g. num_rollout=10)")
     opts = parser.parse_args(argv)
@@ -174,10 +187,16 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     cfg = CampaignConfig.from_yaml(opts.config, opts.overrides)
-    for what, path in (("model.hf_checkpoint", cfg.model.hf_checkpoint), ("data.prompt_data", cfg.data.prompt_data)):
+    for what, path in (
+        ("model.hf_checkpoint", cfg.model.hf_checkpoint),
+        ("data.prompt_data", cfg.data.prompt_data),
+    ):
         if not path or not os.path.exists(path):
-            print(f"{what}={path!r} does not exist (paths are relative to {os.getcwd()}); make the assets first: "
-                  f"python examples/tiny-math/make_assets.py --out <assets folder>", file=sys.stderr)
+            print(
+                f"{what}={path!r} does not exist (paths are relative to {os.getcwd()}); make the assets first: "
+                f"python examples/tiny-math/make_assets.py --out <assets folder>",
+                file=sys.stderr,
+            )
             return 2
     test_path = opts.test_data or os.path.join(os.path.dirname(cfg.data.prompt_data), "test.jsonl")
     test_path = test_path if os.path.exists(test_path) else None

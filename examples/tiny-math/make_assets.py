@@ -86,8 +86,16 @@ class Settings:
             "dataset": ["seed", "max_operand", "test_fraction"],
             "base": ["seed", "layers", "hidden", "heads"],
         }
-        fields["model"] = [*fields["dataset"], *fields["base"], "sft_batch_size", "sft_steps", "sft_lr",
-                           "blur_steps", "blur_lr", "blur_correct_fraction"]
+        fields["model"] = [
+            *fields["dataset"],
+            *fields["base"],
+            "sft_batch_size",
+            "sft_steps",
+            "sft_lr",
+            "blur_steps",
+            "blur_lr",
+            "blur_correct_fraction",
+        ]
         fields["model_fp8"] = fields["model"]
         extra = {"fp8": ["block", *FP8_BLOCK_SIZE]} if name == "model_fp8" else {}
         return {"version": 2, **{k: getattr(self, k) for k in fields[name]}, **extra}
@@ -111,7 +119,9 @@ def build_tokenizer(out_dir: str | Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(PRE_TOKEN_PATTERN), behavior="isolated")
     tok.decoder = decoders.Fuse()
     tok.add_special_tokens(["<|im_start|>", "<|im_end|>"])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<|im_end|>"
+    )
     fast.chat_template = CHAT_TEMPLATE
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +135,9 @@ def build_tokenizer(out_dir: str | Path) -> Path:
 def make_problems(settings: Settings) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
     """(train rows, test rows): every a + b, split at random (seeded) into RL and held-out prompts."""
     n = settings.max_operand
-    rows = [{"prompt": f"what is {a} + {b} ?", "label": str(a + b)} for a in range(n + 1) for b in range(n + 1)]
+    rows = [
+        {"prompt": f"what is {a} + {b} ?", "label": str(a + b)} for a in range(n + 1) for b in range(n + 1)
+    ]
     random.Random(settings.seed).shuffle(rows)
     n_test = round(len(rows) * settings.test_fraction)
     return rows[n_test:], rows[:n_test]
@@ -163,7 +175,9 @@ def make_base_model(out_dir: str | Path, tokenizer_dir: str | Path, settings: Se
     )
     torch.manual_seed(settings.seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.generation_config = GenerationConfig(eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model.generation_config = GenerationConfig(
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+    )
     out = Path(out_dir)
     if out.exists():
         shutil.rmtree(out)
@@ -173,16 +187,22 @@ def make_base_model(out_dir: str | Path, tokenizer_dir: str | Path, settings: Se
 
 
 def chat_prompt(tokenizer: Any, question: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def answer_text(answer: str) -> str:
     return f"{BOXED}{answer}}}"
 
 
-def sft_batch(tokenizer: Any, rows: list[dict[str, str]], settings: Settings, rng: random.Random,
-              correct_fraction: float = 1.0) -> list:
+def sft_batch(
+    tokenizer: Any,
+    rows: list[dict[str, str]],
+    settings: Settings,
+    rng: random.Random,
+    correct_fraction: float = 1.0,
+) -> list:
     """`sft_batch_size` training samples: prompt, then `\\boxed{sum}<|im_end|>` with the right sum
     `correct_fraction` of the time and a random wrong one otherwise."""
     from slime_wf.types import Sample
@@ -196,15 +216,33 @@ def sft_batch(tokenizer: Any, rows: list[dict[str, str]], settings: Settings, rn
             answer = str(rng.choice([s for s in range(largest + 1) if str(s) != row["label"]]))
         prompt_ids = tokenizer.encode(chat_prompt(tokenizer, row["prompt"]), add_special_tokens=False)
         response_ids = tokenizer.encode(answer_text(answer) + tokenizer.eos_token, add_special_tokens=False)
-        samples.append(Sample(
-            group_index=i, index=i, prompt=row["prompt"], label=row["label"], tokens=prompt_ids + response_ids,
-            response_length=len(response_ids), loss_mask=[1] * len(response_ids), reward=0.0,
-        ))
+        samples.append(
+            Sample(
+                group_index=i,
+                index=i,
+                prompt=row["prompt"],
+                label=row["label"],
+                tokens=prompt_ids + response_ids,
+                response_length=len(response_ids),
+                loss_mask=[1] * len(response_ids),
+                reward=0.0,
+            )
+        )
     return samples
 
 
-def sft(hf_dir: str | Path, out_dir: str | Path, rows: list[dict[str, str]], settings: Settings, *, steps: int,
-        lr: float, correct_fraction: float, seed: int, desc: str) -> list[float]:
+def sft(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    rows: list[dict[str, str]],
+    settings: Settings,
+    *,
+    steps: int,
+    lr: float,
+    correct_fraction: float,
+    seed: int,
+    desc: str,
+) -> list[float]:
     """`steps` steps of supervised training of the HF checkpoint `hf_dir` with the project's Megatron
     trainer (loss_type sft_loss, constant lr after a short warmup), exported as an HF checkpoint to
     `out_dir`. Returns the loss of every step."""
@@ -237,27 +275,56 @@ def sft(hf_dir: str | Path, out_dir: str | Path, rows: list[dict[str, str]], set
     return losses
 
 
-def warm_start(base_dir: str | Path, out_dir: str | Path, rows: list[dict[str, str]], settings: Settings) -> dict:
+def warm_start(
+    base_dir: str | Path, out_dir: str | Path, rows: list[dict[str, str]], settings: Settings
+) -> dict:
     """The two-phase warm start (see the module docstring): correct answers, then blurred ones."""
     out_dir = Path(out_dir)
     sharp_dir = out_dir.with_name(out_dir.name + ".sharp-tmp")
     try:
-        sharp = sft(base_dir, sharp_dir, rows, settings, steps=settings.sft_steps, lr=settings.sft_lr,
-                    correct_fraction=1.0, seed=settings.seed + 1, desc="warm start 1/2 (correct answers)")
+        sharp = sft(
+            base_dir,
+            sharp_dir,
+            rows,
+            settings,
+            steps=settings.sft_steps,
+            lr=settings.sft_lr,
+            correct_fraction=1.0,
+            seed=settings.seed + 1,
+            desc="warm start 1/2 (correct answers)",
+        )
         blur = []
         if settings.blur_steps:
-            blur = sft(sharp_dir, out_dir, rows, settings, steps=settings.blur_steps, lr=settings.blur_lr,
-                       correct_fraction=settings.blur_correct_fraction, seed=settings.seed + 2,
-                       desc="warm start 2/2 (blurred answers)")
+            blur = sft(
+                sharp_dir,
+                out_dir,
+                rows,
+                settings,
+                steps=settings.blur_steps,
+                lr=settings.blur_lr,
+                correct_fraction=settings.blur_correct_fraction,
+                seed=settings.seed + 2,
+                desc="warm start 2/2 (blurred answers)",
+            )
         else:
             sharp_dir.rename(out_dir)
     finally:
         shutil.rmtree(sharp_dir, ignore_errors=True)
-    return {"sft_loss_first": sharp[0], "sft_loss_last": sharp[-1], "blur_loss_last": blur[-1] if blur else None}
+    return {
+        "sft_loss_first": sharp[0],
+        "sft_loss_last": sharp[-1],
+        "blur_loss_last": blur[-1] if blur else None,
+    }
 
 
-def answer_accuracy(model_dir: str | Path, rows: list[dict[str, str]], *, samples_per_prompt: int = 8,
-                    seed: int = 0, max_new_tokens: int = 8) -> dict[str, float]:
+def answer_accuracy(
+    model_dir: str | Path,
+    rows: list[dict[str, str]],
+    *,
+    samples_per_prompt: int = 8,
+    seed: int = 0,
+    max_new_tokens: int = 8,
+) -> dict[str, float]:
     """How often the model at `model_dir` answers `rows` right, graded like the campaign (rm_type math):
     `sampled` at temperature 1 (`samples_per_prompt` answers per prompt: the expected raw reward of a
     rollout before filtering), `greedy`, and `greedy_canonical`, the share of greedy answers that are
@@ -272,13 +339,23 @@ def answer_accuracy(model_dir: str | Path, rows: list[dict[str, str]], *, sample
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = [chat_prompt(tokenizer, row["prompt"]) for row in rows]
     batch = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    common = dict(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                  pad_token_id=tokenizer.pad_token_id)
+    common = dict(
+        max_new_tokens=max_new_tokens,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(seed)
     with torch.inference_mode():
         greedy_ids = model.generate(**batch, do_sample=False, **common)
-        sampled_ids = model.generate(**batch, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                     num_return_sequences=samples_per_prompt, **common)
+        sampled_ids = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=samples_per_prompt,
+            **common,
+        )
     width = batch["input_ids"].shape[1]
 
     def texts(ids):
@@ -288,10 +365,13 @@ def answer_accuracy(model_dir: str | Path, rows: list[dict[str, str]], *, sample
     sampled = texts(sampled_ids)
     n = max(len(rows), 1)
     return {
-        "sampled": sum(grade("math", t, rows[i // samples_per_prompt]["label"]) for i, t in enumerate(sampled))
+        "sampled": sum(
+            grade("math", t, rows[i // samples_per_prompt]["label"]) for i, t in enumerate(sampled)
+        )
         / max(len(sampled), 1),
         "greedy": sum(grade("math", t, row["label"]) for t, row in zip(greedy, rows, strict=True)) / n,
-        "greedy_canonical": sum(t == answer_text(row["label"]) for t, row in zip(greedy, rows, strict=True)) / n,
+        "greedy_canonical": sum(t == answer_text(row["label"]) for t, row in zip(greedy, rows, strict=True))
+        / n,
     }
 
 
@@ -356,11 +436,13 @@ def make_assets(out: str | Path, settings: Settings = Settings(), *, measure: bo
     part("tokenizer", [tok_dir], lambda: build_tokenizer(tok_dir) and None)
     part("dataset", [train_path, test_path], make_dataset)
     part("base", [base_dir], lambda: make_base_model(base_dir, tok_dir, settings) and None)
+
     def make_fp8():
         from slime_wf.checkpoint.fp8_convert import convert_checkpoint
 
-        summary = convert_checkpoint(str(model_dir), str(fp8_dir), "block", FP8_BLOCK_SIZE, overwrite=True,
-                                     progress=False)
+        summary = convert_checkpoint(
+            str(model_dir), str(fp8_dir), "block", FP8_BLOCK_SIZE, overwrite=True, progress=False
+        )
         return {"fp8_weights": summary.quantized}
 
     part("model", [model_dir], make_model)
@@ -374,7 +456,9 @@ def print_report(out: Path, report: dict[str, Any]) -> None:
     for name, entry in report.items():
         status = "(up to date)" if entry["skipped"] else ""
         details = {k: v for k, v in entry.items() if k not in ("skipped", "seconds")}
-        print(f"  {name:<10} {entry['seconds']:8.1f}  {status} {json.dumps(details, default=_round)}".rstrip())
+        print(
+            f"  {name:<10} {entry['seconds']:8.1f}  {status} {json.dumps(details, default=_round)}".rstrip()
+        )
     print(f"  {'total':<10} {sum(e['seconds'] for e in report.values()):8.1f}")
 
 
@@ -384,12 +468,20 @@ def _round(value: Any) -> Any:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Settings]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output folder (created; existing up-to-date parts are kept)")
-    parser.add_argument("--no-measure", action="store_true", help="skip the accuracy measurement after the warm start")
+    parser.add_argument(
+        "--out", required=True, help="output folder (created; existing up-to-date parts are kept)"
+    )
+    parser.add_argument(
+        "--no-measure", action="store_true", help="skip the accuracy measurement after the warm start"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     for f in dataclasses.fields(Settings):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
-                            help=f"(default {f.default})")
+        parser.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=type(f.default),
+            default=f.default,
+            help=f"(default {f.default})",
+        )
     args = parser.parse_args(argv)
     settings = Settings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Settings)})
     if settings.sft_steps < 1 or settings.blur_steps < 0:

@@ -37,12 +37,15 @@ def resolve_checkpoint(
 ) -> str:
     """A local folder holding checkpoint `source` (local path, `s3://bucket/prefix` or hub repo id)."""
     if not source:
-        raise CheckpointError("checkpoint source is empty: give a local path, s3://bucket/prefix or a hub repo id")
+        raise CheckpointError(
+            "checkpoint source is empty: give a local path, s3://bucket/prefix or a hub repo id"
+        )
     if source.startswith("s3://"):
         if revision is not None:
             raise CheckpointError(f"revision={revision!r} applies to hub repos, not to {source}")
-        return download_s3(source, cache_dir, allow_patterns=allow_patterns, max_workers=max_workers,
-                           progress=progress).local_dir
+        return download_s3(
+            source, cache_dir, allow_patterns=allow_patterns, max_workers=max_workers, progress=progress
+        ).local_dir
     local = os.path.expanduser(source.removeprefix("file://"))
     if os.path.exists(local) or source.startswith(("/", ".", "~", "file://")):
         return _resolve_local(local)
@@ -89,7 +92,9 @@ def _resolve_hub(repo_id, cache_dir, revision, allow_patterns, token, max_worker
     try:
         return huggingface_hub.snapshot_download(**kwargs)
     except errors.GatedRepoError as err:
-        raise CheckpointError(f"{what} is gated: accept its terms on huggingface.co and set HF_TOKEN ({err})") from err
+        raise CheckpointError(
+            f"{what} is gated: accept its terms on huggingface.co and set HF_TOKEN ({err})"
+        ) from err
     except errors.RepositoryNotFoundError as err:
         raise CheckpointError(
             f"{what} was not found on the hub; check the id, or set HF_TOKEN if it is private"
@@ -110,7 +115,9 @@ def _resolve_hub(repo_id, cache_dir, revision, allow_patterns, token, max_worker
         ) from err
     except OSError as err:
         if err.errno == errno.ENOSPC:
-            raise CheckpointError(f"no space left in {hub_cache} while downloading {what}; free space") from err
+            raise CheckpointError(
+                f"no space left in {hub_cache} while downloading {what}; free space"
+            ) from err
         raise
 
 

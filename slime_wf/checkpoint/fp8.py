@@ -246,8 +246,14 @@ def quantization_config(
             cfg["weight_block_size"] = list(check_block_size(block_size))
         cfg["modules_to_not_convert"] = skipped
         return cfg
-    args = {"actorder": None, "block_structure": None, "group_size": None, "num_bits": 8, "symmetric": True,
-            "type": "float"}
+    args = {
+        "actorder": None,
+        "block_structure": None,
+        "group_size": None,
+        "num_bits": 8,
+        "symmetric": True,
+        "type": "float",
+    }
     return {
         "quant_method": "compressed-tensors",
         "format": "float-quantized",
@@ -255,10 +261,20 @@ def quantization_config(
         "config_groups": {
             "group_0": {
                 "targets": ["Linear"],
-                "weights": {**args, "dynamic": False, "observer": "minmax", "observer_kwargs": {},
-                            "strategy": "channel"},
-                "input_activations": {**args, "dynamic": True, "observer": None, "observer_kwargs": {},
-                                      "strategy": "token"},
+                "weights": {
+                    **args,
+                    "dynamic": False,
+                    "observer": "minmax",
+                    "observer_kwargs": {},
+                    "strategy": "channel",
+                },
+                "input_activations": {
+                    **args,
+                    "dynamic": True,
+                    "observer": None,
+                    "observer_kwargs": {},
+                    "strategy": "token",
+                },
                 "output_activations": None,
             }
         },
@@ -274,8 +290,10 @@ def strategy_of(quant_config: Mapping[str, Any]) -> tuple[str, tuple[int, int] |
         return ("block", check_block_size(block)) if block else ("tensor", None)
     if method == "compressed-tensors":
         weights = [g.get("weights") or {} for g in (quant_config.get("config_groups") or {}).values()]
-        kinds = {(w.get("type"), w.get("num_bits"), w.get("strategy"), tuple(w.get("block_structure") or ()))
-                 for w in weights}
+        kinds = {
+            (w.get("type"), w.get("num_bits"), w.get("strategy"), tuple(w.get("block_structure") or ()))
+            for w in weights
+        }
         if len(kinds) != 1:
             raise ValueError(
                 f"compressed-tensors config with {len(kinds)} different weight schemes is not supported; "
@@ -336,7 +354,9 @@ def dequantize_state_dict(
                 out[name] = dequantize_tensor_fp8(tensor, scale, dtype)
         except ValueError as err:
             raise ValueError(f"{name}: {err}") from err
-    orphans = sorted(k for k in state_dict if k.endswith((".weight_scale", ".weight_scale_inv")) and k not in used)
+    orphans = sorted(
+        k for k in state_dict if k.endswith((".weight_scale", ".weight_scale_inv")) and k not in used
+    )
     if orphans:
         raise ValueError(
             f"{len(orphans)} scale tensors have no float8 weight beside them (first: {orphans[0]}); "

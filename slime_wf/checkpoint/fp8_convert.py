@@ -158,10 +158,14 @@ def convert_checkpoint(
     weight_map = {name: os.path.basename(s.dst) for s in shards for name, *_ in s.layout}
     bytes_out = sum(nbytes for s in shards for *_, nbytes in s.layout)
     kept_modules = [
-        e.name[: -len(".weight")] for s in shards for e in s.entries
+        e.name[: -len(".weight")]
+        for s in shards
+        for e in s.entries
         if e.name.endswith(".weight") and e.name not in s.quantize
     ]
-    quant_cfg = fmt.quantization_config or quantization_config(strategy, block or DEFAULT_BLOCK_SIZE, kept_modules)
+    quant_cfg = fmt.quantization_config or quantization_config(
+        strategy, block or DEFAULT_BLOCK_SIZE, kept_modules
+    )
     index = {"metadata": {"total_size": bytes_out}, "weight_map": dict(sorted(weight_map.items()))}
     _write_json(os.path.join(save_dir, INDEX_NAME), index)
     _write_json(os.path.join(save_dir, "config.json"), {**config, "quantization_config": quant_cfg})
@@ -252,10 +256,14 @@ def _plan_shard(src: str, dst: str, fmt: Fp8Format) -> _Shard:
             except ValueError as err:
                 raise ConversionError(f"{src}: {err}") from None
             if scale.name in names:
-                raise ConversionError(f"{src} already holds {scale.name}: the checkpoint looks quantized already")
+                raise ConversionError(
+                    f"{src} already holds {scale.name}: the checkpoint looks quantized already"
+                )
             n, k = e.shape
             layout.append((e.name, "F8_E4M3", e.shape, n * k))
-            layout.append((scale.name, scale.dtype, scale.shape, _itemsize(scale.dtype) * _numel(scale.shape)))
+            layout.append(
+                (scale.name, scale.dtype, scale.shape, _itemsize(scale.dtype) * _numel(scale.shape))
+            )
             quantize[e.name] = scale
         else:
             layout.append((e.name, e.dtype, e.shape, e.nbytes))
@@ -338,15 +346,24 @@ def _warn_unaligned_blocks(shards: list[_Shard], block: tuple[int, int] | None) 
     """Once per process and set of shapes: a campaign converts the same model at every weight sync."""
     if block is None:
         return
-    odd = [(e.name, e.shape) for s in shards for e in s.entries
-           if e.name in s.quantize and (e.shape[0] % block[0] or e.shape[1] % block[1])]
+    odd = [
+        (e.name, e.shape)
+        for s in shards
+        for e in s.entries
+        if e.name in s.quantize and (e.shape[0] % block[0] or e.shape[1] % block[1])
+    ]
     seen = (block, tuple((name, tuple(shape)) for name, shape in odd))
     if odd and seen not in _WARNED_UNALIGNED:
         _WARNED_UNALIGNED.add(seen)
         log.warning(
             "%d quantized weights are not multiples of the %dx%d block (e.g. %s %s). They are padded correctly, but "
             "SGLang refuses block FP8 for fused (qkv / gate_up) or tensor-parallel layers whose sizes are not "
-            "multiples of the block.", len(odd), block[0], block[1], odd[0][0], list(odd[0][1]),
+            "multiples of the block.",
+            len(odd),
+            block[0],
+            block[1],
+            odd[0][0],
+            list(odd[0][1]),
         )
 
 

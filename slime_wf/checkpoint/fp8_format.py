@@ -109,8 +109,11 @@ class Fp8Format:
     def scale_for(self, name: str, shape: tuple[int, ...] | list[int]) -> ScaleSpec:
         """Name, shape and dtype of the scale of the [N, K] weight `name`."""
         n, k = shape
-        own = {"block": lambda: (math.ceil(n / self._block()[0]), math.ceil(k / self._block()[1])),
-               "channel": lambda: (n, 1), "tensor": lambda: (1,)}[self.strategy]()
+        own = {
+            "block": lambda: (math.ceil(n / self._block()[0]), math.ceil(k / self._block()[1])),
+            "channel": lambda: (n, 1),
+            "tensor": lambda: (1,),
+        }[self.strategy]()
         if self.scales is None:
             return ScaleSpec(scale_name(name, self.strategy), own, "F32")
         spec = self.scales[name]
@@ -135,7 +138,9 @@ class Fp8Format:
         number of float8 weights. Reads config.json and the safetensors headers only."""
         qcfg = hf_quantization_config(folder)
         if not qcfg:
-            raise CheckpointError(f"{folder}: config.json has no quantization_config; expected {self.describe()}")
+            raise CheckpointError(
+                f"{folder}: config.json has no quantization_config; expected {self.describe()}"
+            )
         if self.quantization_config is not None and qcfg != self.quantization_config:
             raise CheckpointError(
                 f"{folder}: quantization_config {json.dumps(qcfg, sort_keys=True)} differs from the rollout "
@@ -207,11 +212,15 @@ def _read_scales(folder: Path) -> dict[str, ScaleSpec]:
     scales: dict[str, ScaleSpec] = {}
     for name, e in entries.items():
         if e.dtype == "F8_E5M2":
-            raise CheckpointError(f"{folder}: {name} is float8_e5m2; only float8_e4m3fn checkpoints are supported")
+            raise CheckpointError(
+                f"{folder}: {name} is float8_e5m2; only float8_e4m3fn checkpoints are supported"
+            )
         if e.dtype != "F8_E4M3":
             continue
         scale = next((entries[name + s] for s in _SCALE_SUFFIXES if name + s in entries), None)
         if not name.endswith(".weight") or scale is None:
-            raise CheckpointError(f"{folder}: {name} is float8 but has no {name}_scale_inv or {name}_scale beside it")
+            raise CheckpointError(
+                f"{folder}: {name} is float8 but has no {name}_scale_inv or {name}_scale beside it"
+            )
         scales[name] = ScaleSpec(scale.name, tuple(scale.shape), scale.dtype)
     return scales

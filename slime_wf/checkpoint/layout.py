@@ -58,7 +58,9 @@ def holds_trainer_checkpoint(path: str | os.PathLike | None) -> bool:
     root = Path(path)
     if (root / TRAINER_STATE).is_file():
         return True
-    return any(c.is_dir() and not c.name.startswith(".") and (c / TRAINER_STATE).is_file() for c in root.iterdir())
+    return any(
+        c.is_dir() and not c.name.startswith(".") and (c / TRAINER_STATE).is_file() for c in root.iterdir()
+    )
 
 
 def _is_dist_folder(folder: Path) -> str | None:

@@ -45,7 +45,6 @@ class DownloadReport:
     etag_unverified: int  # multipart objects whose part size could not be learned: size-checked only
 
 
-
 def download_s3(
     uri: str,
     cache_dir: str,
@@ -62,14 +61,18 @@ def download_s3(
     """
     from slime_wf.store import s3_filesystem
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
+    bucket, _, prefix = uri[len("s3://") :].partition("/")
     prefix = prefix.strip("/")
     if not bucket:
         raise CheckpointError(f"{uri} names no bucket: expected s3://bucket/prefix")
     fs = fs or s3_filesystem()
     root = f"{bucket}/{prefix}" if prefix else bucket
     remote = _list_s3(fs, uri, bucket, root, allow_patterns)
-    dest = os.path.join(cache_dir, "s3", bucket, *prefix.split("/")) if prefix else os.path.join(cache_dir, "s3", bucket)
+    dest = (
+        os.path.join(cache_dir, "s3", bucket, *prefix.split("/"))
+        if prefix
+        else os.path.join(cache_dir, "s3", bucket)
+    )
     os.makedirs(dest, exist_ok=True)
     return _Mirror(fs, uri, root, dest, remote, max_workers, progress).run()
 
@@ -91,9 +94,11 @@ def _list_s3(fs, uri: str, bucket: str, root: str, allow_patterns) -> dict[str, 
     for key, info in listing.items():
         if not key.startswith(root + "/") or key.endswith("/"):
             continue  # the prefix itself as an object, or a folder marker
-        rel = key[len(root) + 1:]
+        rel = key[len(root) + 1 :]
         if any(part in ("", ".", "..") for part in rel.split("/")):
-            raise CheckpointError(f"{uri}: object key {key!r} would land outside the download folder; refusing it")
+            raise CheckpointError(
+                f"{uri}: object key {key!r} would land outside the download folder; refusing it"
+            )
         if patterns and not any(fnmatch.fnmatch(rel, p) for p in patterns):
             continue
         remote[rel] = {"key": key, "size": int(info["size"]), "etag": str(info.get("ETag", "")).strip('"')}
@@ -109,8 +114,16 @@ def _list_s3(fs, uri: str, bucket: str, root: str, allow_patterns) -> dict[str, 
 class _Mirror:
     """One download of a remote folder into `dest`."""
 
-    def __init__(self, fs, uri: str, root: str, dest: str, remote: dict[str, dict[str, Any]], workers: int,
-                 progress: bool):
+    def __init__(
+        self,
+        fs,
+        uri: str,
+        root: str,
+        dest: str,
+        remote: dict[str, dict[str, Any]],
+        workers: int,
+        progress: bool,
+    ):
         self.fs, self.uri, self.root, self.dest, self.remote = fs, uri.rstrip("/"), root, dest, remote
         self.workers = max(1, workers)
         self.progress = progress
@@ -132,7 +145,9 @@ class _Mirror:
         self.needed = needed
         if not todo:
             return self.report
-        bar = tqdm(total=needed, unit="B", unit_scale=True, desc=f"download {self.uri}", disable=not self.progress)
+        bar = tqdm(
+            total=needed, unit="B", unit_scale=True, desc=f"download {self.uri}", disable=not self.progress
+        )
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="s3-download")
         try:
             futures = [pool.submit(self._fetch, rel, bar) for rel in todo]
@@ -200,7 +215,9 @@ class _Mirror:
                 os.unlink(local + ".part")
                 self._download(rel, info, local, part_size, bar)
                 if not _matches(local + ".part", info, part_size):
-                    raise CheckpointError(f"{self.uri}/{rel}: downloaded twice and still does not match its ETag")
+                    raise CheckpointError(
+                        f"{self.uri}/{rel}: downloaded twice and still does not match its ETag"
+                    )
         except CheckpointError:
             for leftover in (local + ".part", local + ".part.json"):  # never resume from bytes that failed
                 if os.path.exists(leftover):
@@ -213,7 +230,9 @@ class _Mirror:
                     f"{self.needed} bytes for the whole download); free space or use another cache dir"
                 ) from err
             if isinstance(err, PermissionError):
-                raise CheckpointError(f"{self.uri}/{rel}: access denied ({err}); check the AWS credentials") from err
+                raise CheckpointError(
+                    f"{self.uri}/{rel}: access denied ({err}); check the AWS credentials"
+                ) from err
             got = os.path.getsize(local + ".part") if os.path.exists(local + ".part") else 0
             raise CheckpointError(
                 f"{self.uri}/{rel}: download stopped after {got} of {info['size']} bytes ({type(err).__name__}: "

@@ -71,7 +71,9 @@ def list_shards(model_dir: str) -> list[str]:
             )
         extra = [n for n in on_disk if n not in listed]
         if extra:
-            log.warning("ignoring %d .safetensors file(s) not listed in %s: %s", len(extra), index_path, extra[:3])
+            log.warning(
+                "ignoring %d .safetensors file(s) not listed in %s: %s", len(extra), index_path, extra[:3]
+            )
         return listed
     if not on_disk:
         raise ValueError(
@@ -101,8 +103,13 @@ def read_header(path: str) -> tuple[list[TensorEntry], dict[str, str]]:
     for name, info in header.items():
         try:
             begin, end = (int(x) for x in info["data_offsets"])
-            entry = TensorEntry(name, str(info["dtype"]), tuple(int(d) for d in info["shape"]), data_start + begin,
-                                end - begin)
+            entry = TensorEntry(
+                name,
+                str(info["dtype"]),
+                tuple(int(d) for d in info["shape"]),
+                data_start + begin,
+                end - begin,
+            )
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: header entry {name!r} is malformed: {info!r}") from None
         if entry.nbytes < 0 or entry.begin + entry.nbytes > size:
@@ -116,7 +123,9 @@ def read_tensor(fd: int, entry: TensorEntry) -> torch.Tensor:
     """Tensor `entry` read from open file `fd` into fresh memory."""
     dtype = TORCH_DTYPES.get(entry.dtype)
     if dtype is None:
-        raise ValueError(f"tensor {entry.name!r} has dtype {entry.dtype}, which cannot be read as a torch tensor here")
+        raise ValueError(
+            f"tensor {entry.name!r} has dtype {entry.dtype}, which cannot be read as a torch tensor here"
+        )
     buf = torch.empty(entry.nbytes, dtype=torch.uint8)
     view = memoryview(buf.numpy())  # type: ignore[arg-type]  # numpy's stubs omit ndarray.__buffer__
     done = 0
@@ -135,9 +144,13 @@ class StreamingWriter:
     place, so an interrupted conversion never leaves a file that looks complete.
     """
 
-    def __init__(self, path: str, layout: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]):
+    def __init__(
+        self, path: str, layout: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]
+    ):
         if sys.byteorder != "little":
-            raise RuntimeError("safetensors data is little-endian; this writer only runs on little-endian hosts")
+            raise RuntimeError(
+                "safetensors data is little-endian; this writer only runs on little-endian hosts"
+            )
         self.path = path
         # Larger elements first (as safetensors' own writer does) keeps every tensor aligned to its element size.
         ordered = sorted(layout, key=lambda t: (-_itemsize(t[1]), t[0]))
@@ -167,7 +180,9 @@ class StreamingWriter:
         offset, nbytes = self._offsets[name]
         data = tensor.contiguous().reshape(-1).view(torch.uint8)
         if data.numel() != nbytes:
-            raise ValueError(f"{self.path}: tensor {name!r} has {data.numel()} bytes, the layout reserved {nbytes}")
+            raise ValueError(
+                f"{self.path}: tensor {name!r} has {data.numel()} bytes, the layout reserved {nbytes}"
+            )
         # numpy's stubs omit ndarray.__buffer__
         _pwrite_all(self._fd, memoryview(data.numpy()), self._data_start + offset)  # type: ignore[arg-type]
         self._pending.discard(name)
@@ -192,7 +207,9 @@ class StreamingWriter:
         if self._pending:
             missing = sorted(self._pending)
             self.abort()
-            raise RuntimeError(f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})")
+            raise RuntimeError(
+                f"{self.path}: {len(missing)} tensors were never written (first: {missing[0]})"
+            )
         os.close(self._fd)
         self._fd = -1
         os.replace(self._tmp, self.path)

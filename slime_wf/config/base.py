@@ -41,7 +41,9 @@ def format_validation_error(err: ValidationError, what: str = "campaign config")
             lines.append(f"{loc}: required setting is missing")
         elif loc == "config":
             lines.append(msg)
-        elif "input" not in e or isinstance(e["input"], dict) or loc.endswith("_env"):  # _env: maybe a pasted secret
+        elif (
+            "input" not in e or isinstance(e["input"], dict) or loc.endswith("_env")
+        ):  # _env: maybe a pasted secret
             lines.append(f"{loc}: {msg}")
         else:
             lines.append(f"{loc} = {redact_url(repr(e['input']))}: {msg}")

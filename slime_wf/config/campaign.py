@@ -66,8 +66,12 @@ class CampaignConfig(BaseModel):
 
     @model_validator(mode="after")
     def _train_consistent(self) -> CampaignConfig:
-        check_train_settings(self.train, self.rollout.rollout_batch_size, self.rollout.n_samples_per_prompt,
-                             self.rollout.num_rollout)
+        check_train_settings(
+            self.train,
+            self.rollout.rollout_batch_size,
+            self.rollout.n_samples_per_prompt,
+            self.rollout.num_rollout,
+        )
         return self
 
     # ---- loading -------------------------------------------------------------------------

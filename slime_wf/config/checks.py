@@ -7,13 +7,18 @@ from typing import Any
 
 
 def resolve_batch_sizes(
-    rollout_batch_size: int, n_samples_per_prompt: int, global_batch_size: int | None, num_steps_per_rollout: int | None
+    rollout_batch_size: int,
+    n_samples_per_prompt: int,
+    global_batch_size: int | None,
+    num_steps_per_rollout: int | None,
 ) -> tuple[int, int]:
     """(global_batch_size, num_steps_per_rollout) with the nulls derived, as slime derives them:
     a rollout's rollout_batch_size x n_samples_per_prompt samples make num_steps_per_rollout steps of
     global_batch_size. Raises ValueError naming the settings when they do not fit together."""
     total = rollout_batch_size * n_samples_per_prompt
-    where = f"rollout_batch_size x n_samples_per_prompt = {rollout_batch_size} x {n_samples_per_prompt} = {total}"
+    where = (
+        f"rollout_batch_size x n_samples_per_prompt = {rollout_batch_size} x {n_samples_per_prompt} = {total}"
+    )
     if global_batch_size is None:
         if num_steps_per_rollout is None:
             return total, 1
@@ -31,7 +36,9 @@ def resolve_batch_sizes(
     return global_batch_size, steps
 
 
-def check_train_settings(train: Any, rollout_batch_size: int, n_samples_per_prompt: int, num_rollout: int) -> None:
+def check_train_settings(
+    train: Any, rollout_batch_size: int, n_samples_per_prompt: int, num_rollout: int
+) -> None:
     """Cross-field checks of the train settings (`train` is a TrainConfig or a namespace with its leaves).
     Raises ValueError naming the settings. The tensor-parallel size is checked against the model's heads
     when the trainer builds the model; the objective options check themselves (`objective.py`)."""

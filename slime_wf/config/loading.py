@@ -65,7 +65,11 @@ def _unknown_key_error(key: str) -> ConfigError:
         bare, list(leaves), n=1, cutoff=0.6
     )
     if hint:
-        best = hint[0] if "." in hint[0] or hint[0] in ("campaign", *SECTIONS) else f"{leaves[hint[0]]}.{hint[0]}"
+        best = (
+            hint[0]
+            if "." in hint[0] or hint[0] in ("campaign", *SECTIONS)
+            else f"{leaves[hint[0]]}.{hint[0]}"
+        )
         return ConfigError(f"unknown key {key!r}: did you mean {best!r}?")
     return ConfigError(f"unknown key {key!r}; valid sections: campaign, {', '.join(SECTIONS)}")
 

@@ -43,13 +43,18 @@ class ObjectiveFields(Section):
     """The objective options of the train section (rollout_temperature, which the objectives also
     read, is a rollout setting)."""
 
-    advantage_estimator: AdvantageEstimator = Field("grpo", description="Advantage estimator. ppo: GAE over the values of a critic the trainer builds "
-            "(a value-head copy of the policy, trained with the clipped value loss; see critic_*).")
+    advantage_estimator: AdvantageEstimator = Field(
+        "grpo",
+        description="Advantage estimator. ppo: GAE over the values of a critic the trainer builds "
+        "(a value-head copy of the policy, trained with the clipped value loss; see critic_*).",
+    )
     rewards_normalization: bool = Field(
-        True, description="Subtract each group's mean reward (grpo, gspo, cispo, reinforce_plus_plus_baseline)."
+        True,
+        description="Subtract each group's mean reward (grpo, gspo, cispo, reinforce_plus_plus_baseline).",
     )
     grpo_std_normalization: bool = Field(
-        True, description="Also divide by the group's (unbiased) reward std + 1e-6 (grpo, gspo, cispo); false is Dr.GRPO."
+        True,
+        description="Also divide by the group's (unbiased) reward std + 1e-6 (grpo, gspo, cispo); false is Dr.GRPO.",
     )
     normalize_advantages: bool = Field(
         False,
@@ -58,41 +63,52 @@ class ObjectiveFields(Section):
     kl_coef: float = Field(
         0.0, description="Per-token KL(actor||ref) penalty folded into the rewards before the advantages."
     )
-    kl_loss_type: KlLossType = Field(
-        "k1", description="KL estimator for the reward penalty and the KL loss."
+    kl_loss_type: KlLossType = Field("k1", description="KL estimator for the reward penalty and the KL loss.")
+    use_kl_loss: bool = Field(
+        False, description="Add kl_loss_coef * KL(actor||ref) to the loss (GRPO's KL term)."
     )
-    use_kl_loss: bool = Field(False, description="Add kl_loss_coef * KL(actor||ref) to the loss (GRPO's KL term).")
     kl_loss_coef: float = Field(0.0, description="Weight of the KL loss term.")
-    use_unbiased_kl: bool = Field(False, description="Weight the KL loss by the importance ratio pi/pi_old (DeepSeek-V3.2).")
+    use_unbiased_kl: bool = Field(
+        False, description="Weight the KL loss by the importance ratio pi/pi_old (DeepSeek-V3.2)."
+    )
     entropy_coef: float = Field(0.0, description="Weight of the entropy bonus (subtracted from the loss).")
     eps_clip: float = Field(0.2, ge=0, description="PPO clip: the ratio is clipped below at 1 - eps_clip.")
     eps_clip_high: float | None = Field(
         None, ge=0, description="PPO clip above at 1 + eps_clip_high (DAPO clip-higher). null: eps_clip."
     )
     eps_clip_c: float | None = Field(
-        None, gt=1, description="Dual-clip PPO bound (> 1) on the loss of negative-advantage tokens. null: off."
+        None,
+        gt=1,
+        description="Dual-clip PPO bound (> 1) on the loss of negative-advantage tokens. null: off.",
     )
-    value_clip: float = Field(0.2, ge=0, description="Clip of the value update around the old values (value loss).")
+    value_clip: float = Field(
+        0.2, ge=0, description="Clip of the value update around the old values (value loss)."
+    )
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor (ppo GAE, reinforce_plus_plus).")
     lambd: float = Field(1.0, ge=0, le=1, description="GAE lambda (ppo).")
     calculate_per_token_loss: bool = Field(
-        False, description="Average the loss over all tokens of the step instead of per sample, then over samples."
+        False,
+        description="Average the loss over all tokens of the step instead of per sample, then over samples.",
     )
-    use_tis: bool = Field(False, description="Truncated importance sampling between the trainer's and the engine's log-probs.")
+    use_tis: bool = Field(
+        False, description="Truncated importance sampling between the trainer's and the engine's log-probs."
+    )
     tis_clip: float = Field(2.0, ge=0, description="Upper clamp of the TIS weight.")
     tis_clip_low: float = Field(0.0, ge=0, description="Lower clamp of the TIS weight.")
     use_rollout_logprobs: bool = Field(
         False, description="Use the engine's log-probs as the old policy in the ratio and the KL."
     )
     loss_type: LossType = Field(
-        "policy_loss", description="The policy's loss. value_loss is the critic's, which ppo trains on its own."
+        "policy_loss",
+        description="The policy's loss. value_loss is the critic's, which ppo trains on its own.",
     )
     custom_loss_function_path: str | None = Field(
         None,
         description="Dotted path of a loss (args, batch, logits, sum_of_sample_mean) -> (loss, metrics) for custom_loss.",
     )
     log_probs_chunk_size: int = Field(
-        -1, description="Rows per chunk when computing log-probs from logits; -1: automatic (2^26 float32 values)."
+        -1,
+        description="Rows per chunk when computing log-probs from logits; -1: automatic (2^26 float32 values).",
     )
 
     @model_validator(mode="after")
@@ -104,8 +120,10 @@ class ObjectiveFields(Section):
         if self.loss_type == "custom_loss" and not self.custom_loss_function_path:
             raise ValueError("loss_type=custom_loss needs custom_loss_function_path (the loss's dotted path)")
         if self.tis_clip_low > self.tis_clip:
-            raise ValueError(f"tis_clip_low={self.tis_clip_low} is above tis_clip={self.tis_clip}: "
-                             "the TIS weight is clamped to [tis_clip_low, tis_clip]")
+            raise ValueError(
+                f"tis_clip_low={self.tis_clip_low} is above tis_clip={self.tis_clip}: "
+                "the TIS weight is clamped to [tis_clip_low, tis_clip]"
+            )
         return self
 
 

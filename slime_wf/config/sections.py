@@ -45,7 +45,9 @@ class ModelConfig(Section):
         "weights; an FP8 one is then dequantized, which is lossy (a warning, and the metric "
         "init_from_dequantized_fp8): give the BF16 weights in ref_load.",
     )
-    hf_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to pin. null: main.")
+    hf_revision: str | None = Field(
+        None, description="Hub revision (branch, tag or commit) to pin. null: main."
+    )
     rollout_fp8: bool = Field(
         False,
         description="With a BF16 hf_checkpoint: serve rollouts from an FP8 copy of it (made by prepare with "
@@ -53,9 +55,12 @@ class ModelConfig(Section):
         "An FP8 hf_checkpoint is served as it is, in its own format, whatever this says.",
     )
     fp8_strategy: Literal["block", "channel", "tensor"] = Field(
-        "block", description="FP8 scaling: 128x128 blocks with weight_scale_inv (SGLang's format), per channel or per tensor."
+        "block",
+        description="FP8 scaling: 128x128 blocks with weight_scale_inv (SGLang's format), per channel or per tensor.",
     )
-    fp8_block_size: list[int] = Field([128, 128], min_length=2, max_length=2, description="FP8 block shape [rows, cols].")
+    fp8_block_size: list[int] = Field(
+        [128, 128], min_length=2, max_length=2, description="FP8 block shape [rows, cols]."
+    )
     cache_dir: str = Field(
         ".cache/slime-wf", description="Local folder for downloaded checkpoints and the FP8 rollout copy."
     )
@@ -67,12 +72,15 @@ class DataConfig(Section):
         description="Prompt dataset: a .jsonl or .parquet file, local or s3://. Without it the data source serves only "
         "its buffer.",
     )
-    input_key: str = Field("prompt", description="Row key of the prompt: a string, or a list of chat messages.")
+    input_key: str = Field(
+        "prompt", description="Row key of the prompt: a string, or a list of chat messages."
+    )
     label_key: str | None = Field(
         "label", description="Row key of the label; a row without it is a bad row. null: rows carry no label."
     )
     metadata_key: str | None = Field(
-        "metadata", description="Row key of per-row metadata (a mapping, or a JSON string of one); optional per row."
+        "metadata",
+        description="Row key of per-row metadata (a mapping, or a JSON string of one); optional per row.",
     )
     apply_chat_template: bool = Field(
         False, description="Render prompts with the tokenizer's chat template (generation prompt added)."
@@ -81,7 +89,9 @@ class DataConfig(Section):
         {}, description="Extra keyword arguments for the tokenizer's apply_chat_template."
     )
     rollout_max_prompt_len: int | None = Field(
-        None, gt=0, description="Drop prompts longer than this many tokens (counted and reported). null: keep all."
+        None,
+        gt=0,
+        description="Drop prompts longer than this many tokens (counted and reported). null: keep all.",
     )
     rollout_shuffle: bool = Field(False, description="Shuffle the prompts at the start of every epoch.")
     rollout_seed: int = Field(42, description="Seed of the per-epoch shuffle (and of rollout sampling).")
@@ -96,7 +106,9 @@ class DataConfig(Section):
 class RolloutConfig(Section):
     num_rollout: int = Field(1, ge=0, description="Number of rollout ids (iterations) the campaign runs.")
     rollout_batch_size: int = Field(8, gt=0, description="Prompt groups per training batch.")
-    n_samples_per_prompt: int = Field(1, gt=0, description="Responses generated per prompt (the GRPO group size).")
+    n_samples_per_prompt: int = Field(
+        1, gt=0, description="Responses generated per prompt (the GRPO group size)."
+    )
     over_sampling_batch_size: int | None = Field(
         None,
         gt=0,
@@ -116,14 +128,20 @@ class RolloutConfig(Section):
     rollout_temperature: float = ROLLOUT_TEMPERATURE
     rollout_top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling threshold.")
     rollout_top_k: int = Field(-1, description="Top-k sampling (-1: all tokens).")
-    rollout_stop: list[str] | None = Field(None, description="Stop strings (kept in the response, as slime does).")
-    rollout_stop_token_ids: list[int] | None = Field(None, description="Token ids that end a response besides EOS.")
+    rollout_stop: list[str] | None = Field(
+        None, description="Stop strings (kept in the response, as slime does)."
+    )
+    rollout_stop_token_ids: list[int] | None = Field(
+        None, description="Token ids that end a response besides EOS."
+    )
     rollout_skip_special_tokens: bool = Field(False, description="Drop special tokens from response text.")
     sglang_server_concurrency: int = Field(
         64, gt=0, description="Requests in flight per engine at most (the rest wait in the client)."
     )
     rollout_request_timeout: float = Field(
-        600.0, gt=0, description="Seconds one generate request may take; it is retried once, then marked FAILED."
+        600.0,
+        gt=0,
+        description="Seconds one generate request may take; it is retried once, then marked FAILED.",
     )
     custom_generate_function_path: str | None = Field(
         None,
@@ -138,7 +156,9 @@ class RolloutConfig(Section):
 
 
 class EvalDatasetConfig(Section):
-    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Name used in metrics (eval/<name>/...).")
+    name: str = Field(
+        ..., pattern=r"^[a-z0-9][a-z0-9_-]*$", description="Name used in metrics (eval/<name>/...)."
+    )
     path: str = Field(..., description="Prompt file (.jsonl or .parquet, local or s3://).")
     input_key: str | None = Field(None, description="Prompt key. null: data.input_key.")
     label_key: str | None = Field(None, description="Label key. null: data.label_key.")
@@ -154,7 +174,9 @@ class EvalConfig(Section):
     eval_interval: int | None = Field(
         None, gt=0, description="Evaluate every this many rollout ids (and after the last). null: never."
     )
-    eval_datasets: list[EvalDatasetConfig] = Field([], description="Evaluation sets, each with its own sampling.")
+    eval_datasets: list[EvalDatasetConfig] = Field(
+        [], description="Evaluation sets, each with its own sampling."
+    )
 
 
 class EngineConfig(Section):
@@ -162,7 +184,9 @@ class EngineConfig(Section):
         "local", description="local: the CPU engine server of this project; sglang: SGLang servers on GPUs."
     )
     num_engines: int = Field(1, gt=0, description="Engine servers to launch (ignored with engine_urls).")
-    rollout_num_gpus_per_engine: int = Field(1, gt=0, description="Tensor-parallel size of each SGLang server.")
+    rollout_num_gpus_per_engine: int = Field(
+        1, gt=0, description="Tensor-parallel size of each SGLang server."
+    )
     engine_urls: list[str] = Field(
         [], description="Attach to running servers (http://host:port) instead of launching them."
     )
@@ -174,7 +198,8 @@ class EngineConfig(Section):
         "random key at every start, attached engines none. The key itself never goes into the config.",
     )
     use_router: bool = Field(
-        False, description="Put sglang-router in front of the engines for /generate (control calls go to each engine)."
+        False,
+        description="Put sglang-router in front of the engines for /generate (control calls go to each engine).",
     )
     router_policy: Literal["cache_aware", "round_robin", "random"] = Field(
         "cache_aware", description="sglang-router's load-balancing policy."
@@ -211,9 +236,13 @@ class EngineConfig(Section):
     local_engine_threads: int | None = Field(
         None, gt=0, description="torch threads per local engine. null: CPU cores / num_engines."
     )
-    engine_startup_timeout: float = Field(300.0, gt=0, description="Seconds an engine may take to become healthy.")
+    engine_startup_timeout: float = Field(
+        300.0, gt=0, description="Seconds an engine may take to become healthy."
+    )
     engine_health_timeout: float = Field(30.0, gt=0, description="Seconds /health_generate may take.")
-    engine_max_restarts: int = Field(3, ge=0, description="Restarts of a dead engine per campaign before failing.")
+    engine_max_restarts: int = Field(
+        3, ge=0, description="Restarts of a dead engine per campaign before failing."
+    )
 
     _engine_api_key_env = field_validator("engine_api_key_env")(env_var_name)
 
@@ -237,7 +266,8 @@ class RewardConfig(Section):
         "A sample's metadata['rm_type'] overrides it.",
     )
     reward_key: str | None = Field(
-        None, description="Entry of a dict reward used as the scalar reward (dapo: score). null: the reward itself."
+        None,
+        description="Entry of a dict reward used as the scalar reward (dapo: score). null: the reward itself.",
     )
     custom_rm_path: str | None = Field(
         None,
@@ -252,7 +282,9 @@ class RewardConfig(Section):
         "Authorization: Bearer <token>. Keeps the token out of rm_url, config.yaml and Prefect's flow parameters. "
         "null: no Authorization header.",
     )
-    rm_timeout: float = Field(30.0, gt=0, description="Seconds one reward call may take before it is abandoned.")
+    rm_timeout: float = Field(
+        30.0, gt=0, description="Seconds one reward call may take before it is abandoned."
+    )
     rm_failure_reward: float = Field(
         0.0,
         allow_inf_nan=False,
@@ -306,7 +338,8 @@ class BufferConfig(Section):
 class StorageConfig(Section):
     store: str = Field("runs", description="Run store root: a local folder or s3://bucket/prefix.")
     s3_endpoint_url: str | None = Field(
-        None, description="S3 endpoint (e.g. a local S3 server). null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS."
+        None,
+        description="S3 endpoint (e.g. a local S3 server). null: AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL or AWS.",
     )
     s3_region: str | None = Field(None, description="S3 region. null: AWS_DEFAULT_REGION or the SDK default.")
     scratch_dir: str = Field(
@@ -314,7 +347,9 @@ class StorageConfig(Section):
         description="Local folder for weight exports the engines load (/update_weights_from_disk) and for trainer "
         "checkpoints of an s3:// store before upload. Engines on other hosts need it on a shared filesystem.",
     )
-    keep_weight_exports: int = Field(2, ge=1, description="Weight exports kept in scratch_dir (older ones are removed).")
+    keep_weight_exports: int = Field(
+        2, ge=1, description="Weight exports kept in scratch_dir (older ones are removed)."
+    )
     lease_timeout_s: float = Field(
         120.0,
         gt=0,
@@ -341,15 +376,19 @@ class StorageConfig(Section):
         "the weight-update group's store). Set it to that host's address when engines run on other hosts.",
     )
     weight_sync_master_port: int = Field(
-        0, ge=0, lt=65536,
+        0,
+        ge=0,
+        lt=65536,
         description="distributed mode: the port of the weight-update group's store on the trainer's rank 0. 0: a "
         "free port, chosen each time the group is built.",
     )
     weight_sync_backend: Literal["auto", "gloo", "nccl"] = Field(
-        "auto", description="distributed mode: the group's backend. auto: nccl with SGLang engines, gloo with local ones."
+        "auto",
+        description="distributed mode: the group's backend. auto: nccl with SGLang engines, gloo with local ones.",
     )
     weight_sync_bucket_mb: float = Field(
-        512.0, gt=0,
+        512.0,
+        gt=0,
         description="distributed mode: megabytes of weights per /update_weights_from_distributed call (slime's "
         "update_weight_buffer_size); the trainer's rank 0 holds about two buckets at a time.",
     )

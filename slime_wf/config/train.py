@@ -17,13 +17,21 @@ class TrainConfig(ObjectiveFields):
     lr: float = Field(1e-6, gt=0, description="Peak learning rate.")
     min_lr: float = Field(0.0, ge=0, description="Learning rate at the end of a cosine decay.")
     lr_warmup_iters: int = Field(
-        0, ge=0, description="Optimizer steps of linear warmup from 0 to lr (Megatron's: the first step has lr 0)."
+        0,
+        ge=0,
+        description="Optimizer steps of linear warmup from 0 to lr (Megatron's: the first step has lr 0).",
     )
-    lr_decay_style: Literal["constant", "cosine"] = Field("constant", description="Learning-rate schedule after warmup.")
+    lr_decay_style: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning-rate schedule after warmup."
+    )
     lr_decay_iters: int | None = Field(
-        None, gt=0, description="Optimizer steps of the cosine decay. null: num_rollout x num_steps_per_rollout."
+        None,
+        gt=0,
+        description="Optimizer steps of the cosine decay. null: num_rollout x num_steps_per_rollout.",
     )
-    weight_decay: float = Field(0.01, ge=0, description="Adam weight decay (not applied to norms and biases).")
+    weight_decay: float = Field(
+        0.01, ge=0, description="Adam weight decay (not applied to norms and biases)."
+    )
     adam_beta1: float = Field(0.9, gt=0, lt=1, description="Adam beta1.")
     adam_beta2: float = Field(0.999, gt=0, lt=1, description="Adam beta2.")
     adam_eps: float = Field(1e-8, gt=0, description="Adam epsilon.")
@@ -36,7 +44,9 @@ class TrainConfig(ObjectiveFields):
         "checkpoints, stop the campaign with NonFiniteTrainingError.",
     )
     # Batching.
-    micro_batch_size: int = Field(1, gt=0, description="Samples per forward/backward pass (without max_tokens_per_gpu).")
+    micro_batch_size: int = Field(
+        1, gt=0, description="Samples per forward/backward pass (without max_tokens_per_gpu)."
+    )
     max_tokens_per_gpu: int | None = Field(
         None,
         gt=0,
@@ -91,9 +101,12 @@ class TrainConfig(ObjectiveFields):
             return value
         host, _, port = value.rpartition(":")
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{value!r} is not host:port (e.g. 10.0.0.1:29500): the address of the campaign's node "
-                             "that the other trainer nodes reach, and a free TCP port there")
+            raise ValueError(
+                f"{value!r} is not host:port (e.g. 10.0.0.1:29500): the address of the campaign's node "
+                "that the other trainer nodes reach, and a free TCP port there"
+            )
         return value
+
     seed: int = Field(1234, description="Seed of the trainer's weight initialization and random streams.")
     params_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="Parameter dtype of the trained model. auto: bfloat16 on GPU, float32 on CPU."
@@ -114,15 +127,20 @@ class TrainConfig(ObjectiveFields):
         "campaign resumes from gives its own critic.",
     )
     critic_lr: float | None = Field(None, gt=0, description="ppo: the critic's peak learning rate. null: lr.")
-    critic_lr_warmup_iters: int = Field(0, ge=0, description="ppo: optimizer steps of the critic's linear warmup.")
+    critic_lr_warmup_iters: int = Field(
+        0, ge=0, description="ppo: optimizer steps of the critic's linear warmup."
+    )
     num_critic_only_steps: int = Field(
-        0, ge=0, description="ppo: the first this many rollout ids train the critic alone (the policy stays fixed)."
+        0,
+        ge=0,
+        description="ppo: the first this many rollout ids train the critic alone (the policy stays fixed).",
     )
 
 
 class CheckpointConfig(Section):
     save: str | None = Field(
-        None, description="Folder of trainer checkpoints (<save>/<rollout_id:06d>/). null: the run store's checkpoints/."
+        None,
+        description="Folder of trainer checkpoints (<save>/<rollout_id:06d>/). null: the run store's checkpoints/.",
     )
     load: str | None = Field(
         None,
@@ -134,7 +152,9 @@ class CheckpointConfig(Section):
         "resumes from its run store's last checkpoint instead.",
     )
     save_interval: int | None = Field(
-        1, gt=0, description="Save a trainer checkpoint every this many rollout ids, and after the last. null: only after the last."
+        1,
+        gt=0,
+        description="Save a trainer checkpoint every this many rollout ids, and after the last. null: only after the last.",
     )
     keep_checkpoints: int | None = Field(
         None,

@@ -59,30 +59,45 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=30000)
     parser.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="auto = float32 on CPU"
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto = float32 on CPU",
     )
-    parser.add_argument("--max-running-requests", type=int, default=64, help="requests decoded together at most")
     parser.add_argument(
-        "--max-queued-requests", type=int, default=None,
+        "--max-running-requests", type=int, default=64, help="requests decoded together at most"
+    )
+    parser.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=None,
         help="requests waiting for a running slot at most; one more gets HTTP 503 with Retry-After "
         "(default: no bound, as in SGLang)",
     )
     parser.add_argument(
-        "--api-key", default=None,
+        "--api-key",
+        default=None,
         help="bearer key every endpoint but /health* requires (SGLang's flag; pass it with --config to keep "
         "it out of the process list)",
     )
     parser.add_argument(
-        "--admin-api-key", default=None,
+        "--admin-api-key",
+        default=None,
         help="bearer key the management endpoints (abort, pause, continue, flush, weight updates) require; "
         "they then refuse --api-key (SGLang's flag)",
     )
-    parser.add_argument("--config", default=None, help="YAML file of flags (command-line flags win), as in SGLang")
-    parser.add_argument("--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--config", default=None, help="YAML file of flags (command-line flags win), as in SGLang"
+    )
+    parser.add_argument(
+        "--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
+    )
     parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
-        "--parent-pid", type=int, default=None,
+        "--parent-pid",
+        type=int,
+        default=None,
         help="exit when this process (the launcher) is gone, even after kill -9, so no engine outlives its campaign",
     )
     return parser

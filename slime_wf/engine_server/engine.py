@@ -103,7 +103,9 @@ class LocalEngine:
         self._active_rids: dict[str, Request] = {}
         self._paused = False
         self._stopping = False
-        self._default_generator = torch.Generator().manual_seed(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
+        self._default_generator = torch.Generator().manual_seed(
+            int.from_bytes(uuid.uuid4().bytes[:8], "little")
+        )
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -142,7 +144,9 @@ class LocalEngine:
             pass  # no generation_config.json
         self.eos_token_ids = eos
         self._kv = BatchKV(self.num_layers)
-        logger.info("model ready: vocab %d, context %d, eos %s", self.vocab_size, self.context_length, sorted(eos))
+        logger.info(
+            "model ready: vocab %d, context %d, eos %s", self.vocab_size, self.context_length, sorted(eos)
+        )
 
     # ---- requests (any thread) -------------------------------------------------------------
 
@@ -165,7 +169,9 @@ class LocalEngine:
         into free running slots at its next step are not waiting, so they do not count."""
         if self.max_queued_requests is None:
             return False
-        free = 0 if self._paused else max(0, self.max_running_requests - len(self._batch) - len(self._admitting))
+        free = (
+            0 if self._paused else max(0, self.max_running_requests - len(self._batch) - len(self._admitting))
+        )
         return len(self._waiting) + 1 > self.max_queued_requests + free
 
     def abort(self, rid: str = "", abort_all: bool = False, only: Request | None = None) -> int:
@@ -203,7 +209,9 @@ class LocalEngine:
     def pause(self, mode: str = "abort", timeout: float = 60.0) -> None:
         """Stop scheduling: running requests keep their state (mode abort: all requests are aborted first)."""
         if mode not in ("abort", "retract", "in_place"):
-            raise InvalidRequest(f"pause_generation mode {mode!r} is not one of 'abort', 'retract', 'in_place'")
+            raise InvalidRequest(
+                f"pause_generation mode {mode!r} is not one of 'abort', 'retract', 'in_place'"
+            )
         with self._cond:
             self._paused = True
         if mode == "abort":
@@ -263,7 +271,11 @@ class LocalEngine:
             checked = check_state_dict(self.model, read_state_dict(model_path))
         except Exception as err:  # any failure to read leaves the old weights in place
             logger.warning("weight update from %s failed: %s", model_path, err)
-            return False, f"Failed to update weights from {model_path}: {err}. The old weights keep serving.", 0
+            return (
+                False,
+                f"Failed to update weights from {model_path}: {err}. The old weights keep serving.",
+                0,
+            )
         if abort_all_requests:
             self.abort(abort_all=True)
         num_paused = self.swap_weights(checked, weight_version, model_path=str(model_path))
@@ -273,8 +285,9 @@ class LocalEngine:
         logger.info(message)
         return True, message, num_paused
 
-    def swap_weights(self, checked: dict[str, torch.Tensor], weight_version: str | None,
-                     model_path: str | None = None) -> int:
+    def swap_weights(
+        self, checked: dict[str, torch.Tensor], weight_version: str | None, model_path: str | None = None
+    ) -> int:
         """Copy checked tensors (`check_state_dict`) into the model between two decode steps and move to
         `weight_version` (None: the version stays); returns the number of requests in flight."""
 
@@ -334,8 +347,11 @@ class LocalEngine:
 
     def _iteration(self) -> None:
         with self._cond:
-            while not self._stopping and not self._actions and not self._has_abort() and (
-                self._paused or not (self._waiting or self._batch)
+            while (
+                not self._stopping
+                and not self._actions
+                and not self._has_abort()
+                and (self._paused or not (self._waiting or self._batch))
             ):
                 self._cond.wait(timeout=1.0)
             actions, self._actions = self._actions, []
@@ -412,7 +428,9 @@ class LocalEngine:
             active.stop_tail = max(len(s) for s in req.params.stop) + 2
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
-        out = self.model(input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
+        out = self.model(
+            input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1
+        )
         self._append_tokens([active], out.logits[:, -1, :].float())
         return None if self._check_finished_safely(active) else cache
 
@@ -436,7 +454,9 @@ class LocalEngine:
             self._kv.restore(snapshot)
             logger.warning(
                 "a decode step of %d request(s) failed (%s: %s); decoding each on its own to find the one that fails",
-                len(self._batch), type(err).__name__, err,
+                len(self._batch),
+                type(err).__name__,
+                err,
             )
             self._decode_rows_alone()
             return
@@ -512,7 +532,11 @@ class LocalEngine:
             matched = next((s for s in p.stop if s in tail), None)
             if matched is not None:
                 reason = {"type": "stop", "matched": matched}
-        if reason is None and not p.ignore_eos and (out[-1] in p.stop_token_ids or out[-1] in self.eos_token_ids):
+        if (
+            reason is None
+            and not p.ignore_eos
+            and (out[-1] in p.stop_token_ids or out[-1] in self.eos_token_ids)
+        ):
             reason = {"type": "stop", "matched": out[-1]}
         if reason is None and len(out) >= p.max_new_tokens:
             reason = {"type": "length", "length": p.max_new_tokens}
@@ -523,7 +547,10 @@ class LocalEngine:
 
     def _fail(self, active: _Active, err: Exception, stage: str) -> None:
         logger.error("request %s failed in %s: %s\n%s", active.req.rid, stage, err, traceback.format_exc())
-        self._finish(active, _internal_error(f"The engine failed in {stage} of this request: {type(err).__name__}: {err}"))
+        self._finish(
+            active,
+            _internal_error(f"The engine failed in {stage} of this request: {type(err).__name__}: {err}"),
+        )
 
     def _fail_all(self, message: str) -> None:
         with self._cond:
@@ -536,14 +563,24 @@ class LocalEngine:
         """Answer the request and release its rid; never raises, so every request gets its answer."""
         try:
             response = generate_response(
-                active.req, self.tokenizer, active.output_ids, active.logprobs, finish_reason,
-                active.version_events, self.weight_version,
+                active.req,
+                self.tokenizer,
+                active.output_ids,
+                active.logprobs,
+                finish_reason,
+                active.version_events,
+                self.weight_version,
             )
         except Exception as err:
-            logger.error("building the response of %s failed: %s\n%s", active.req.rid, err, traceback.format_exc())
+            logger.error(
+                "building the response of %s failed: %s\n%s", active.req.rid, err, traceback.format_exc()
+            )
             response = error_response(
-                active.req, active.output_ids,
-                _internal_error(f"The engine failed to build this request's response: {type(err).__name__}: {err}"),
+                active.req,
+                active.output_ids,
+                _internal_error(
+                    f"The engine failed to build this request's response: {type(err).__name__}: {err}"
+                ),
                 self.weight_version,
             )
         with self._cond:

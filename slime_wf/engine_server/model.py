@@ -37,7 +37,9 @@ def resolve_dtype(name: str) -> torch.dtype:
 def read_config(model_path: str | Path) -> dict:
     config = layout.hf_config(model_path)
     if config is None:
-        raise WeightLoadError(f"{model_path} is not a Hugging Face checkpoint directory: it has no config.json")
+        raise WeightLoadError(
+            f"{model_path} is not a Hugging Face checkpoint directory: it has no config.json"
+        )
     return config
 
 
@@ -119,7 +121,8 @@ def check_state_dict(
         problems.append(f"{len(wrong_shape)} shape mismatch(es), e.g. {wrong_shape[:3]}")
     if problems:
         raise WeightLoadError(
-            "the checkpoint does not fit the served architecture: " + "; ".join(problems)
+            "the checkpoint does not fit the served architecture: "
+            + "; ".join(problems)
             + ". A weight update must keep the model's architecture and sizes."
         )
     return {k: state[k].to(own[k].dtype) for k in own if k in state}
@@ -268,7 +271,10 @@ class BatchKV:
             assert layer.k_buf is not None and layer.v_buf is not None  # a batch with rows has buffers
             # One gather keeps the buffer's spare capacity; trimmed columns just move the start.
             layer.set_buffers(
-                layer.k_buf.index_select(0, index), layer.v_buf.index_select(0, index), layer.start + first, layer.end
+                layer.k_buf.index_select(0, index),
+                layer.v_buf.index_select(0, index),
+                layer.start + first,
+                layer.end,
             )
 
     def snapshot(self) -> tuple:

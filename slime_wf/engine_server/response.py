@@ -40,9 +40,13 @@ def generate_response(
 ) -> dict[str, Any]:
     p = req.params
     matched = finish_reason.get("matched")
-    text_ids = output_ids[:-1] if isinstance(matched, int) and not p.no_stop_trim and output_ids else output_ids
+    text_ids = (
+        output_ids[:-1] if isinstance(matched, int) and not p.no_stop_trim and output_ids else output_ids
+    )
     text = tokenizer.decode(
-        text_ids, skip_special_tokens=p.skip_special_tokens, spaces_between_special_tokens=p.spaces_between_special_tokens
+        text_ids,
+        skip_special_tokens=p.skip_special_tokens,
+        spaces_between_special_tokens=p.spaces_between_special_tokens,
     )
     if isinstance(matched, str):
         pos = text.find(matched)
@@ -52,7 +56,11 @@ def generate_response(
     meta = _meta(req, output_ids, finish_reason, spans[-1]["version"])
     meta["weight_versions"] = spans
     if req.return_logprob:
-        texts = [tokenizer.decode([t]) for t in output_ids] if req.return_text_in_logprobs else [None] * len(output_ids)
+        texts = (
+            [tokenizer.decode([t]) for t in output_ids]
+            if req.return_text_in_logprobs
+            else [None] * len(output_ids)
+        )
         meta["output_token_logprobs"] = [
             [lp, tok, txt] for lp, tok, txt in zip(logprobs, output_ids, texts, strict=True)
         ]
@@ -73,9 +81,15 @@ def waiting_abort_response(req: Request, current_version: str) -> dict[str, Any]
     return {"text": "", "output_ids": [], "meta_info": meta}
 
 
-def error_response(req: Request, output_ids: list[int], finish_reason: dict, current_version: str) -> dict[str, Any]:
+def error_response(
+    req: Request, output_ids: list[int], finish_reason: dict, current_version: str
+) -> dict[str, Any]:
     """The answer to a request the engine failed, built without the tokenizer (which may be what failed)."""
-    return {"text": "", "output_ids": list(output_ids), "meta_info": _meta(req, output_ids, finish_reason, current_version)}
+    return {
+        "text": "",
+        "output_ids": list(output_ids),
+        "meta_info": _meta(req, output_ids, finish_reason, current_version),
+    }
 
 
 def _meta(req: Request, output_ids: list[int], finish_reason: dict, weight_version: str) -> dict[str, Any]:

@@ -109,7 +109,9 @@ class SamplingParams:
             else:
                 ok = isinstance(value, (str, list))
             if not ok:
-                raise InvalidRequest(f"sampling_params.{key}={value!r} has the wrong type; expected {kind.__name__}")
+                raise InvalidRequest(
+                    f"sampling_params.{key}={value!r} has the wrong type; expected {kind.__name__}"
+                )
             return value
 
         stop = get("stop", [])

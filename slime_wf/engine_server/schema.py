@@ -76,7 +76,9 @@ def load_sglang_file(relative: str, source_only: bool = False) -> ModuleType | s
         return path.read_text()
     name = "_slime_wf_sglang_" + relative.removesuffix(".py").replace("/", "_")
     file_spec = importlib.util.spec_from_file_location(name, path)
-    assert file_spec is not None and file_spec.loader is not None  # a path ending in .py gets a source file loader
+    assert (
+        file_spec is not None and file_spec.loader is not None
+    )  # a path ending in .py gets a source file loader
     module = importlib.util.module_from_spec(file_spec)
     # `@dataclass` looks a class's module up in sys.modules while the class is created (postponed
     # annotations), so the module is registered while it runs and removed afterwards.

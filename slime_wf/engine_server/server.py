@@ -33,11 +33,24 @@ logger = logging.getLogger("slime_wf.engine_server")
 
 ENGINE = web.AppKey("engine", LocalEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
-_UNSUPPORTED_TOP_LEVEL = ("image_data", "video_data", "audio_data", "lora_path", "session_params", "custom_logit_processor")
+_UNSUPPORTED_TOP_LEVEL = (
+    "image_data",
+    "video_data",
+    "audio_data",
+    "lora_path",
+    "session_params",
+    "custom_logit_processor",
+)
 # SGLang's `AuthLevel.ADMIN_OPTIONAL` endpoints among those served here (`srt/entrypoints/http_server.py`).
 ADMIN_PATHS = frozenset(
-    {"/abort_request", "/pause_generation", "/continue_generation", "/flush_cache", "/update_weights_from_disk",
-     *weight_update.PATHS}
+    {
+        "/abort_request",
+        "/pause_generation",
+        "/continue_generation",
+        "/flush_cache",
+        "/update_weights_from_disk",
+        *weight_update.PATHS,
+    }
 )
 # Probes stay open whatever the keys, as in SGLang (`srt/utils/auth.py`), for health checks without secrets.
 _OPEN_PREFIXES = ("/health", "/ready", "/metrics")
@@ -56,8 +69,9 @@ def _http_exception(status: int, message: str, headers: dict[str, str] | None = 
     return web.json_response(body, status=status, headers=headers)
 
 
-def auth_refusal(method: str, path: str, authorization: str | None, api_key: str | None,
-                 admin_api_key: str | None) -> int | None:
+def auth_refusal(
+    method: str, path: str, authorization: str | None, api_key: str | None, admin_api_key: str | None
+) -> int | None:
     """SGLang's `decide_request_auth` for the endpoints served here: the status to refuse with, or None.
 
     Admin endpoints take the admin key when there is one (the API key is then refused), else the API
@@ -79,7 +93,9 @@ def auth_refusal(method: str, path: str, authorization: str | None, api_key: str
 def _auth_middleware(api_key: str | None, admin_api_key: str | None):
     @web.middleware
     async def check_key(request: web.Request, handler):
-        status = auth_refusal(request.method, request.path, request.headers.get("Authorization"), api_key, admin_api_key)
+        status = auth_refusal(
+            request.method, request.path, request.headers.get("Authorization"), api_key, admin_api_key
+        )
         if status is not None:
             return web.json_response({"error": "Unauthorized"}, status=status)
         return await handler(request)
@@ -127,8 +143,12 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
     text, input_ids = body.get("text"), body.get("input_ids")
     if (text is None) == (input_ids is None):
         raise InvalidRequest("Either text or input_ids should be provided, not both or neither.")
-    if isinstance(text, list) or (isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)):
-        raise InvalidRequest("batched inputs (a list of prompts) are not supported: send one request per prompt")
+    if isinstance(text, list) or (
+        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
+    ):
+        raise InvalidRequest(
+            "batched inputs (a list of prompts) are not supported: send one request per prompt"
+        )
     if body.get("stream"):
         raise InvalidRequest("stream=true is not supported by the local engine; send stream=false")
     for key in _UNSUPPORTED_TOP_LEVEL:
@@ -146,9 +166,13 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
     if input_ids is None:
         if not isinstance(text, str):
             raise InvalidRequest("text must be a string")
-        assert engine.tokenizer is not None  # /generate takes requests only once the model loaded (_not_ready)
+        assert (
+            engine.tokenizer is not None
+        )  # /generate takes requests only once the model loaded (_not_ready)
         input_ids = engine.tokenizer.encode(text)
-    if not isinstance(input_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in input_ids):
+    if not isinstance(input_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in input_ids
+    ):
         raise InvalidRequest("input_ids must be a list of integers")
     if not input_ids:
         raise InvalidRequest("the prompt is empty: give at least one token")
@@ -159,7 +183,9 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
         )
     n, ctx = len(input_ids), engine.context_length
     if n >= ctx:
-        raise InvalidRequest(f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens).")
+        raise InvalidRequest(
+            f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens)."
+        )
     if n + params.max_new_tokens > ctx:
         raise InvalidRequest(
             f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested "
@@ -268,11 +294,17 @@ async def update_weights_from_disk(request: web.Request) -> web.Response:
     try:
         body = await _json_body(request)
     except InvalidRequest as err:
-        return web.json_response({"success": False, "message": str(err), "num_paused_requests": 0}, status=400)
+        return web.json_response(
+            {"success": False, "message": str(err), "num_paused_requests": 0}, status=400
+        )
     model_path = body.get("model_path")
     if not isinstance(model_path, str) or not model_path:
         return web.json_response(
-            {"success": False, "message": "model_path (a checkpoint directory) is required", "num_paused_requests": 0},
+            {
+                "success": False,
+                "message": "model_path (a checkpoint directory) is required",
+                "num_paused_requests": 0,
+            },
             status=400,
         )
     version = body.get("weight_version")
@@ -349,7 +381,9 @@ async def server_info(request: web.Request) -> web.Response:
             "num_threads": args.num_threads,
             "engine": "slime_wf.engine_server",
             "version": "local",
-            "internal_states": [{"num_running_reqs": running, "num_waiting_reqs": waiting, "paused": engine.paused}],
+            "internal_states": [
+                {"num_running_reqs": running, "num_waiting_reqs": waiting, "paused": engine.paused}
+            ],
         }
     )
 
@@ -408,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
     check_args(args)
     if args.parent_pid is not None:
         _exit_with_parent(args.parent_pid)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     if args.num_threads is not None:
         torch.set_num_threads(args.num_threads)
     engine = LocalEngine(
@@ -437,4 +473,3 @@ def main(argv: list[str] | None = None) -> None:
     web.run_app(app, host=args.host, port=args.port, print=None, access_log=None, handler_cancellation=True)
     if engine.load_error is not None:
         raise SystemExit(1)
-

@@ -41,8 +41,14 @@ from slime_wf.weight_group import WeightGroup, connect
 logger = logging.getLogger(__name__)
 
 GROUP_TIMEOUT_S = 600.0
-PATHS = ("/init_weights_update_group", "/destroy_weights_update_group", "/begin_weight_update", "/end_weight_update",
-         "/update_weights_from_distributed", "/get_weights_by_name")
+PATHS = (
+    "/init_weights_update_group",
+    "/destroy_weights_update_group",
+    "/begin_weight_update",
+    "/end_weight_update",
+    "/update_weights_from_distributed",
+    "/get_weights_by_name",
+)
 
 
 class WeightReceiver:
@@ -65,11 +71,15 @@ class WeightReceiver:
         if not isinstance(name, str) or not name:
             return False, "group_name must be a non-empty string"
         if backend != "gloo":
-            return False, (f"backend {backend!r}: the local engine runs on CPU and joins weight-update groups over "
-                           "gloo; the trainer must use backend gloo with local engines")
+            return False, (
+                f"backend {backend!r}: the local engine runs on CPU and joins weight-update groups over "
+                "gloo; the trainer must use backend gloo with local engines"
+            )
         if name in self.groups:
             return False, f"a weight-update group named {name!r} exists already; destroy it first"
-        logger.info("joining weight-update group %s at %s:%d as rank %d of %d", name, address, port, rank, world)
+        logger.info(
+            "joining weight-update group %s at %s:%d as rank %d of %d", name, address, port, rank, world
+        )
         try:
             group = connect(address, port, rank, world, name, backend, GROUP_TIMEOUT_S)
         except Exception as err:
@@ -93,11 +103,17 @@ class WeightReceiver:
 
     def receive(self, body: dict[str, Any]) -> tuple[bool, str]:
         if self._staged is None:
-            return False, "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()"
+            return (
+                False,
+                "update_weights_from_distributed must run between begin_weight_update() and end_weight_update()",
+            )
         name = body.get("group_name", "weight_update_group")
         group = self.groups.get(name)
         if group is None:
-            return False, f"Group {name} not in {sorted(self.groups)}. Please call `init_weights_update_group` first."
+            return (
+                False,
+                f"Group {name} not in {sorted(self.groups)}. Please call `init_weights_update_group` first.",
+            )
         try:
             tensors = _announced(body)
         except ValueError as err:
@@ -136,8 +152,11 @@ class WeightReceiver:
             logger.warning("weight update over a weight-update group failed: %s", err)
             return False, f"Failed to load the received weights: {err}. The old weights keep serving."
         self.engine.swap_weights(checked, version)
-        logger.info("weights swapped in: %d tensors received%s", len(staged),
-                    f", version {version}" if version is not None else "")
+        logger.info(
+            "weights swapped in: %d tensors received%s",
+            len(staged),
+            f", version {version}" if version is not None else "",
+        )
         return True, "Success"
 
     def weights_by_name(self, body: dict[str, Any]) -> list | None:
@@ -161,7 +180,9 @@ def _announced(body: dict[str, Any]) -> dict[str, torch.Tensor]:
     if not (isinstance(names, list) and isinstance(dtypes, list) and isinstance(shapes, list)):
         raise ValueError("names, dtypes and shapes must be lists")
     if not len(names) == len(dtypes) == len(shapes):
-        raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length")
+        raise ValueError(
+            f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length"
+        )
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape in zip(names, dtypes, shapes, strict=True):
         kind = torch_dtype(str(dtype), f"{name}: dtype")
@@ -191,8 +212,9 @@ def _answer(method: str):
     async def handler(request: web.Request) -> web.Response:
         body = await _body(request)
         if body is None:
-            return web.json_response({"success": False, "message": f"the body of {request.path} must be a JSON object"},
-                                     status=400)
+            return web.json_response(
+                {"success": False, "message": f"the body of {request.path} must be a JSON object"}, status=400
+            )
         receiver = request.app[RECEIVER]
         if not receiver.engine.ready.is_set() or receiver.engine.load_error is not None:
             return web.json_response({"success": False, "message": "the model is not loaded"}, status=400)
@@ -204,7 +226,12 @@ def _answer(method: str):
 
 async def _get_weights_by_name(request: web.Request) -> web.Response:
     body: dict[str, Any] | None = await _body(request) if request.can_read_body else dict(request.query)
-    if body and "truncate_size" in body and isinstance(body["truncate_size"], str) and body["truncate_size"].isdigit():
+    if (
+        body
+        and "truncate_size" in body
+        and isinstance(body["truncate_size"], str)
+        and body["truncate_size"].isdigit()
+    ):
         body["truncate_size"] = int(body["truncate_size"])
     receiver = request.app[RECEIVER]
     result = None if body is None or not receiver.engine.ready.is_set() else receiver.weights_by_name(body)
@@ -216,6 +243,8 @@ async def _get_weights_by_name(request: web.Request) -> web.Response:
 def add_routes(app: web.Application, engine: Any) -> None:
     """Serve the weight-update group endpoints of `engine` on `app`."""
     app[RECEIVER] = WeightReceiver(engine)
-    for path, method in zip(PATHS[:5], ("init_group", "destroy_group", "begin", "end", "receive"), strict=True):
+    for path, method in zip(
+        PATHS[:5], ("init_group", "destroy_group", "begin", "end", "receive"), strict=True
+    ):
         app.router.add_post(path, _answer(method))
     app.router.add_route("*", "/get_weights_by_name", _get_weights_by_name)

@@ -49,7 +49,9 @@ def build_dataset(args: Any) -> Dataset | None:
     if not getattr(args, "prompt_data", None):
         return None
     context_length = engine_context_length(args)
-    needs_tokenizer = args.apply_chat_template or args.rollout_max_prompt_len is not None or context_length is not None
+    needs_tokenizer = (
+        args.apply_chat_template or args.rollout_max_prompt_len is not None or context_length is not None
+    )
     tokenizer = load_tokenizer(args.hf_checkpoint) if needs_tokenizer and args.hf_checkpoint else None
     return Dataset(
         args.prompt_data,
@@ -180,7 +182,9 @@ class RolloutDataSourceWithBuffer:
             "sample_offset": self.sample_offset,
             "sample_group_index": self.sample_group_index,
             "sample_index": self.sample_index,
-            "dataset": None if self.dataset is None else {"path": self.dataset.path, "size": len(self.dataset)},
+            "dataset": None
+            if self.dataset is None
+            else {"path": self.dataset.path, "size": len(self.dataset)},
             "buffer": [[s.to_dict() for s in group] for group in self.buffer],
         }
 

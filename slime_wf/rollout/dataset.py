@@ -125,13 +125,16 @@ def checkpoint_context_length(hf_checkpoint: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        value = getattr(AutoConfig.from_pretrained(hf_checkpoint).get_text_config(), "max_position_embeddings", None)
+        value = getattr(
+            AutoConfig.from_pretrained(hf_checkpoint).get_text_config(), "max_position_embeddings", None
+        )
     except Exception:  # a model type this transformers does not know: read the file itself
         try:
             raw = hf_config(hf_checkpoint) or {}
         except (OSError, CheckpointError) as err:
             raise DataError(f"cannot read {config_file}: {err}") from err
-        text_config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else raw
+        nested = raw.get("text_config")
+        text_config: dict = nested if isinstance(nested, dict) else raw
         value = text_config.get("max_position_embeddings", raw.get("max_position_embeddings"))
     return int(value) if value else None
 
@@ -159,7 +162,9 @@ class Dataset:
     ):
         """`context_length`: the engine's limit on prompt plus response tokens (None: unchecked);
         `max_response_len`: the response tokens each prompt must leave room for."""
-        if (apply_chat_template or max_length is not None or context_length is not None) and tokenizer is None:
+        if (
+            apply_chat_template or max_length is not None or context_length is not None
+        ) and tokenizer is None:
             raise DataError(
                 f"dataset {path}: apply_chat_template, rollout_max_prompt_len and the context-length check need a "
                 "tokenizer; set model.hf_checkpoint"
@@ -200,7 +205,10 @@ class Dataset:
         samples: list[Sample] = []
         lengths: list[int | None]
         if count_tokens and parsed:
-            lengths = [len(ids) for ids in tokenizer([t for _, _, t in parsed], add_special_tokens=False)["input_ids"]]
+            lengths = [
+                len(ids)
+                for ids in tokenizer([t for _, _, t in parsed], add_special_tokens=False)["input_ids"]
+            ]
         else:
             lengths = [None] * len(parsed)
         for (location, sample, _), n in zip(parsed, lengths, strict=True):
@@ -249,7 +257,9 @@ class Dataset:
     def _bad_row(self, location: str, err: DataError, skip_bad_rows: bool) -> None:
         message = f"{location}: {err}"
         if not skip_bad_rows:
-            raise DataError(f"{message}. Fix the row, or set data.skip_bad_rows=true to skip such rows") from None
+            raise DataError(
+                f"{message}. Fix the row, or set data.skip_bad_rows=true to skip such rows"
+            ) from None
         self.stats.skipped_bad_rows += 1
         if isinstance(err, EmptyPrompt):
             self.stats.skipped_empty_prompts += 1
@@ -263,7 +273,9 @@ class Dataset:
         if not isinstance(row, dict):
             raise DataError(f"row is a {type(row).__name__}, expected a JSON object")
         if prompt_key not in row:
-            raise DataError(f"missing prompt key {prompt_key!r} (row keys: {sorted(row)}); see data.input_key")
+            raise DataError(
+                f"missing prompt key {prompt_key!r} (row keys: {sorted(row)}); see data.input_key"
+            )
         prompt = row[prompt_key]
         if isinstance(prompt, list) and not prompt:
             raise EmptyPrompt(f"prompt {prompt_key!r} is an empty list of messages")
@@ -273,7 +285,9 @@ class Dataset:
                 f"got {type(prompt).__name__}"
             )
         if _is_blank(prompt):
-            raise EmptyPrompt(f"prompt {prompt_key!r} is empty or whitespace only; the engine cannot generate from it")
+            raise EmptyPrompt(
+                f"prompt {prompt_key!r} is empty or whitespace only; the engine cannot generate from it"
+            )
         _check_encodable(prompt, prompt_key)
         label = None
         if label_key is not None:
@@ -342,7 +356,11 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 def _check_encodable(prompt: Any, prompt_key: str) -> None:
     """A JSON escape such as "\\ud800" without its pair decodes to a lone surrogate: not Unicode text,
     so no tokenizer can encode it and the row would fail at every rollout."""
-    texts = [prompt] if isinstance(prompt, str) else [str(m.get("content", "")) for m in prompt if isinstance(m, dict)]
+    texts = (
+        [prompt]
+        if isinstance(prompt, str)
+        else [str(m.get("content", "")) for m in prompt if isinstance(m, dict)]
+    )
     for text in texts:
         found = _LONE_SURROGATE.search(text)
         if found:

@@ -104,7 +104,13 @@ class EngineClient:
         self.on_busy = on_busy  # called on every busy answer, e.g. to count them
 
     async def _request(
-        self, method: str, path: str, *, json: Any = None, timeout: float | None = None, admin: bool = False,
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        timeout: float | None = None,
+        admin: bool = False,
         retry_busy: bool = False,
     ) -> Any:
         """One call; with `retry_busy`, a busy answer is waited out and retried `busy_retries` times."""
@@ -130,7 +136,10 @@ class EngineClient:
     ) -> Any:
         try:
             async with self.session.request(
-                method, f"{self.url}{path}", json=json, timeout=aiohttp.ClientTimeout(total=timeout),
+                method,
+                f"{self.url}{path}",
+                json=json,
+                timeout=aiohttp.ClientTimeout(total=timeout),
                 headers=self.admin_headers if admin else self.headers,
             ) as resp:
                 body = await resp.read()
@@ -154,7 +163,9 @@ class EngineClient:
         except TimeoutError:
             raise EngineTimeout(f"{method} {self.url}{path} timed out after {timeout} s") from None
         except (aiohttp.ClientConnectionError, ConnectionError, OSError) as err:
-            raise EngineUnavailable(f"engine {self.url} is unreachable ({type(err).__name__}: {err})") from err
+            raise EngineUnavailable(
+                f"engine {self.url} is unreachable ({type(err).__name__}: {err})"
+            ) from err
 
     async def generate(self, payload: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
         return await self._request("POST", "/generate", json=payload, timeout=timeout, retry_busy=True)
@@ -173,7 +184,12 @@ class EngineClient:
         await self._request("POST", "/flush_cache", timeout=60, admin=True)
 
     async def update_weights_from_disk(
-        self, model_path: str, weight_version: str, *, flush_cache: bool = True, abort_all_requests: bool = False,
+        self,
+        model_path: str,
+        weight_version: str,
+        *,
+        flush_cache: bool = True,
+        abort_all_requests: bool = False,
         timeout: float = 600,
     ) -> dict[str, Any]:
         body = {
@@ -182,7 +198,9 @@ class EngineClient:
             "flush_cache": flush_cache,
             "abort_all_requests": abort_all_requests,
         }
-        return await self._request("POST", "/update_weights_from_disk", json=body, timeout=timeout, admin=True)
+        return await self._request(
+            "POST", "/update_weights_from_disk", json=body, timeout=timeout, admin=True
+        )
 
     async def control(self, path: str, body: dict[str, Any], timeout: float | None = 600) -> Any:
         """Any other management call (admin key), e.g. the weight-update group endpoints of
@@ -259,7 +277,11 @@ class EngineSession:
 
     def client(self, url: str) -> EngineClient:
         return EngineClient(
-            url, self._opened()[0], self.api_key, admin_api_key=self.admin_api_key, busy_retries=self.busy_retries,
+            url,
+            self._opened()[0],
+            self.api_key,
+            admin_api_key=self.admin_api_key,
+            busy_retries=self.busy_retries,
             on_busy=self._count_busy,
         )
 
@@ -289,7 +311,9 @@ class EngineSession:
             await self._opened()[2].wait()
         return min(self.alive_urls, key=lambda u: self.in_flight[u])
 
-    async def generate(self, payload: dict[str, Any], *, timeout: float | None = None) -> tuple[dict[str, Any], str]:
+    async def generate(
+        self, payload: dict[str, Any], *, timeout: float | None = None
+    ) -> tuple[dict[str, Any], str]:
         """Send one request; returns (response, url of the engine that served it).
 
         Raises EngineUnavailable only when the chosen engine is unreachable (it is marked down
@@ -315,7 +339,9 @@ class EngineSession:
                     self.in_flight[url] -= 1
         return response, url
 
-    async def for_each_engine(self, action: Callable[[EngineClient], Any], *, skip_down: bool = True) -> list[Any]:
+    async def for_each_engine(
+        self, action: Callable[[EngineClient], Any], *, skip_down: bool = True
+    ) -> list[Any]:
         """Run a control call on every engine concurrently (the router does not forward them)."""
         urls = self.alive_urls if skip_down else self.worker_urls
         return await asyncio.gather(*(action(self.client(u)) for u in urls))

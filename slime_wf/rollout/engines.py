@@ -166,18 +166,44 @@ class EngineFleet:
         if a.engine_type == "local":
             threads = a.local_engine_threads or max(1, (os.cpu_count() or 1) // a.num_engines)
             return [
-                sys.executable, "-m", "slime_wf.engine_server", "--model-path", self.model_path,
-                "--host", host, "--port", str(port), "--dtype", a.local_engine_dtype,
-                "--num-threads", str(threads), "--weight-version", self.weight_version, "--parent-pid", str(os.getpid()),
+                sys.executable,
+                "-m",
+                "slime_wf.engine_server",
+                "--model-path",
+                self.model_path,
+                "--host",
+                host,
+                "--port",
+                str(port),
+                "--dtype",
+                a.local_engine_dtype,
+                "--num-threads",
+                str(threads),
+                "--weight-version",
+                self.weight_version,
+                "--parent-pid",
+                str(os.getpid()),
                 # The session sends at most sglang_server_concurrency per engine; the bound is for other
                 # clients (a router, slime's own client), who then get 503 + Retry-After and back off.
-                "--max-queued-requests", str(4 * a.sglang_server_concurrency),
+                "--max-queued-requests",
+                str(4 * a.sglang_server_concurrency),
                 *self._key_args(),
             ]
         cmd = [
-            a.sglang_python or sys.executable, "-m", "sglang.launch_server", "--model-path", self.model_path, "--host", host,
-            "--port", str(port), "--tp-size", str(a.rollout_num_gpus_per_engine),
-            "--weight-version", self.weight_version, *self._key_args(),
+            a.sglang_python or sys.executable,
+            "-m",
+            "sglang.launch_server",
+            "--model-path",
+            self.model_path,
+            "--host",
+            host,
+            "--port",
+            str(port),
+            "--tp-size",
+            str(a.rollout_num_gpus_per_engine),
+            "--weight-version",
+            self.weight_version,
+            *self._key_args(),
         ]
         if a.sglang_mem_fraction_static is not None:
             cmd += ["--mem-fraction-static", str(a.sglang_mem_fraction_static)]
@@ -200,17 +226,34 @@ class EngineFleet:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(engine_gpus(self.args, engine.extra["index"], env))
         cmd = engine.cmd
         if not engine.watches_parent:
-            cmd = [sys.executable, "-m", "slime_wf.rollout.parent_watch", "--parent-pid", str(os.getpid()), "--", *cmd]
+            cmd = [
+                sys.executable,
+                "-m",
+                "slime_wf.rollout.parent_watch",
+                "--parent-pid",
+                str(os.getpid()),
+                "--",
+                *cmd,
+            ]
         with _open_private_log(engine.log_path) as log:  # the child keeps its own copy of the descriptor
-            engine.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+            engine.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            )
 
     def _wait_healthy(self, engine: Engine, what: str, path: str = "/health_generate") -> None:
         def healthy() -> bool:
-            return _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200
+            return (
+                _get(engine.url + path, timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200
+            )
 
         try:
-            wait_until(healthy, f"{what} at {engine.url}", timeout_s=self.args.engine_startup_timeout,
-                       interval_s=0.25, process=engine.process)
+            wait_until(
+                healthy,
+                f"{what} at {engine.url}",
+                timeout_s=self.args.engine_startup_timeout,
+                interval_s=0.25,
+                process=engine.process,
+            )
         except ProcessExited as err:
             raise EngineStartError(
                 f"{what} at {engine.url} exited with code {err.returncode} while starting.\n"
@@ -275,14 +318,19 @@ class EngineFleet:
         else:
             if self.api_key:
                 os.makedirs(self.log_dir, exist_ok=True)
-                fd, self._key_file = tempfile.mkstemp(prefix="engine-keys-", suffix=".yaml", dir=self.log_dir)  # 0600
+                fd, self._key_file = tempfile.mkstemp(
+                    prefix="engine-keys-", suffix=".yaml", dir=self.log_dir
+                )  # 0600
                 with os.fdopen(fd, "w") as f:
                     f.write("".join(f"{flag[2:]}: {self.api_key}\n" for flag in KEY_FLAGS))
             for i in range(a.num_engines):
                 port = a.engine_base_port + i if a.engine_base_port else free_port(a.engine_host)
                 engine = Engine(
-                    url=f"http://{a.engine_host}:{port}", port=port, cmd=self._server_cmd(port),
-                    log_path=os.path.join(self.log_dir, f"engine-{i}.log"), extra={"index": i},
+                    url=f"http://{a.engine_host}:{port}",
+                    port=port,
+                    cmd=self._server_cmd(port),
+                    log_path=os.path.join(self.log_dir, f"engine-{i}.log"),
+                    extra={"index": i},
                     watches_parent=a.engine_type == "local",
                 )
                 self.engines.append(engine)  # before the spawn: a failed start stops what is listed
@@ -308,11 +356,23 @@ class EngineFleet:
         host = a.engine_host if self.api_key else "127.0.0.1"
         port = free_port(host)
         cmd = [
-            sys.executable, "-c", _ROUTER_MAIN, "--worker-urls", *self.urls,
-            "--policy", a.router_policy, "--host", host, "--port", str(port),
+            sys.executable,
+            "-c",
+            _ROUTER_MAIN,
+            "--worker-urls",
+            *self.urls,
+            "--policy",
+            a.router_policy,
+            "--host",
+            host,
+            "--port",
+            str(port),
             # its Prometheus exporter defaults to 0.0.0.0:29000: every interface, and one fixed port that the
             # routers of two campaigns on a machine would both want (the flags cannot turn it off)
-            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port("127.0.0.1")),
+            "--prometheus-host",
+            "127.0.0.1",
+            "--prometheus-port",
+            str(free_port("127.0.0.1")),
         ]
         self.router = Engine(
             url=f"http://{host}:{port}", port=port, cmd=cmd, log_path=os.path.join(self.log_dir, "router.log")
@@ -342,7 +402,10 @@ class EngineFleet:
 
     def check_health(self) -> dict[str, bool]:
         return {
-            e.url: _get(e.url + "/health_generate", timeout=self.args.engine_health_timeout, api_key=self.api_key) == 200
+            e.url: _get(
+                e.url + "/health_generate", timeout=self.args.engine_health_timeout, api_key=self.api_key
+            )
+            == 200
             for e in self.engines
         }
 
@@ -361,8 +424,12 @@ class EngineFleet:
                 f"{engine.log_path}:\n{self._tail(engine)}"
             )
         engine.restarts += 1
-        logger.warning("restarting engine %s (restart %d) with weights %s", url, engine.restarts,
-                       redact_url(self.model_path))
+        logger.warning(
+            "restarting engine %s (restart %d) with weights %s",
+            url,
+            engine.restarts,
+            redact_url(self.model_path),
+        )
         self._kill(engine)
         self._spawn(engine)
         self._wait_healthy(engine, f"restarted engine {url}")
@@ -371,8 +438,10 @@ class EngineFleet:
                 self.after_restart(url)
             except Exception as err:
                 self._kill(engine)  # it would serve the weights it was launched with, not the current ones
-                raise EngineStartError(f"restarted engine {redact_url(url)} was stopped again: giving it the current "
-                                       f"weights failed: {err}") from err
+                raise EngineStartError(
+                    f"restarted engine {redact_url(url)} was stopped again: giving it the current "
+                    f"weights failed: {err}"
+                ) from err
 
     def session(self) -> EngineSession:
         """An `EngineSession` over this fleet whose dead engines are restarted in the background."""
@@ -424,7 +493,9 @@ class EngineFleet:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=15)
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)  # what the server started and left behind (holding a port or a GPU)
+            os.killpg(
+                proc.pid, signal.SIGKILL
+            )  # what the server started and left behind (holding a port or a GPU)
 
     def shutdown(self) -> None:
         """Stop the router and every launched engine; a fleet that was shut down can be started again."""

@@ -40,7 +40,9 @@ def _eval_params(args: Any, ds_cfg: dict[str, Any]) -> dict[str, Any]:
     return params
 
 
-async def _generate_and_reward(ctx: RolloutContext, sample: Sample, params: dict[str, Any], pbar: tqdm) -> Sample:
+async def _generate_and_reward(
+    ctx: RolloutContext, sample: Sample, params: dict[str, Any], pbar: tqdm
+) -> Sample:
     await generate(ctx.args, sample, params)
     if sample.status != Sample.Status.FAILED:
         await reward_samples(ctx, [sample], whole_group=False)
@@ -48,7 +50,9 @@ async def _generate_and_reward(ctx: RolloutContext, sample: Sample, params: dict
     return sample
 
 
-async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: Any, *, reward_hub: Any = None) -> dict:
+async def evaluate_async(
+    args: Any, rollout_id: int, session: Any, tokenizer: Any, *, reward_hub: Any = None
+) -> dict:
     """Per-dataset eval metrics on an open engine session. `reward_hub`: the campaign's; without one, a
     hub for this evaluation alone, closed when it ends."""
     from slime_wf.rollout import rm_hub
@@ -76,8 +80,13 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
             s3_endpoint_url=getattr(args, "s3_endpoint_url", None),
             s3_region=getattr(args, "s3_region", None),
         )
-        ctx = RolloutContext(args=eval_args, session=session, tokenizer=tokenizer, rollout_id=rollout_id,
-                             reward_kwargs={"hub": hub})
+        ctx = RolloutContext(
+            args=eval_args,
+            session=session,
+            tokenizer=tokenizer,
+            rollout_id=rollout_id,
+            reward_kwargs={"hub": hub},
+        )
         params = _eval_params(args, ds_cfg)
         samples = []
         for i, prompt in enumerate(dataset.samples):
@@ -85,8 +94,11 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
                 s = prompt.clone()
                 s.index = i * ds_cfg["n_samples_per_eval_prompt"] + j
                 samples.append(s)
-        with (rollout_context(ctx), rm_hub.using_hub(hub),
-              tqdm(total=len(samples), desc=f"eval {ds_cfg['name']}", leave=False) as pbar):
+        with (
+            rollout_context(ctx),
+            rm_hub.using_hub(hub),
+            tqdm(total=len(samples), desc=f"eval {ds_cfg['name']}", leave=False) as pbar,
+        ):
             done = await asyncio.gather(*(_generate_and_reward(ctx, s, params, pbar) for s in samples))
         scored = [s for s in done if s.status != Sample.Status.FAILED]
         # reward_samples rewarded every sample that did not fail
@@ -96,12 +108,16 @@ async def evaluate_async(args: Any, rollout_id: int, session: Any, tokenizer: An
         metrics[f"eval/{name}/truncated_ratio"] = (
             sum(s.status == Sample.Status.TRUNCATED for s in scored) / len(scored) if scored else 0.0
         )
-        metrics[f"eval/{name}/response_len"] = statistics.fmean(s.response_length for s in scored) if scored else 0.0
+        metrics[f"eval/{name}/response_len"] = (
+            statistics.fmean(s.response_length for s in scored) if scored else 0.0
+        )
         metrics[f"eval/{name}/failed"] = float(len(done) - len(scored))
     return metrics
 
 
-def evaluate(args: Any, rollout_id: int, engines: Any, *, tokenizer: Any, reward_hub: Any = None) -> dict[str, float]:
+def evaluate(
+    args: Any, rollout_id: int, engines: Any, *, tokenizer: Any, reward_hub: Any = None
+) -> dict[str, float]:
     """Per-dataset eval metrics (`eval/<name>/reward`, ...) on an `EngineFleet`."""
 
     async def _run() -> dict[str, float]:

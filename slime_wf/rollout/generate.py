@@ -112,7 +112,9 @@ def _append_response(sample: Sample, output: dict[str, Any]) -> int:
     pairs = meta.get("output_token_logprobs") or []
     tokens = [int(p[1]) for p in pairs]
     if not tokens and output.get("output_ids"):
-        raise EngineError("engine returned output_ids without output_token_logprobs; return_logprob is required")
+        raise EngineError(
+            "engine returned output_ids without output_token_logprobs; return_logprob is required"
+        )
     sample.tokens = sample.tokens + tokens
     sample.response = (sample.response or "") + (output.get("text") or "")
     sample.response_length += len(tokens)
@@ -133,7 +135,9 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
     """
     ctx = current_context()
     if sample.status not in (Sample.Status.PENDING, Sample.Status.ABORTED):
-        raise ValueError(f"sample {sample.index} has status {sample.status.value}; only pending or aborted ones generate")
+        raise ValueError(
+            f"sample {sample.index} has status {sample.status.value}; only pending or aborted ones generate"
+        )
     if not sample.tokens:
         sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
 
@@ -178,7 +182,9 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
             if err.status in _NOT_ABOUT_THE_REQUEST:
                 raise
             ctx.counters["request_rejected"] += 1
-            logger.warning("sample %s: the engine refused its request; marking it FAILED: %s", sample.index, err)
+            logger.warning(
+                "sample %s: the engine refused its request; marking it FAILED: %s", sample.index, err
+            )
             return _fail(sample, ENGINE_REJECTED, str(err))
         except EngineBusy as err:  # the client already backed off and retried: the engines stay overloaded
             ctx.counters["request_busy"] += 1
@@ -190,8 +196,12 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
             engine_errors += 1
             ctx.counters["request_engine_errors"] += 1
             if engine_errors > MAX_ENGINE_ERROR_RETRIES:
-                logger.warning("sample %s: the engine failed its request %d times; marking it FAILED: %s",
-                               sample.index, engine_errors, err)
+                logger.warning(
+                    "sample %s: the engine failed its request %d times; marking it FAILED: %s",
+                    sample.index,
+                    engine_errors,
+                    err,
+                )
                 return _fail(sample, ENGINE_ERROR, str(err))
             continue
         ctx.generated_tokens += _append_response(sample, output)
@@ -203,9 +213,13 @@ async def generate(args: Any, sample: Sample, sampling_params: dict[str, Any]) -
         if engine_aborts > MAX_ENGINE_ABORT_RETRIES:
             logger.warning(
                 "sample %s: the engine aborted its request %d times without the rollout asking (%s); marking it FAILED",
-                sample.index, engine_aborts, message,
+                sample.index,
+                engine_aborts,
+                message,
             )
-            return _fail(sample, ENGINE_ABORT, f"aborted by the engine {engine_aborts} times (last: {message})")
+            return _fail(
+                sample, ENGINE_ABORT, f"aborted by the engine {engine_aborts} times (last: {message})"
+            )
 
 
 def _fail(sample: Sample, reason: str, message: str) -> Sample:
@@ -224,7 +238,9 @@ def failure_reason(group: Group) -> str | None:
     return None
 
 
-async def _generate_one(ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]) -> Sample | list[Sample]:
+async def _generate_one(
+    ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]
+) -> Sample | list[Sample]:
     args = ctx.args
     if args.partial_rollout and args.mask_offpolicy_in_partial_rollout and sample.response_length > 0:
         # tokens from an earlier policy do not count for the loss
@@ -238,7 +254,9 @@ async def _generate_one(ctx: RolloutContext, sample: Sample, sampling_params: di
     kwargs = {"evaluation": False} if "evaluation" in inspect.signature(fn).parameters else {}
     result = await fn(args, sample, dict(sampling_params), **kwargs)
     if not isinstance(result, (Sample, list)):
-        raise TypeError(f"generate function {custom_path} returned {type(result).__name__}, not Sample | list[Sample]")
+        raise TypeError(
+            f"generate function {custom_path} returned {type(result).__name__}, not Sample | list[Sample]"
+        )
     return result
 
 
@@ -259,7 +277,9 @@ async def reward_samples(ctx: RolloutContext, samples: list[Sample], *, whole_gr
             sample.reward = reward
 
 
-async def generate_and_reward_group(ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]) -> Group:
+async def generate_and_reward_group(
+    ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]
+) -> Group:
     """Generate every sample of a group concurrently, then reward them (unless the rollout aborted)."""
     results = await asyncio.gather(*(_generate_one(ctx, s, sampling_params) for s in group))
     flat: Group = []
@@ -270,7 +290,9 @@ async def generate_and_reward_group(ctx: RolloutContext, group: Group, sampling_
     for sample in flat:
         if sample.status == Sample.Status.ABORTED:  # a custom generate function passed an engine abort on
             ctx.counters["request_engine_aborts"] += 1
-            _fail(sample, ENGINE_ABORT, "aborted by the engine, and the generate function did not continue it")
+            _fail(
+                sample, ENGINE_ABORT, "aborted by the engine, and the generate function did not continue it"
+            )
     if any(s.status == Sample.Status.FAILED for s in flat):
         return flat
     await reward_samples(ctx, flat, whole_group=ctx.args.group_rm)

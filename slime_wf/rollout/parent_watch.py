@@ -43,9 +43,15 @@ def _stop_group(child: subprocess.Popen, grace: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m slime_wf.rollout.parent_watch", description=__doc__.split("\n")[0])
-    parser.add_argument("--parent-pid", type=int, required=True, help="the launcher: when it is gone, stop the command")
-    parser.add_argument("--poll-interval", type=float, default=0.5, help="seconds between checks of the parent")
+    parser = argparse.ArgumentParser(
+        prog="python -m slime_wf.rollout.parent_watch", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--parent-pid", type=int, required=True, help="the launcher: when it is gone, stop the command"
+    )
+    parser.add_argument(
+        "--poll-interval", type=float, default=0.5, help="seconds between checks of the parent"
+    )
     parser.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
     args = parser.parse_args(argv)
@@ -67,8 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     while child.poll() is None:
         time.sleep(args.poll_interval)
         if os.getppid() != args.parent_pid:
-            print(f"parent_watch: the launcher (pid {args.parent_pid}) is gone; stopping {command[:3]}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"parent_watch: the launcher (pid {args.parent_pid}) is gone; stopping {command[:3]}",
+                file=sys.stderr,
+                flush=True,
+            )
             _stop_group(child, args.grace)
     return _exit_code(child.returncode)
 

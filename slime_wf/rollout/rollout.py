@@ -114,7 +114,9 @@ class _Loop:
         if left <= 0:
             return False
         first_new = self.data_source.sample_group_index
-        self._submit(self.data_source.get_samples(min(self.draw_size, left), rollout_id=self.rollout_id), first_new)
+        self._submit(
+            self.data_source.get_samples(min(self.draw_size, left), rollout_id=self.rollout_id), first_new
+        )
         return True
 
     def _check_rewarded(self, group: Group, gi: int) -> None:
@@ -139,7 +141,9 @@ class _Loop:
         self._drop(group_index, reason)
         if reason not in self.failure_examples:  # the first message per reason, for the error that may follow
             failed = next(s for s in group if s.status == Sample.Status.FAILED)
-            self.failure_examples[reason] = f"sample index={failed.index}: {str(failed.metadata.get('failure'))[:300]}"
+            self.failure_examples[reason] = (
+                f"sample index={failed.index}: {str(failed.metadata.get('failure'))[:300]}"
+            )
 
     def _submit(self, groups: list[Group], first_new: int) -> None:
         for group in groups:
@@ -158,8 +162,12 @@ class _Loop:
             self.remaining -= 1
             return
         self._check_rewarded(group, gi)
-        output = call_dynamic_filter(self.filter_fn, self.args, group, path=self.args.dynamic_sampling_filter_path)
-        if should_drop_dynamic_filter_output(output, remaining_batch_size=self.remaining, target_data_size=self.target):
+        output = call_dynamic_filter(
+            self.filter_fn, self.args, group, path=self.args.dynamic_sampling_filter_path
+        )
+        if should_drop_dynamic_filter_output(
+            output, remaining_batch_size=self.remaining, target_data_size=self.target
+        ):
             self.remaining -= 1
             if output.keep_when_insufficient:
                 self.fallback.append((group, gi, output.reason or "filtered"))
@@ -186,7 +194,9 @@ class _Loop:
         self.ledger["to_buffer"].append(gi)
 
     async def run(self) -> list[Group]:
-        pbar = tqdm(total=self.target * self.args.n_samples_per_prompt, desc=f"rollout {self.rollout_id}", leave=False)
+        pbar = tqdm(
+            total=self.target * self.args.n_samples_per_prompt, desc=f"rollout {self.rollout_id}", leave=False
+        )
         try:
             while len(self.kept) < self.target:
                 while self.remaining < self.target and self._draw():
@@ -232,7 +242,14 @@ class _Loop:
             "rollout %d: drew %d groups (filter.max_groups_drawn_per_rollout: %d) but kept only %d of %d; training "
             "on those (%d of them filled in from groups the filter allowed to fill a short batch). Drops: %s. The "
             "dynamic filter %s keeps too little at these settings",
-            self.rollout_id, self.drawn, self.budget, len(self.kept), self.target, self.filled, drops, filter_path,
+            self.rollout_id,
+            self.drawn,
+            self.budget,
+            len(self.kept),
+            self.target,
+            self.filled,
+            drops,
+            filter_path,
         )
 
     async def _abort(self) -> None:
@@ -309,12 +326,15 @@ async def generate_rollout_async(
 
     if reward_hub is None:
         async with rm_hub.RewardHub() as own_hub:
-            return await generate_rollout_async(args, rollout_id, data_source, session, tokenizer, reward_hub=own_hub)
+            return await generate_rollout_async(
+                args, rollout_id, data_source, session, tokenizer, reward_hub=own_hub
+            )
     hub = reward_hub
     hub.reset_cache()  # identical gradings are shared within a rollout, not across weight versions
     hub.metrics(reset=True)
-    ctx = RolloutContext(args=args, session=session, tokenizer=tokenizer, rollout_id=rollout_id,
-                         reward_kwargs={"hub": hub})
+    ctx = RolloutContext(
+        args=args, session=session, tokenizer=tokenizer, rollout_id=rollout_id, reward_kwargs={"hub": hub}
+    )
     with rollout_context(ctx), rm_hub.using_hub(hub):
         loop = _Loop(args, rollout_id, data_source, ctx)
         start = time.perf_counter()
@@ -332,7 +352,13 @@ async def generate_rollout_async(
 
 
 def generate_rollout(
-    args: Any, rollout_id: int, data_source: Any, engines: Any, *, tokenizer: Any = None, reward_hub: Any = None,
+    args: Any,
+    rollout_id: int,
+    data_source: Any,
+    engines: Any,
+    *,
+    tokenizer: Any = None,
+    reward_hub: Any = None,
 ) -> RolloutOutput:
     """One rollout id on an `EngineFleet`: a batch of kept groups plus its ledger and metrics.
 
@@ -387,4 +413,3 @@ def _custom_rollout(args: Any, rollout_id: int, data_source: Any) -> RolloutOutp
     rewards = [float(cast(float, s.get_reward_value(args))) for g in groups for s in g]  # none unrewarded
     metrics.setdefault("rollout/raw_reward", statistics.fmean(rewards) if rewards else 0.0)
     return RolloutOutput(rollout_id, groups, ledger, metrics)
-

@@ -70,7 +70,9 @@ def items_from_samples(samples: Sequence[Sample], args: Any) -> list[TrainItem]:
             )
         mask = sample.loss_mask if sample.loss_mask is not None else [1] * r
         if len(mask) != r:
-            raise ValueError(f"{_where(sample, i)}: loss_mask has {len(mask)} entries but response_length is {r}")
+            raise ValueError(
+                f"{_where(sample, i)}: loss_mask has {len(mask)} entries but response_length is {r}"
+            )
         if sample.remove_sample:
             mask = [0] * r
         reward = sample.get_reward_value(args)
@@ -87,22 +89,28 @@ def items_from_samples(samples: Sequence[Sample], args: Any) -> list[TrainItem]:
                     f"response_length is {r}"
                 )
             rollout_lp = torch.tensor(sample.rollout_log_probs, dtype=torch.float32)
-        items.append(TrainItem(
-            index=i,
-            tokens=torch.tensor(sample.tokens, dtype=torch.long),
-            response_length=r,
-            loss_mask=torch.tensor(mask, dtype=torch.float32),
-            reward=float(reward),
-            rollout_log_probs=rollout_lp,
-            group_index=sample.group_index,
-        ))
+        items.append(
+            TrainItem(
+                index=i,
+                tokens=torch.tensor(sample.tokens, dtype=torch.long),
+                response_length=r,
+                loss_mask=torch.tensor(mask, dtype=torch.float32),
+                reward=float(reward),
+                rollout_log_probs=rollout_lp,
+                group_index=sample.group_index,
+            )
+        )
     have_lp = sum(item.rollout_log_probs is not None for item in items)
     if 0 < have_lp < len(items):
-        raise ValueError(f"{have_lp} of {len(items)} samples carry rollout_log_probs: give them for all or none")
+        raise ValueError(
+            f"{have_lp} of {len(items)} samples carry rollout_log_probs: give them for all or none"
+        )
     return items
 
 
-def split_steps(items: Sequence[TrainItem], global_batch_size: int, *, min_step_size: int = 1) -> list[list[TrainItem]]:
+def split_steps(
+    items: Sequence[TrainItem], global_batch_size: int, *, min_step_size: int = 1
+) -> list[list[TrainItem]]:
     """Consecutive optimizer steps, in rollout order: `global_batch_size` samples each when the
     rollout is a multiple of it; otherwise (a short rollout) the fewest steps of at most
     `global_batch_size` samples, their sizes differing by at most one. Each step's loss is the mean
@@ -166,8 +174,11 @@ def make_micro_batches(
     for item in ordered:
         n = item.total_length
         if n > max_tokens_per_gpu:
-            logger.warning("a sample of %d tokens exceeds max_tokens_per_gpu=%d; it gets a micro-batch of its own",
-                           n, max_tokens_per_gpu)
+            logger.warning(
+                "a sample of %d tokens exceeds max_tokens_per_gpu=%d; it gets a micro-batch of its own",
+                n,
+                max_tokens_per_gpu,
+            )
         for b, batch in enumerate(batches):
             if (len(batch) + 1) * max(longest[b], n) <= max_tokens_per_gpu:
                 batch.append(item)
@@ -199,6 +210,7 @@ class PaddedBatch:
 
     def loss_batch(self, device: torch.device | str | None = None) -> dict[str, Any]:
         """The dict `objectives.loss_function` takes, with per-token entries on `device`."""
+
         def on(t):
             return t.to(device) if device is not None else t
 
@@ -217,7 +229,10 @@ class PaddedBatch:
 
 
 def pad_micro_batch(
-    items: Sequence[TrainItem], *, pad_token_id: int = 0, device: torch.device | str = "cpu",
+    items: Sequence[TrainItem],
+    *,
+    pad_token_id: int = 0,
+    device: torch.device | str = "cpu",
 ) -> PaddedBatch:
     """Right-pad `items` to their longest length."""
     if not items:

@@ -91,7 +91,9 @@ def _rng_files(path: Path, rank: int) -> tuple[Path, Path]:
 
 def _as_state_tensor(state: Any, what: str) -> torch.Tensor:
     if not isinstance(state, torch.Tensor):
-        raise TypeError(f"RNG state {what} is a {type(state).__name__}, not a tensor: it cannot be checkpointed")
+        raise TypeError(
+            f"RNG state {what} is a {type(state).__name__}, not a tensor: it cannot be checkpointed"
+        )
     return state.detach().cpu().contiguous()
 
 
@@ -113,8 +115,13 @@ def _save_rng_state(path: Path, rank: int) -> None:
     described = {
         "format": _RNG_FORMAT,
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-        "numpy": {"bit_generator": bit_generator, "key": [int(k) for k in key], "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "bit_generator": bit_generator,
+            "key": [int(k) for k in key],
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "device_states": None if device is None else len(device),
         "megatron_tracker": list(tracker),
     }
@@ -139,13 +146,22 @@ def _load_rng_state(path: Path, rank: int) -> bool:
         return False
     described = json.loads(json_file.read_text())
     if described.get("format") != _RNG_FORMAT:
-        raise ValueError(f"{json_file}: RNG state format {described.get('format')!r}, expected {_RNG_FORMAT!r}")
+        raise ValueError(
+            f"{json_file}: RNG state format {described.get('format')!r}, expected {_RNG_FORMAT!r}"
+        )
     tensors = load_file(str(tensor_file))
     py = described["python"]
     random.setstate((py["version"], tuple(py["internal"]), py["gauss_next"]))
     state = described["numpy"]
-    np.random.set_state((state["bit_generator"], np.asarray(state["key"], dtype=np.uint32), state["pos"],
-                         state["has_gauss"], state["cached_gaussian"]))
+    np.random.set_state(
+        (
+            state["bit_generator"],
+            np.asarray(state["key"], dtype=np.uint32),
+            state["pos"],
+            state["has_gauss"],
+            state["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(tensors["torch"])
     if described["device_states"] is not None:
         cpu_shim.set_device_rng_state([tensors[f"device/{i}"] for i in range(described["device_states"])])
@@ -192,7 +208,9 @@ def save_checkpoint(
     try:
         sidecar_text = json.dumps(sidecar, indent=1)
     except TypeError as err:
-        raise TypeError(f"save_checkpoint: scheduler_state and extra must be JSON-serializable ({err})") from None
+        raise TypeError(
+            f"save_checkpoint: scheduler_state and extra must be JSON-serializable ({err})"
+        ) from None
 
     tmp = path.with_name(_same_on_all_ranks(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"))
     if _rank() == 0:
@@ -253,7 +271,9 @@ def find_checkpoint(path: str | os.PathLike | None) -> Path | None:
         if child.is_dir() and not child.name.startswith(".") and (child / _STATE_FILE).is_file():
             state = read_trainer_state(child)
             rollout_id = state.get("extra", {}).get("rollout_id")
-            found.append((-1 if rollout_id is None else int(rollout_id), state.get("step") or 0, child.name, child))
+            found.append(
+                (-1 if rollout_id is None else int(rollout_id), state.get("step") or 0, child.name, child)
+            )
     return max(found)[-1] if found else None
 
 
@@ -272,7 +292,9 @@ def _load_megatron(sharded: dict, directory: Path) -> dict:
         raise RuntimeError(f"loading the checkpoint shards in {directory} failed: {err}") from None
 
 
-def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, restore_rng: bool = True) -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, model, optimizer=None, *, restore_rng: bool = True
+) -> dict[str, Any]:
     """Load a checkpoint saved by `save_checkpoint` into `model` (+ `optimizer`); a collective.
 
     Works at any tensor-parallel size. Returns the sidecar: `step`, `scheduler_state`,
@@ -298,7 +320,10 @@ def load_checkpoint(path: str | os.PathLike, model, optimizer=None, *, restore_r
     if restore_rng and same_layout:
         state["rng_restored"] = _load_rng_state(path, _rank())
     elif restore_rng:
-        logger.info("checkpoint %s was saved with layout %s; RNG states not restored", path,
-                    {k: state.get(k) for k in _layout()})
+        logger.info(
+            "checkpoint %s was saved with layout %s; RNG states not restored",
+            path,
+            {k: state.get(k) for k in _layout()},
+        )
     _barrier()
     return state

@@ -157,8 +157,12 @@ class _CpuTorch(types.ModuleType):
 _CPU_TORCH = _CpuTorch()
 
 
-def _clip_grads_by_total_norm(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, total_norm: float,
-                              use_decoupled_grad: bool = False) -> None:
+def _clip_grads_by_total_norm(
+    parameters: torch.Tensor | Iterable[torch.Tensor],
+    max_norm: float,
+    total_norm: float,
+    use_decoupled_grad: bool = False,
+) -> None:
     """Scale gradients in place so that their total norm is at most `max_norm`.
 
     Replaces megatron's `clip_grad_by_total_norm_fp32` in the optimizer module: the original

@@ -59,8 +59,15 @@ class Critic:
     step: int = 0
 
     @classmethod
-    def build(cls, args: Any, hf_checkpoint_dir: str, params_dtype: torch.dtype, *, source: Path | None = None,
-              initialize: bool = True) -> Critic:
+    def build(
+        cls,
+        args: Any,
+        hf_checkpoint_dir: str,
+        params_dtype: torch.dtype,
+        *,
+        source: Path | None = None,
+        initialize: bool = True,
+    ) -> Critic:
         """A critic with the body of the HF checkpoint and a zero head, or the weights and optimizer
         state of the critic checkpoint `source`; `initialize=False` leaves the body random (the
         caller loads a checkpoint into it next)."""
@@ -69,8 +76,14 @@ class Critic:
         if source is None and initialize:
             load_hf_checkpoint_into(model, hf_checkpoint_dir)
         ddp_model, optimizer = build_optimizer(
-            model, lr=cargs.lr, min_lr=cargs.min_lr, weight_decay=cargs.weight_decay, adam_beta1=cargs.adam_beta1,
-            adam_beta2=cargs.adam_beta2, adam_eps=cargs.adam_eps, clip_grad=cargs.clip_grad,
+            model,
+            lr=cargs.lr,
+            min_lr=cargs.min_lr,
+            weight_decay=cargs.weight_decay,
+            adam_beta1=cargs.adam_beta1,
+            adam_beta2=cargs.adam_beta2,
+            adam_eps=cargs.adam_eps,
+            clip_grad=cargs.clip_grad,
         )
         critic = cls(model, ddp_model, optimizer, build_scheduler(optimizer, cargs), cargs)
         if source is not None:
@@ -80,13 +93,21 @@ class Critic:
         return critic
 
     def save(self, path: Path, rollout_id: int | None) -> None:
-        save_checkpoint(path, self.ddp_model, self.optimizer, self.scheduler.state_dict(),
-                        {"rollout_id": rollout_id, "role": "critic"}, step=self.step)
+        save_checkpoint(
+            path,
+            self.ddp_model,
+            self.optimizer,
+            self.scheduler.state_dict(),
+            {"rollout_id": rollout_id, "role": "critic"},
+            step=self.step,
+        )
 
     def load(self, path: Path) -> None:
         state = load_checkpoint(path, self.ddp_model, self.optimizer)
         if state.get("extra", {}).get("role") != "critic":
-            raise ValueError(f"{str(path)!r} is a policy checkpoint, not a critic's (its role is not 'critic')")
+            raise ValueError(
+                f"{str(path)!r} is a policy checkpoint, not a critic's (its role is not 'critic')"
+            )
         self.scheduler = build_scheduler(self.optimizer, self.args)
         if state.get("scheduler_state"):
             self.scheduler.load_state_dict(state["scheduler_state"])

@@ -49,7 +49,9 @@ def _hf_logits(hf_dir: str, input_ids, attention_mask, dtype, device):
     return logits.float().cpu()
 
 
-def run_hf_parity(hf_dir: str, *, tp: int = 1, dtype: str = "float32", export_dir: str | None = None) -> dict | None:
+def run_hf_parity(
+    hf_dir: str, *, tp: int = 1, dtype: str = "float32", export_dir: str | None = None
+) -> dict | None:
     """Run the parity check in this process (every rank of a torchrun world calls it).
 
     Returns the report on global rank 0 and None on the others. Initializes and destroys the
@@ -127,9 +129,21 @@ def _relaunch_under_torchrun(ns: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="hf-parity-") as tmp:
         result = os.path.join(tmp, "result.json")
         cmd = [
-            sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ns.tp}",
-            "-m", "slime_wf.training.hf_parity",
-            "--hf-checkpoint", ns.hf_checkpoint, "--tp", str(ns.tp), "--dtype", ns.dtype, "--result-json", result,
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={ns.tp}",
+            "-m",
+            "slime_wf.training.hf_parity",
+            "--hf-checkpoint",
+            ns.hf_checkpoint,
+            "--tp",
+            str(ns.tp),
+            "--dtype",
+            ns.dtype,
+            "--result-json",
+            result,
         ]
         if ns.export_dir:
             cmd += ["--export-dir", ns.export_dir]
@@ -152,11 +166,17 @@ def _positive_int(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hf-checkpoint", required=True, help="HF checkpoint directory (config.json + safetensors)")
-    parser.add_argument("--tp", type=_positive_int, default=1, help="tensor-parallel size (>1 runs under torchrun)")
+    parser.add_argument(
+        "--hf-checkpoint", required=True, help="HF checkpoint directory (config.json + safetensors)"
+    )
+    parser.add_argument(
+        "--tp", type=_positive_int, default=1, help="tensor-parallel size (>1 runs under torchrun)"
+    )
     parser.add_argument("--dtype", default="float32", choices=DTYPES, help="parameter dtype of both models")
     parser.add_argument("--export-dir", default=None, help="also write the exported HF checkpoint here")
-    parser.add_argument("--timeout", type=float, default=1800, help="seconds before a torchrun relaunch is killed")
+    parser.add_argument(
+        "--timeout", type=float, default=1800, help="seconds before a torchrun relaunch is killed"
+    )
     parser.add_argument("--result-json", default=None, help=argparse.SUPPRESS)
 
 

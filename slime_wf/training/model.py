@@ -22,7 +22,11 @@ from slime_wf.training import cpu_shim
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama")
 # Megatron's llama3 rope scaling hard-codes these; other values would silently differ from HF.
-_MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+_MEGATRON_LLAMA3_ROPE = {
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 class UnsupportedConfigError(ValueError):
@@ -75,7 +79,9 @@ def hf_config_dict(hf_config: Any) -> dict:
         return config
     if hasattr(hf_config, "to_dict"):
         return hf_config.to_dict()
-    raise TypeError(f"hf_config must be a checkpoint directory, a PretrainedConfig or a dict, got {type(hf_config)!r}")
+    raise TypeError(
+        f"hf_config must be a checkpoint directory, a PretrainedConfig or a dict, got {type(hf_config)!r}"
+    )
 
 
 def _rope_settings(cfg: dict) -> tuple[float, float | None, float | None]:
@@ -120,25 +126,44 @@ def describe_hf_config(hf_config: Any) -> Architecture:
         )
     for field in ("num_experts", "num_local_experts", "n_routed_experts"):
         if cfg.get(field):
-            raise UnsupportedConfigError(f"HF config {field}={cfg[field]}: mixture-of-experts models are not supported")
+            raise UnsupportedConfigError(
+                f"HF config {field}={cfg[field]}: mixture-of-experts models are not supported"
+            )
     if cfg.get("hidden_act", "silu") != "silu":
-        raise UnsupportedConfigError(f"HF config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu', SwiGLU)")
+        raise UnsupportedConfigError(
+            f"HF config hidden_act={cfg['hidden_act']!r} is not supported (only 'silu', SwiGLU)"
+        )
     if cfg.get("use_sliding_window") and cfg.get("sliding_window"):
         raise UnsupportedConfigError(
             f"HF config use_sliding_window=True (sliding_window={cfg['sliding_window']}) is not supported"
         )
     other = sorted({t for t in cfg.get("layer_types") or [] if t != "full_attention"})
     if other:
-        raise UnsupportedConfigError(f"HF config layer_types contains {other}: only 'full_attention' layers are supported")
+        raise UnsupportedConfigError(
+            f"HF config layer_types contains {other}: only 'full_attention' layers are supported"
+        )
     # Qwen3 and Llama put attention_bias on o_proj as well, which Megatron's add_qkv_bias does not cover.
     if model_type != "qwen2" and cfg.get("attention_bias"):
-        raise UnsupportedConfigError(f"HF config attention_bias=True is not supported for model_type={model_type!r}")
+        raise UnsupportedConfigError(
+            f"HF config attention_bias=True is not supported for model_type={model_type!r}"
+        )
     if cfg.get("mlp_bias"):
         raise UnsupportedConfigError("HF config mlp_bias=True is not supported")
     if cfg.get("pretraining_tp") not in (None, 1):
-        raise UnsupportedConfigError(f"HF config pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)")
-    missing = [k for k in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                           "intermediate_size") if cfg.get(k) is None]
+        raise UnsupportedConfigError(
+            f"HF config pretraining_tp={cfg['pretraining_tp']} is not supported (only 1)"
+        )
+    missing = [
+        k
+        for k in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "intermediate_size",
+        )
+        if cfg.get(k) is None
+    ]
     if missing:
         raise UnsupportedConfigError(f"HF config lacks {missing}")
     theta, llama3_factor, linear_factor = _rope_settings(cfg)
@@ -173,7 +198,9 @@ def check_tp_size(arch: Architecture, tp_size: int) -> None:
         ("intermediate_size", arch.intermediate_size),
     ):
         if value % tp_size:
-            raise UnsupportedConfigError(f"HF config {name}={value} is not divisible by tensor-parallel size {tp_size}")
+            raise UnsupportedConfigError(
+                f"HF config {name}={value} is not divisible by tensor-parallel size {tp_size}"
+            )
 
 
 def build_gpt_model(
@@ -241,7 +268,9 @@ def build_gpt_model(
     config = TransformerConfig(**options)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"),
+        transformer_layer_spec=get_gpt_layer_local_spec(
+            qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
+        ),
         vocab_size=arch.padded_vocab_size(tp_size, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=True,
@@ -276,8 +305,12 @@ class ValueHead(torch.nn.Module):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(1, hidden_size, dtype=dtype, device=device))
 
-    def forward(self, hidden_states: torch.Tensor, weight: torch.Tensor | None = None,
-                runtime_gather_output: bool | None = None) -> tuple[torch.Tensor, None]:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        weight: torch.Tensor | None = None,
+        runtime_gather_output: bool | None = None,
+    ) -> tuple[torch.Tensor, None]:
         return torch.nn.functional.linear(hidden_states, self.weight), None
 
 
@@ -343,7 +376,5 @@ def forward_logits(
     if position_ids is None:
         position_ids = position_ids_from_mask(attention_mask)
     vocab_size = unwrap_model(model).hf_arch.vocab_size
-    logits = model(
-        input_ids, position_ids, causal_padding_mask(attention_mask), runtime_gather_output=True
-    )
+    logits = model(input_ids, position_ids, causal_padding_mask(attention_mask), runtime_gather_output=True)
     return logits[..., :vocab_size]

@@ -17,8 +17,9 @@ class NonFiniteTrainingError(RuntimeError):
     because a loss, a gradient norm or an input was not finite. `skips` describes the skipped
     steps of this rollout; `applied_steps` counts the policy updates it made before stopping."""
 
-    def __init__(self, message: str, *, rollout_id: int | None, skips: list[str], consecutive: int,
-                 applied_steps: int) -> None:
+    def __init__(
+        self, message: str, *, rollout_id: int | None, skips: list[str], consecutive: int, applied_steps: int
+    ) -> None:
         super().__init__(message)
         self.rollout_id = rollout_id
         self.skips = skips

@@ -103,7 +103,9 @@ def step_if_finite(optimizer, loss_is_finite: bool) -> tuple[bool, float]:
         params = part.get_parameters()
         if params and part.config.clip_grad > 0.0:
             megatron_optimizer.clip_grad_by_total_norm_fp32(
-                params, max_norm=part.config.clip_grad, total_norm=grad_norm,
+                params,
+                max_norm=part.config.clip_grad,
+                total_norm=grad_norm,
                 use_decoupled_grad=part.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8,
             )
     return bool(optimizer.step_with_ready_grads()), grad_norm

@@ -51,7 +51,9 @@ def init_process_group(timeout_minutes: int = 30) -> None:
         dist.init_process_group(backend=backend, timeout=timeout)
     else:
         cpu_shim.local_device(0)
-        dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(
+            backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+        )
     _owns_process_group = True
 
 
@@ -68,7 +70,9 @@ def init_parallel(tp_size: int = 1, *, seed: int = 1234, timeout_minutes: int = 
     if tp_size < 1:
         raise ValueError(f"init_parallel: tp_size must be >= 1, got {tp_size}")
     if parallel_state.model_parallel_is_initialized():
-        raise RuntimeError("init_parallel: model parallel state is already initialized; call destroy_parallel() first")
+        raise RuntimeError(
+            "init_parallel: model parallel state is already initialized; call destroy_parallel() first"
+        )
     init_process_group(timeout_minutes)
 
     world_size = dist.get_world_size()
@@ -81,7 +85,9 @@ def init_parallel(tp_size: int = 1, *, seed: int = 1234, timeout_minutes: int = 
         tensor_model_parallel_size=tp_size, distributed_timeout_minutes=timeout_minutes
     )
     torch.manual_seed(seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True, **cpu_shim.rng_tracker_options())
+    tensor_parallel.model_parallel_cuda_manual_seed(
+        seed, force_reset_rng=True, **cpu_shim.rng_tracker_options()
+    )
     info = parallel_info()
     logger.info("parallel state: %s", info)
     return info

@@ -53,7 +53,9 @@ class _MetadataUnpickler(pickle.Unpickler):
             found = getattr(importlib.import_module(module), name, None)
             if isinstance(found, type) and found.__module__ == module:
                 return found
-        raise pickle.UnpicklingError(f"names {module}.{name}, which is not part of torch's checkpoint metadata")
+        raise pickle.UnpicklingError(
+            f"names {module}.{name}, which is not part of torch's checkpoint metadata"
+        )
 
 
 def _unpickler_reason(err: Exception) -> str:

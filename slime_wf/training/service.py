@@ -66,8 +66,9 @@ logger = logging.getLogger(__name__)
 def _run_command(trainer: Trainer, command: dict[str, Any]) -> Any:
     name = command["cmd"]
     if name == "train":
-        samples: list[Sample | dict[str, Any]] = list(parse_samples_jsonl(command["samples_text"],
-                                                                          command["samples_path"]))
+        samples: list[Sample | dict[str, Any]] = list(
+            parse_samples_jsonl(command["samples_text"], command["samples_path"])
+        )
         return trainer.train(samples, command["rollout_id"])
     if name == "save":
         return trainer.save(command["path"], command.get("rollout_id"))
@@ -81,8 +82,10 @@ def _run_command(trainer: Trainer, command: dict[str, Any]) -> Any:
         return trainer.broadcast_weights(command["plan"], command["request"])
     if name == "close_weight_group":
         return trainer.close_weight_group()
-    raise ValueError(f"unknown trainer command {name!r}; known: train, save, load, export_hf, ping, broadcast_weights, "
-                     "close_weight_group, shutdown")
+    raise ValueError(
+        f"unknown trainer command {name!r}; known: train, save, load, export_hf, ping, broadcast_weights, "
+        "close_weight_group, shutdown"
+    )
 
 
 def _watch_client(client_pid: int) -> None:
@@ -103,8 +106,10 @@ def _send(conn: Connection[Any, Any], message: dict[str, Any]) -> None:
 
 
 def _where() -> str:
-    return (f"trainer node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}), "
-            f"rank {os.environ.get('RANK', '0')}")
+    return (
+        f"trainer node {os.environ.get('GROUP_RANK', '0')} ({socket.gethostname()}), "
+        f"rank {os.environ.get('RANK', '0')}"
+    )
 
 
 def _paths_seen_by_rank0(args: dict[str, Any], hf_checkpoint: str) -> dict[str, str]:
@@ -116,7 +121,9 @@ def _paths_seen_by_rank0(args: dict[str, Any], hf_checkpoint: str) -> dict[str, 
         if args.get(key) and os.path.exists(args[key]):
             paths[key] = args[key]
     resume = find_checkpoint(args.get("load"))
-    if resume is not None:  # a folder of checkpoints resolves to its latest one, which must be the same everywhere
+    if (
+        resume is not None
+    ):  # a folder of checkpoints resolves to its latest one, which must be the same everywhere
         paths["the checkpoint resumed from (load)"] = str(resume / "trainer_state.json")
     return paths
 
@@ -125,8 +132,10 @@ def _missing_here(paths: dict[str, str]) -> str | None:
     missing = [f"{key} {path}" for key, path in paths.items() if not os.path.exists(path)]
     if not missing:
         return None
-    return (f"{_where()}: not found here: {', '.join(missing)}. Every trainer node reads these at the same path: "
-            "put them on a filesystem the trainer nodes share, or copy them to that path on each node")
+    return (
+        f"{_where()}: not found here: {', '.join(missing)}. Every trainer node reads these at the same path: "
+        "put them on a filesystem the trainer nodes share, or copy them to that path on each node"
+    )
 
 
 def _agree(dist, error: str | None) -> str | None:
@@ -151,10 +160,15 @@ def _check_shared(dist, folder: Path) -> None:
         except OSError as err:
             unwritable = f"{_where()}: cannot write the checkpoint folder {folder}: {err}"
     dist.barrier()
-    unseen = unwritable or (None if probe.exists() else (
-        f"{_where()}: the checkpoint folder {folder} that rank 0 writes to is not visible here. Every rank writes its "
-        "part of a checkpoint there: put the run store (or storage.scratch_dir, for an s3:// store) on a filesystem "
-        "the trainer nodes share"))
+    unseen = unwritable or (
+        None
+        if probe.exists()
+        else (
+            f"{_where()}: the checkpoint folder {folder} that rank 0 writes to is not visible here. Every rank writes its "
+            "part of a checkpoint there: put the run store (or storage.scratch_dir, for an s3:// store) on a filesystem "
+            "the trainer nodes share"
+        )
+    )
     unseen = _agree(dist, unseen)
     if dist.get_rank() == 0:
         probe.unlink(missing_ok=True)
@@ -167,8 +181,13 @@ def _nonfinite_detail(err: BaseException) -> dict[str, Any] | None:
 
     if not isinstance(err, NonFiniteTrainingError):
         return None
-    return {"message": str(err), "rollout_id": err.rollout_id, "skips": err.skips, "consecutive": err.consecutive,
-            "applied_steps": err.applied_steps}
+    return {
+        "message": str(err),
+        "rollout_id": err.rollout_id,
+        "skips": err.skips,
+        "consecutive": err.consecutive,
+        "applied_steps": err.applied_steps,
+    }
 
 
 def serve(argv: list[str] | None = None) -> int:
@@ -176,8 +195,10 @@ def serve(argv: list[str] | None = None) -> int:
 
     from slime_wf.training.parallel import init_process_group
 
-    parser = argparse.ArgumentParser(description="slime-wf trainer service (run under torchrun); the options are "
-                                     "rank 0's, the other ranks get the settings from it")
+    parser = argparse.ArgumentParser(
+        description="slime-wf trainer service (run under torchrun); the options are "
+        "rank 0's, the other ranks get the settings from it"
+    )
     parser.add_argument("--args-json")
     parser.add_argument("--hf-checkpoint")
     parser.add_argument("--address-file")
@@ -190,9 +211,16 @@ def serve(argv: list[str] | None = None) -> int:
 
     conn: Connection[Any, Any] | None = None
     if rank == 0:
-        if authkey is None or None in (opts.args_json, opts.hf_checkpoint, opts.address_file, opts.client_pid):
-            parser.error(f"rank 0 needs --args-json, --hf-checkpoint, --address-file, --client-pid and {AUTHKEY_ENV} "
-                         "(RemoteTrainer starts it so); the other nodes join with `slime-wf trainer-node`")
+        if authkey is None or None in (
+            opts.args_json,
+            opts.hf_checkpoint,
+            opts.address_file,
+            opts.client_pid,
+        ):
+            parser.error(
+                f"rank 0 needs --args-json, --hf-checkpoint, --address-file, --client-pid and {AUTHKEY_ENV} "
+                "(RemoteTrainer starts it so); the other nodes join with `slime-wf trainer-node`"
+            )
         threading.Thread(target=_watch_client, args=(opts.client_pid,), daemon=True).start()
         listener = Listener(("127.0.0.1", 0), authkey=bytes.fromhex(authkey))
         host, port = listener.address
@@ -223,7 +251,11 @@ def serve(argv: list[str] | None = None) -> int:
     pids: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(pids, os.getpid())
     if conn is not None:
-        ready = {"pids": pids, **trainer_status(trainer), "initial_weights": dataclasses.asdict(trainer.initial_weights)}
+        ready = {
+            "pids": pids,
+            **trainer_status(trainer),
+            "initial_weights": dataclasses.asdict(trainer.initial_weights),
+        }
         _send(conn, {"ok": True, "result": ready})
 
     heartbeats = 0
@@ -232,7 +264,9 @@ def serve(argv: list[str] | None = None) -> int:
             command: dict[str, Any] | None = None
             if conn is not None:
                 try:
-                    command = json.loads(conn.recv_bytes()) if conn.poll(opts.heartbeat_s) else {"cmd": "heartbeat"}
+                    command = (
+                        json.loads(conn.recv_bytes()) if conn.poll(opts.heartbeat_s) else {"cmd": "heartbeat"}
+                    )
                 except (EOFError, OSError):
                     command = {"cmd": "shutdown"}  # the client is gone
                 if command["cmd"] == "train":  # the file is on this node only
@@ -253,7 +287,9 @@ def serve(argv: list[str] | None = None) -> int:
                 command["plan"]["api_key"] = secret
             if command["cmd"] == "heartbeat":
                 heartbeats += 1
-                if rank == 0:  # a line per heartbeat_s of idling: the group is alive while the campaign generates
+                if (
+                    rank == 0
+                ):  # a line per heartbeat_s of idling: the group is alive while the campaign generates
                     logger.info("idle: heartbeat %d, every rank in step", heartbeats)
                 continue
             if command["cmd"] == "shutdown":

@@ -54,8 +54,9 @@ def resolve_train_args(args: Any = None, **overrides: Any) -> argparse.Namespace
 def params_dtype(args: Any) -> torch.dtype:
     """The torch dtype of `args.params_dtype` ("auto": bfloat16 with CUDA, float32 on CPU)."""
     auto = torch.float32 if cpu_shim.is_active() else torch.bfloat16
-    return torch_dtype(getattr(args, "params_dtype", "auto"), "params_dtype", choices=("float32", "bfloat16"),
-                       auto=auto)
+    return torch_dtype(
+        getattr(args, "params_dtype", "auto"), "params_dtype", choices=("float32", "bfloat16"), auto=auto
+    )
 
 
 def needs_critic(args: Any) -> bool:
@@ -66,7 +67,10 @@ def needs_critic(args: Any) -> bool:
 def needs_reference_model(args: Any) -> bool:
     """A KL term reads the reference model's log-probs: the KL loss, or the KL reward penalty
     of the estimators that use it (grpo, gspo and cispo ignore kl_coef, as in slime)."""
-    penalty = args.kl_coef != 0 and args.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    penalty = args.kl_coef != 0 and args.advantage_estimator in (
+        "reinforce_plus_plus",
+        "reinforce_plus_plus_baseline",
+    )
     return bool(args.use_kl_loss or penalty)
 
 
@@ -79,5 +83,8 @@ def needs_old_log_probs(args: Any, num_steps: int) -> bool:
     """
     if args.use_rollout_logprobs:
         return False
-    penalty = args.kl_coef != 0 and args.advantage_estimator in ("reinforce_plus_plus", "reinforce_plus_plus_baseline")
+    penalty = args.kl_coef != 0 and args.advantage_estimator in (
+        "reinforce_plus_plus",
+        "reinforce_plus_plus_baseline",
+    )
     return num_steps > 1 or penalty

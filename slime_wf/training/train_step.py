@@ -100,11 +100,17 @@ def _score(model, micro_batches: Sequence[PaddedBatch], key: str, per_response) 
 
 def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key: str) -> None:
     """Store the model's log-probs of each response token as `item.per_token[key]`."""
+
     def log_probs(logits, mb):
         return response_log_probs_and_entropy(
-            logits, [it.tokens for it in mb.items], [it.total_length for it in mb.items],
-            [it.response_length for it in mb.items], temperature=args.rollout_temperature,
-            with_entropy=False, chunk_size=_chunk_size(args), layout="padded",
+            logits,
+            [it.tokens for it in mb.items],
+            [it.total_length for it in mb.items],
+            [it.response_length for it in mb.items],
+            temperature=args.rollout_temperature,
+            with_entropy=False,
+            chunk_size=_chunk_size(args),
+            layout="padded",
         )[0]
 
     _score(model, micro_batches, key, log_probs)
@@ -112,9 +118,14 @@ def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key:
 
 def score_values(critic_model, micro_batches: Sequence[PaddedBatch]) -> None:
     """Store the critic's value of each response token as `item.per_token["values"]`."""
+
     def values(output, mb):
-        return slice_responses(output[..., 0], [it.total_length for it in mb.items],
-                               [it.response_length for it in mb.items], layout="padded")
+        return slice_responses(
+            output[..., 0],
+            [it.total_length for it in mb.items],
+            [it.response_length for it in mb.items],
+            layout="padded",
+        )
 
     _score(critic_model, micro_batches, "values", values)
 
@@ -123,6 +134,7 @@ def set_advantages(items: Sequence[TrainItem], args: Any, objective: ObjectiveOp
     """`item.per_token["advantages"]` for every item of the rollout (rewards are raw), and
     `returns` when the critic's `values` are there (the value loss's targets). `objective`: the
     objective options resolved from `args` (None: resolved here)."""
+
     def optional(key):
         if all(key in it.per_token for it in items):
             return [it.per_token[key] for it in items]
@@ -138,7 +150,8 @@ def set_advantages(items: Sequence[TrainItem], args: Any, objective: ObjectiveOp
         response_lengths=[it.response_length for it in items],
         n_samples_per_prompt=args.n_samples_per_prompt,
         rollout_log_probs=[cast(torch.Tensor, it.rollout_log_probs) for it in items]
-        if items[0].rollout_log_probs is not None else None,  # all items carry them, or none
+        if items[0].rollout_log_probs is not None
+        else None,  # all items carry them, or none
         values=values,
     )
     for item, adv, ret in zip(items, advantages, returns, strict=True):
@@ -178,8 +191,15 @@ def _lr(optimizer) -> float:
 
 
 def optimizer_step(
-    ddp_model, optimizer, micro_batches: Sequence[PaddedBatch], args: Any, *, normalizer: float,
-    dp: DataParallel, device: torch.device, objective: ObjectiveOptions | None = None,
+    ddp_model,
+    optimizer,
+    micro_batches: Sequence[PaddedBatch],
+    args: Any,
+    *,
+    normalizer: float,
+    dp: DataParallel,
+    device: torch.device,
+    objective: ObjectiveOptions | None = None,
 ) -> dict[str, float]:
     """Forward/backward every micro-batch of this rank, all-reduce the gradients, clip, Adam.
 
@@ -197,7 +217,9 @@ def optimizer_step(
     sums: dict[str, torch.Tensor] = {}
     for mb in micro_batches:
         logits = _forward(ddp_model, mb)
-        loss, metrics = loss_function(args, mb.loss_batch(device), logits, normalizer=normalizer, options=objective)
+        loss, metrics = loss_function(
+            args, mb.loss_batch(device), logits, normalizer=normalizer, options=objective
+        )
         (loss * dp.size).backward()
         sums[_LOSS_SUM] = sums.get(_LOSS_SUM, 0.0) + loss.detach().float()
         del logits, loss  # free the micro-batch's logits before the next forward
@@ -252,8 +274,10 @@ def train_rollout(
     critic_objective = None if critic is None else ObjectiveOptions.from_args(critic.args)
     for flag in ("use_rollout_logprobs", "use_tis"):
         if getattr(args, flag) and items and items[0].rollout_log_probs is None:
-            raise ValueError(f"{flag} needs the engine's log-probs: the samples carry no rollout_log_probs "
-                             "(ask the engine for them, e.g. return_logprob)")
+            raise ValueError(
+                f"{flag} needs the engine's log-probs: the samples carry no rollout_log_probs "
+                "(ask the engine for them, e.g. return_logprob)"
+            )
     if args.global_batch_size < dp.size:
         raise ValueError(
             f"global_batch_size={args.global_batch_size} is smaller than the data-parallel size {dp.size}: "
@@ -261,14 +285,22 @@ def train_rollout(
         )
     steps = split_steps(items, args.global_batch_size, min_step_size=dp.size)
     if len(items) < args.global_batch_size * args.num_steps_per_rollout:
-        logger.info("short rollout: %d samples instead of %d, trained in %d steps of %s samples", len(items),
-                    args.global_batch_size * args.num_steps_per_rollout, len(steps),
-                    "/".join(str(len(step)) for step in steps))
+        logger.info(
+            "short rollout: %d samples instead of %d, trained in %d steps of %s samples",
+            len(items),
+            args.global_batch_size * args.num_steps_per_rollout,
+            len(steps),
+            "/".join(str(len(step)) for step in steps),
+        )
     plan = [
-        [pad_micro_batch(mb, device=device)
-         for mb in make_micro_batches(shard_for_data_parallel(step, dp.rank, dp.size),
-                                      micro_batch_size=args.micro_batch_size,
-                                      max_tokens_per_gpu=args.max_tokens_per_gpu)]
+        [
+            pad_micro_batch(mb, device=device)
+            for mb in make_micro_batches(
+                shard_for_data_parallel(step, dp.rank, dp.size),
+                micro_batch_size=args.micro_batch_size,
+                max_tokens_per_gpu=args.max_tokens_per_gpu,
+            )
+        ]
         for step in steps
     ]
     local_batches = [mb for step_batches in plan for mb in step_batches]
@@ -284,7 +316,9 @@ def train_rollout(
         shared_keys.append("log_probs")
     if needs_critic(args):
         if critic is None:
-            raise RuntimeError("advantage_estimator ppo needs the critic, but the trainer was built without one")
+            raise RuntimeError(
+                "advantage_estimator ppo needs the critic, but the trainer was built without one"
+            )
         score_values(critic.ddp_model, local_batches)
         shared_keys.append("values")
     elif not train_actor:
@@ -314,22 +348,47 @@ def train_rollout(
             reason = ""
             normalizer = step_normalizer([it.loss_mask for it in step_items], args.calculate_per_token_loss)
             if critic is not None:
-                critic_metrics = optimizer_step(critic.ddp_model, critic.optimizer, micro_batches, critic.args,
-                                                normalizer=normalizer, dp=dp, device=device,
-                                                objective=critic_objective)
+                critic_metrics = optimizer_step(
+                    critic.ddp_model,
+                    critic.optimizer,
+                    micro_batches,
+                    critic.args,
+                    normalizer=normalizer,
+                    dp=dp,
+                    device=device,
+                    objective=critic_objective,
+                )
                 if critic_metrics["update_skipped"]:
-                    reason = (f"critic value loss {critic_metrics.get('value_loss', float('nan')):.4g}, "
-                              f"grad_norm {critic_metrics['grad_norm']:.4g}")
+                    reason = (
+                        f"critic value loss {critic_metrics.get('value_loss', float('nan')):.4g}, "
+                        f"grad_norm {critic_metrics['grad_norm']:.4g}"
+                    )
                 else:
                     critic.scheduler.step(1)
                     critic.step += 1
                 metrics.update({f"critic/{k}": v for k, v in critic_metrics.items()})
             if train_actor:
-                actor_metrics = optimizer_step(ddp_model, optimizer, micro_batches, args, normalizer=normalizer,
-                                               dp=dp, device=device, objective=objective)
+                actor_metrics = optimizer_step(
+                    ddp_model,
+                    optimizer,
+                    micro_batches,
+                    args,
+                    normalizer=normalizer,
+                    dp=dp,
+                    device=device,
+                    objective=objective,
+                )
                 if actor_metrics["update_skipped"]:
-                    reason = "; ".join(filter(None, [reason, f"loss {actor_metrics.get('loss', float('nan')):.4g}, "
-                                                             f"grad_norm {actor_metrics['grad_norm']:.4g}"]))
+                    reason = "; ".join(
+                        filter(
+                            None,
+                            [
+                                reason,
+                                f"loss {actor_metrics.get('loss', float('nan')):.4g}, "
+                                f"grad_norm {actor_metrics['grad_norm']:.4g}",
+                            ],
+                        )
+                    )
                 else:
                     scheduler.step(1)
                     applied += 1
@@ -344,18 +403,34 @@ def train_rollout(
         if reason:
             consecutive += 1
             skips.append(f"step {number}/{len(steps)}: {reason}")
-            logger.warning("rollout %s step %d/%d skipped (%d in a row): %s", rollout_id, number, len(steps),
-                           consecutive, reason)
+            logger.warning(
+                "rollout %s step %d/%d skipped (%d in a row): %s",
+                rollout_id,
+                number,
+                len(steps),
+                consecutive,
+                reason,
+            )
             if consecutive >= limit:
-                raise NonFiniteTrainingError(skip_message(rollout_id, skips, consecutive, limit),
-                                             rollout_id=rollout_id, skips=skips, consecutive=consecutive,
-                                             applied_steps=applied)
+                raise NonFiniteTrainingError(
+                    skip_message(rollout_id, skips, consecutive, limit),
+                    rollout_id=rollout_id,
+                    skips=skips,
+                    consecutive=consecutive,
+                    applied_steps=applied,
+                )
         else:
             consecutive = 0
-            logger.info("step %d/%d: loss %.4g grad_norm %.4g lr %.3g value_loss %.4g (%.2fs)", number, len(steps),
-                        metrics.get("loss", float("nan")), metrics.get("grad_norm", float("nan")),
-                        metrics.get("lr", float("nan")), metrics.get("critic/value_loss", float("nan")),
-                        metrics["step_time_s"])
+            logger.info(
+                "step %d/%d: loss %.4g grad_norm %.4g lr %.3g value_loss %.4g (%.2fs)",
+                number,
+                len(steps),
+                metrics.get("loss", float("nan")),
+                metrics.get("grad_norm", float("nan")),
+                metrics.get("lr", float("nan")),
+                metrics.get("critic/value_loss", float("nan")),
+                metrics["step_time_s"],
+            )
     finished = time.perf_counter()
 
     summary: dict[str, Any] = {}

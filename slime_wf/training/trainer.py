@@ -86,7 +86,11 @@ class InitialWeights:
         return self.kind == "hf_fp8"
 
     def describe(self) -> str:
-        what = {"trainer": "trainer checkpoint", "hf": "HF checkpoint", "hf_fp8": "dequantized FP8 checkpoint"}
+        what = {
+            "trainer": "trainer checkpoint",
+            "hf": "HF checkpoint",
+            "hf_fp8": "dequantized FP8 checkpoint",
+        }
         return f"{what[self.kind]} {self.path} (from {self.origin})"
 
 
@@ -135,8 +139,11 @@ def resolve_initial_weights(
     if load and is_hf_checkpoint(load):
         return None, _hf_weights(load, "load")
     if load:
-        logger.info("load=%s holds no checkpoint: the initial weights come from %s", load,
-                    "ref_load" if ref_load else "hf_checkpoint")
+        logger.info(
+            "load=%s holds no checkpoint: the initial weights come from %s",
+            load,
+            "ref_load" if ref_load else "hf_checkpoint",
+        )
     return None, weights_source(ref_load, hf_checkpoint)
 
 
@@ -179,12 +186,15 @@ class Trainer:
         from megatron.core import parallel_state
 
         args = self.args
-        resume, self.initial_weights = resolve_initial_weights(args.load, args.ref_load, self.hf_checkpoint_dir)
+        resume, self.initial_weights = resolve_initial_weights(
+            args.load, args.ref_load, self.hf_checkpoint_dir
+        )
         if self.initial_weights.lossy:
             logger.warning(
                 "the policy %s the dequantized weights of the FP8 checkpoint %s: lossy, FP8's rounding error stays in "
                 "the trained weights (metric init_from_dequantized_fp8). Set ref_load to the BF16 HF checkpoint to "
-                "train from the original weights", "resumes a campaign that started from" if resume else "starts from",
+                "train from the original weights",
+                "resumes a campaign that started from" if resume else "starts from",
                 self.initial_weights.path,
             )
         self.actor = build_gpt_model(self.hf_checkpoint_dir, params_dtype=self.dtype)
@@ -193,18 +203,30 @@ class Trainer:
             logger.info("initial weights: %s", self.initial_weights.describe())
         self.ref = self._build_reference() if needs_reference_model(args) else None
         self.ddp_model, self.optimizer = build_optimizer(
-            self.actor, lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
-            adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+            self.actor,
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            clip_grad=args.clip_grad,
         )
         self.scheduler = build_scheduler(self.optimizer, args)
         self.critic = None
         if needs_critic(args):
             # a checkpoint to resume from that has a critic gives its weights in load() below
             resumes = resume is not None and (resume / CRITIC_DIR).is_dir()
-            self.critic = Critic.build(args, self.hf_checkpoint_dir, self.dtype, initialize=not resumes,
-                                       source=None if resumes else critic_source(args.critic_load))
+            self.critic = Critic.build(
+                args,
+                self.hf_checkpoint_dir,
+                self.dtype,
+                initialize=not resumes,
+                source=None if resumes else critic_source(args.critic_load),
+            )
         self.dp = DataParallel(
-            rank=self.info.dp_rank, size=self.info.dp_size,
+            rank=self.info.dp_rank,
+            size=self.info.dp_size,
             group=parallel_state.get_data_parallel_group() if self.info.dp_size > 1 else None,
         )
         self.step = 0
@@ -214,7 +236,11 @@ class Trainer:
             self.load(resume)
 
     def _build_reference(self):
-        source = weights_source(self.args.ref_load, self.hf_checkpoint_dir) if self.args.ref_load else self.initial_weights
+        source = (
+            weights_source(self.args.ref_load, self.hf_checkpoint_dir)
+            if self.args.ref_load
+            else self.initial_weights
+        )
         ref = build_gpt_model(self.hf_checkpoint_dir, params_dtype=self.dtype)
         load_weights_into(ref, source)
         ref.eval()
@@ -237,10 +263,19 @@ class Trainer:
         train_actor = self.critic is None or int(rollout_id) >= self.args.num_critic_only_steps
         try:
             metrics = train_rollout(
-                ddp_model=self.ddp_model, optimizer=self.optimizer, scheduler=self.scheduler, ref_model=self.ref,
-                items=items, args=self.args, dp=self.dp, device=self.info.device, critic=self.critic,
-                train_actor=train_actor, rollout_id=int(rollout_id),
-                consecutive_skipped_steps=self.consecutive_skipped_steps, objective=self.objective,
+                ddp_model=self.ddp_model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                ref_model=self.ref,
+                items=items,
+                args=self.args,
+                dp=self.dp,
+                device=self.info.device,
+                critic=self.critic,
+                train_actor=train_actor,
+                rollout_id=int(rollout_id),
+                consecutive_skipped_steps=self.consecutive_skipped_steps,
+                objective=self.objective,
             )
         except NonFiniteTrainingError as err:
             self.step += err.applied_steps
@@ -252,8 +287,13 @@ class Trainer:
         metrics.update(rollout_id=self.rollout_id, step=self.step)
         if self.initial_weights.lossy:
             metrics["init_from_dequantized_fp8"] = 1.0
-        logger.info("rollout %d trained: %d steps, loss %.4g, %.0f tokens/s", rollout_id, metrics["num_steps"],
-                    metrics.get("loss", float("nan")), metrics["tokens_per_s"])
+        logger.info(
+            "rollout %d trained: %d steps, loss %.4g, %.0f tokens/s",
+            rollout_id,
+            metrics["num_steps"],
+            metrics.get("loss", float("nan")),
+            metrics["tokens_per_s"],
+        )
         return metrics
 
     def save(self, path: str | os.PathLike, rollout_id: int | None = None) -> str:
@@ -261,10 +301,16 @@ class Trainer:
         self._check_alive()
         rollout_id = self.rollout_id if rollout_id is None else int(rollout_id)
         save_checkpoint(
-            _local_path(path, "save path"), self.ddp_model, self.optimizer, self.scheduler.state_dict(),
-            {"rollout_id": rollout_id, "hf_checkpoint": self.hf_checkpoint_dir,
-             "initial_weights": dataclasses.asdict(self.initial_weights),
-             "consecutive_skipped_steps": self.consecutive_skipped_steps},
+            _local_path(path, "save path"),
+            self.ddp_model,
+            self.optimizer,
+            self.scheduler.state_dict(),
+            {
+                "rollout_id": rollout_id,
+                "hf_checkpoint": self.hf_checkpoint_dir,
+                "initial_weights": dataclasses.asdict(self.initial_weights),
+                "consecutive_skipped_steps": self.consecutive_skipped_steps,
+            },
             step=self.step,
         )
         if self.critic is not None:
@@ -288,8 +334,10 @@ class Trainer:
             if (found / CRITIC_DIR).is_dir():
                 self.critic.load(found / CRITIC_DIR)
             else:
-                logger.warning("checkpoint %s has no critic (saved without ppo): the critic keeps its current "
-                               "weights", found)
+                logger.warning(
+                    "checkpoint %s has no critic (saved without ppo): the critic keeps its current weights",
+                    found,
+                )
         logger.info("resumed from %s (rollout %s, step %d)", found, self.rollout_id, self.step)
         return {"path": str(found), "rollout_id": self.rollout_id, "step": self.step}
 

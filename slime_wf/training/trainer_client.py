@@ -57,10 +57,16 @@ def _with_load(args: Any, load: str | os.PathLike[str] | None) -> dict[str, Any]
     return values
 
 
-def _with_shape(args: Any, nnodes: int, nproc_per_node: int, rdzv_endpoint: str | None = None) -> dict[str, Any]:
+def _with_shape(
+    args: Any, nnodes: int, nproc_per_node: int, rdzv_endpoint: str | None = None
+) -> dict[str, Any]:
     """The settings with the group they run on, which the trainer checks its parallel sizes against."""
-    return {**_with_load(args, None), "actor_num_nodes": nnodes, "actor_num_gpus_per_node": nproc_per_node,
-            "trainer_rdzv_endpoint": rdzv_endpoint}
+    return {
+        **_with_load(args, None),
+        "actor_num_nodes": nnodes,
+        "actor_num_gpus_per_node": nproc_per_node,
+        "trainer_rdzv_endpoint": rdzv_endpoint,
+    }
 
 
 class LocalTrainer:
@@ -143,12 +149,16 @@ class RemoteTrainer:
         if nproc_per_node < 1 or nnodes < 1:
             raise ValueError(f"nproc_per_node and nnodes must be >= 1, got {nproc_per_node} and {nnodes}")
         if nnodes > 1 and not rdzv_endpoint:
-            raise ValueError(f"a trainer group of {nnodes} nodes needs rdzv_endpoint (host:port of this node)")
+            raise ValueError(
+                f"a trainer group of {nnodes} nodes needs rdzv_endpoint (host:port of this node)"
+            )
         self._args = _with_shape(args, nnodes, nproc_per_node, rdzv_endpoint)
         try:
             json.dumps(self._args)
         except TypeError as err:
-            raise TypeError(f"RemoteTrainer: args must be JSON-serializable to reach the service ({err})") from None
+            raise TypeError(
+                f"RemoteTrainer: args must be JSON-serializable to reach the service ({err})"
+            ) from None
         self._hf_dir = str(hf_checkpoint_dir)
         self.nproc_per_node, self.nnodes = nproc_per_node, nnodes
         self.rdzv_endpoint, self.rdzv_timeout_s = rdzv_endpoint, rdzv_timeout_s
@@ -197,32 +207,58 @@ class RemoteTrainer:
         env = {**os.environ, AUTHKEY_ENV: authkey.hex(), "OMP_NUM_THREADS": str(threads)}
         generation = secrets.token_hex(8) if self.nnodes > 1 else None
         cmd = [
-            *torchrun_command(self.nproc_per_node, nnodes=self.nnodes, rdzv_endpoint=self.rdzv_endpoint,
-                              generation=generation, rdzv_timeout_s=self.rdzv_timeout_s),
-            "-m", SERVICE_MODULE,
-            "--args-json", str(args_file), "--hf-checkpoint", self._hf_dir, "--address-file", str(address_file),
-            "--client-pid", str(os.getpid()), "--heartbeat-s", str(self.heartbeat_s),
+            *torchrun_command(
+                self.nproc_per_node,
+                nnodes=self.nnodes,
+                rdzv_endpoint=self.rdzv_endpoint,
+                generation=generation,
+                rdzv_timeout_s=self.rdzv_timeout_s,
+            ),
+            "-m",
+            SERVICE_MODULE,
+            "--args-json",
+            str(args_file),
+            "--hf-checkpoint",
+            self._hf_dir,
+            "--address-file",
+            str(address_file),
+            "--client-pid",
+            str(os.getpid()),
+            "--heartbeat-s",
+            str(self.heartbeat_s),
         ]
         with open(self.log_path, "ab") as log:
             log.write(f"\n{STARTING_MARK} {' '.join(cmd)}\n".encode())
-            self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            self._proc = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
         waiting = ""
         if generation is not None:
             commands = self.join_commands()
             for line in commands:
-                logger.warning("trainer group: waiting at %s for the other %d nodes; join with: %s",
-                               self.rdzv_endpoint, self.nnodes - 1, line)
-            waiting = (f" (waiting at {self.rdzv_endpoint} for the other {self.nnodes - 1} trainer nodes, which join "
-                       f"with: {' | '.join(commands)})")
+                logger.warning(
+                    "trainer group: waiting at %s for the other %d nodes; join with: %s",
+                    self.rdzv_endpoint,
+                    self.nnodes - 1,
+                    line,
+                )
+            waiting = (
+                f" (waiting at {self.rdzv_endpoint} for the other {self.nnodes - 1} trainer nodes, which join "
+                f"with: {' | '.join(commands)})"
+            )
         published = generation is None
         deadline = time.monotonic() + self.startup_timeout + (self.rdzv_timeout_s if generation else 0.0)
         while not address_file.is_file():
             self._raise_if_dead("while starting" + waiting)
             if time.monotonic() > deadline:
                 self._stop(force=True)
-                raise TrainerServiceError(f"trainer service did not listen in time{waiting}; "
-                                          f"log {self.log_path}:\n{log_tail(self.log_path)}")
-            if not published:  # only a group of several nodes publishes: it has a generation and (__init__) an endpoint
+                raise TrainerServiceError(
+                    f"trainer service did not listen in time{waiting}; "
+                    f"log {self.log_path}:\n{log_tail(self.log_path)}"
+                )
+            if (
+                not published
+            ):  # only a group of several nodes publishes: it has a generation and (__init__) an endpoint
                 assert self.rdzv_endpoint is not None and generation is not None
                 published = publish_generation(self.rdzv_endpoint, generation)
             time.sleep(0.1)
@@ -235,7 +271,9 @@ class RemoteTrainer:
             raise
         self._ready = ready
         self.pids = list(ready["pids"])
-        logger.info("trainer service up: %d ranks (pids %s), step %s", len(self.pids), self.pids, ready["step"])
+        logger.info(
+            "trainer service up: %d ranks (pids %s), step %s", len(self.pids), self.pids, ready["step"]
+        )
 
     def _raise_if_dead(self, doing: str) -> None:
         if self._proc is None:
@@ -324,7 +362,9 @@ class RemoteTrainer:
             try:
                 if conn.poll(0.2):
                     message = json.loads(conn.recv_bytes())
-                    if message.get("nonfinite"):  # the user must change something: not a fault to recover from
+                    if message.get(
+                        "nonfinite"
+                    ):  # the user must change something: not a fault to recover from
                         from slime_wf.training.nonfinite import NonFiniteTrainingError
 
                         detail = message["nonfinite"]
@@ -337,8 +377,10 @@ class RemoteTrainer:
             self._raise_if_dead(f"during {what}")
             if deadline is not None and time.monotonic() > deadline:
                 self._stop(force=True)
-                raise TrainerServiceError(f"trainer service gave no answer to {what} within {timeout}s and was "
-                                          f"stopped; restart it from a checkpoint. Log {self.log_path}")
+                raise TrainerServiceError(
+                    f"trainer service gave no answer to {what} within {timeout}s and was "
+                    f"stopped; restart it from a checkpoint. Log {self.log_path}"
+                )
 
     def _call(self, command: dict[str, Any]) -> Any:
         self._raise_if_dead(f"before {command['cmd']}")
@@ -382,7 +424,11 @@ TrainerClient = LocalTrainer | RemoteTrainer
 
 
 def make_trainer(
-    args: Any, hf_checkpoint_dir: str | os.PathLike[str], *, nproc_per_node: int | None = None, **remote_options: Any
+    args: Any,
+    hf_checkpoint_dir: str | os.PathLike[str],
+    *,
+    nproc_per_node: int | None = None,
+    **remote_options: Any,
 ) -> TrainerClient:
     """A `LocalTrainer` for a world of one, a `RemoteTrainer` (torchrun) for more. The group is the
     settings' `actor_num_nodes` x `actor_num_gpus_per_node` (a campaign's), else one node of
@@ -390,10 +436,14 @@ def make_trainer(
     values = args if isinstance(args, dict) else vars(args)
     nnodes = int(values.get("actor_num_nodes") or 1)
     if nproc_per_node is None:
-        nproc_per_node = int(values.get("actor_num_gpus_per_node") or values.get("tensor_model_parallel_size") or 1)
+        nproc_per_node = int(
+            values.get("actor_num_gpus_per_node") or values.get("tensor_model_parallel_size") or 1
+        )
     if nnodes * nproc_per_node == 1:
         return LocalTrainer(args, hf_checkpoint_dir)
     if nnodes > 1:
         remote_options.setdefault("rdzv_endpoint", values.get("trainer_rdzv_endpoint"))
         remote_options.setdefault("rdzv_timeout_s", float(values.get("trainer_rdzv_timeout_s") or 900.0))
-    return RemoteTrainer(args, hf_checkpoint_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, **remote_options)
+    return RemoteTrainer(
+        args, hf_checkpoint_dir, nproc_per_node=nproc_per_node, nnodes=nnodes, **remote_options
+    )

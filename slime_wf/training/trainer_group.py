@@ -73,13 +73,20 @@ def torchrun_command(
     if not rdzv_endpoint or not generation:
         raise ValueError("a trainer group of several nodes needs a rendezvous endpoint and a generation id")
     return [
-        *cmd, f"--nnodes={nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=static",
-        f"--rdzv-endpoint={rdzv_endpoint}", f"--rdzv-id={generation}", f"--rdzv-conf=timeout={int(rdzv_timeout_s)}",
+        *cmd,
+        f"--nnodes={nnodes}",
+        f"--node-rank={node_rank}",
+        "--rdzv-backend=static",
+        f"--rdzv-endpoint={rdzv_endpoint}",
+        f"--rdzv-id={generation}",
+        f"--rdzv-conf=timeout={int(rdzv_timeout_s)}",
         "--max-restarts=0",
     ]
 
 
-def join_commands(rdzv_endpoint: str, nnodes: int, nproc_per_node: int, rdzv_timeout_s: float = 900.0) -> list[str]:
+def join_commands(
+    rdzv_endpoint: str, nnodes: int, nproc_per_node: int, rdzv_timeout_s: float = 900.0
+) -> list[str]:
     """The command each other trainer node (1 .. nnodes-1) runs to join the campaign's groups."""
     return [
         f"slime-wf trainer-node --rdzv-endpoint {rdzv_endpoint} --nnodes {nnodes} --nproc-per-node {nproc_per_node} "
@@ -145,27 +152,46 @@ def read_generation(endpoint: str) -> str | None:
 
 
 def run_trainer_node(
-    rdzv_endpoint: str, nnodes: int, node_rank: int, nproc_per_node: int, *, idle_timeout_s: float | None = None,
+    rdzv_endpoint: str,
+    nnodes: int,
+    node_rank: int,
+    nproc_per_node: int,
+    *,
+    idle_timeout_s: float | None = None,
     rdzv_timeout_s: float = 900.0,
 ) -> int:
     """Join every trainer group the campaign's head starts at `rdzv_endpoint`, one after the other. Returns
     when no new group has started for `idle_timeout_s` (None: runs until interrupted)."""
     if not 0 < node_rank < nnodes:
-        raise ValueError(f"--node-rank {node_rank}: give 1 .. {nnodes - 1}; node 0 is the campaign's own node")
+        raise ValueError(
+            f"--node-rank {node_rank}: give 1 .. {nnodes - 1}; node 0 is the campaign's own node"
+        )
     split_endpoint(rdzv_endpoint)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads_per_rank(nproc_per_node))}
     last = None
     while True:
-        logger.warning("trainer node %d of %d: waiting for the campaign's trainer group at %s", node_rank, nnodes,
-                       rdzv_endpoint)
+        logger.warning(
+            "trainer node %d of %d: waiting for the campaign's trainer group at %s",
+            node_rank,
+            nnodes,
+            rdzv_endpoint,
+        )
         deadline = None if idle_timeout_s is None else time.monotonic() + idle_timeout_s
         while (generation := read_generation(rdzv_endpoint)) in (None, last):
             if deadline is not None and time.monotonic() > deadline:
-                logger.warning("no new trainer group at %s for %.0f s: stopping", rdzv_endpoint, idle_timeout_s)
+                logger.warning(
+                    "no new trainer group at %s for %.0f s: stopping", rdzv_endpoint, idle_timeout_s
+                )
                 return 0
             time.sleep(_POLL_S)
-        cmd = torchrun_command(nproc_per_node, nnodes=nnodes, node_rank=node_rank, rdzv_endpoint=rdzv_endpoint,
-                               generation=generation, rdzv_timeout_s=rdzv_timeout_s)
+        cmd = torchrun_command(
+            nproc_per_node,
+            nnodes=nnodes,
+            node_rank=node_rank,
+            rdzv_endpoint=rdzv_endpoint,
+            generation=generation,
+            rdzv_timeout_s=rdzv_timeout_s,
+        )
         logger.warning("joining trainer group %s: %s", generation, " ".join(cmd))
         code = subprocess.call([*cmd, "-m", SERVICE_MODULE], env=env)
         logger.warning("trainer group %s ended (torchrun exit code %d)", generation, code)
@@ -173,23 +199,40 @@ def run_trainer_node(
 
 
 def add_trainer_node_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--rdzv-endpoint", required=True, help="the campaign's train.trainer_rdzv_endpoint (host:port)")
+    parser.add_argument(
+        "--rdzv-endpoint", required=True, help="the campaign's train.trainer_rdzv_endpoint (host:port)"
+    )
     parser.add_argument("--nnodes", type=int, required=True, help="the campaign's train.actor_num_nodes")
     parser.add_argument("--node-rank", type=int, required=True, help="this node's rank: 1 .. nnodes-1")
-    parser.add_argument("--nproc-per-node", type=int, required=True,
-                        help="the campaign's train.actor_num_gpus_per_node")
-    parser.add_argument("--idle-timeout-s", type=float, default=None,
-                        help="stop when no new trainer group starts for this long (default: run until interrupted)")
-    parser.add_argument("--rdzv-timeout-s", type=float, default=900.0,
-                        help="how long each group waits for all nodes (the campaign's train.trainer_rdzv_timeout_s)")
+    parser.add_argument(
+        "--nproc-per-node", type=int, required=True, help="the campaign's train.actor_num_gpus_per_node"
+    )
+    parser.add_argument(
+        "--idle-timeout-s",
+        type=float,
+        default=None,
+        help="stop when no new trainer group starts for this long (default: run until interrupted)",
+    )
+    parser.add_argument(
+        "--rdzv-timeout-s",
+        type=float,
+        default=900.0,
+        help="how long each group waits for all nodes (the campaign's train.trainer_rdzv_timeout_s)",
+    )
 
 
 def trainer_node_main(ns: argparse.Namespace) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
-        return run_trainer_node(ns.rdzv_endpoint, ns.nnodes, ns.node_rank, ns.nproc_per_node,
-                                idle_timeout_s=ns.idle_timeout_s, rdzv_timeout_s=ns.rdzv_timeout_s)
+        return run_trainer_node(
+            ns.rdzv_endpoint,
+            ns.nnodes,
+            ns.node_rank,
+            ns.nproc_per_node,
+            idle_timeout_s=ns.idle_timeout_s,
+            rdzv_timeout_s=ns.rdzv_timeout_s,
+        )
     except KeyboardInterrupt:
         return 130
     except ValueError as err:  # a flag that does not fit

@@ -34,8 +34,17 @@ logger = logging.getLogger(__name__)
 
 # HF checkpoint entries that carry no weights of ours (old checkpoints saved rotary buffers).
 _IGNORED_HF_SUFFIXES = ("rotary_emb.inv_freq",)
-_WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf", ".safetensors.index.json",
-                         ".bin.index.json")
+_WEIGHT_FILE_SUFFIXES = (
+    ".safetensors",
+    ".bin",
+    ".pt",
+    ".pth",
+    ".h5",
+    ".msgpack",
+    ".gguf",
+    ".safetensors.index.json",
+    ".bin.index.json",
+)
 
 
 def _hf_layer(i: int) -> str:
@@ -115,7 +124,9 @@ def hf_to_megatron(
         "decoder.final_layernorm.weight": get("model.norm.weight"),
     }
     if not arch.tie_word_embeddings:
-        out["output_layer.weight"] = _shard(_pad_rows(get("lm_head.weight"), padded_vocab), tp_rank, tp_size, 0)
+        out["output_layer.weight"] = _shard(
+            _pad_rows(get("lm_head.weight"), padded_vocab), tp_rank, tp_size, 0
+        )
     elif "lm_head.weight" in hf_state:
         used.add("lm_head.weight")  # tied: some checkpoints store the shared matrix twice
     for i in range(arch.num_layers):
@@ -124,22 +135,34 @@ def hf_to_megatron(
         out[f"{mg}.input_layernorm.weight"] = get(f"{hf}.input_layernorm.weight")
         out[f"{mg}.pre_mlp_layernorm.weight"] = get(f"{hf}.post_attention_layernorm.weight")
         out[f"{mg}.self_attention.linear_qkv.weight"] = _fuse_qkv(
-            get(f"{attn}.q_proj.weight"), get(f"{attn}.k_proj.weight"), get(f"{attn}.v_proj.weight"),
-            arch, tp_rank, tp_size,
+            get(f"{attn}.q_proj.weight"),
+            get(f"{attn}.k_proj.weight"),
+            get(f"{attn}.v_proj.weight"),
+            arch,
+            tp_rank,
+            tp_size,
         )
         if arch.qkv_bias:
             out[f"{mg}.self_attention.linear_qkv.bias"] = _fuse_qkv(
-                get(f"{attn}.q_proj.bias"), get(f"{attn}.k_proj.bias"), get(f"{attn}.v_proj.bias"),
-                arch, tp_rank, tp_size,
+                get(f"{attn}.q_proj.bias"),
+                get(f"{attn}.k_proj.bias"),
+                get(f"{attn}.v_proj.bias"),
+                arch,
+                tp_rank,
+                tp_size,
             )
         if arch.qk_layernorm:
             out[f"{mg}.self_attention.q_layernorm.weight"] = get(f"{attn}.q_norm.weight")
             out[f"{mg}.self_attention.k_layernorm.weight"] = get(f"{attn}.k_norm.weight")
-        out[f"{mg}.self_attention.linear_proj.weight"] = _shard(get(f"{attn}.o_proj.weight"), tp_rank, tp_size, 1)
-        out[f"{mg}.mlp.linear_fc1.weight"] = torch.cat([
-            _shard(get(f"{hf}.mlp.gate_proj.weight"), tp_rank, tp_size, 0),
-            _shard(get(f"{hf}.mlp.up_proj.weight"), tp_rank, tp_size, 0),
-        ])
+        out[f"{mg}.self_attention.linear_proj.weight"] = _shard(
+            get(f"{attn}.o_proj.weight"), tp_rank, tp_size, 1
+        )
+        out[f"{mg}.mlp.linear_fc1.weight"] = torch.cat(
+            [
+                _shard(get(f"{hf}.mlp.gate_proj.weight"), tp_rank, tp_size, 0),
+                _shard(get(f"{hf}.mlp.up_proj.weight"), tp_rank, tp_size, 0),
+            ]
+        )
         out[f"{mg}.mlp.linear_fc2.weight"] = _shard(get(f"{hf}.mlp.down_proj.weight"), tp_rank, tp_size, 1)
     unused = sorted(k for k in hf_state if k not in used and not k.endswith(_IGNORED_HF_SUFFIXES))
     if unused:
@@ -150,7 +173,9 @@ def hf_to_megatron(
     return out
 
 
-def megatron_shards_to_hf(name: str, shards: list[torch.Tensor], arch: Architecture) -> list[tuple[str, torch.Tensor]]:
+def megatron_shards_to_hf(
+    name: str, shards: list[torch.Tensor], arch: Architecture
+) -> list[tuple[str, torch.Tensor]]:
     """HF (name, full tensor) pairs for one Megatron parameter given its shard from every TP rank."""
     tp_size = len(shards)
     if name == "embedding.word_embeddings.weight":
@@ -210,8 +235,11 @@ def iter_hf_weights(model, dtype: torch.dtype | None = None) -> Iterator[tuple[s
     for name, param in gpt.named_parameters():
         for hf_name, tensor in megatron_shards_to_hf(name, _tp_shards(param), arch):
             # A copy, never a view: views would alias the live parameter (or q/k/v each other).
-            yield hf_name, tensor.to(device="cpu", dtype=dtype or tensor.dtype).clone(
-                memory_format=torch.contiguous_format
+            yield (
+                hf_name,
+                tensor.to(device="cpu", dtype=dtype or tensor.dtype).clone(
+                    memory_format=torch.contiguous_format
+                ),
             )
 
 
@@ -262,7 +290,9 @@ class DequantizedCheckpoint(Mapping):
     def __init__(self, hf_dir: str | os.PathLike, quantization_config: Mapping):
         self.raw = SafetensorsCheckpoint(hf_dir)
         self.quantization_config = dict(quantization_config)
-        self._names = [n for n in self.raw if not n.endswith((".weight_scale", ".weight_scale_inv", ".input_scale"))]
+        self._names = [
+            n for n in self.raw if not n.endswith((".weight_scale", ".weight_scale_inv", ".input_scale"))
+        ]
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from slime_wf.checkpoint.fp8 import FP8_DTYPE, dequantize_state_dict
@@ -270,7 +300,10 @@ class DequantizedCheckpoint(Mapping):
         tensor = self.raw[name]
         if tensor.dtype != FP8_DTYPE:
             return tensor
-        pair = {name: tensor, **{name + s: self.raw[name + s] for s in ("_scale_inv", "_scale") if name + s in self.raw}}
+        pair = {
+            name: tensor,
+            **{name + s: self.raw[name + s] for s in ("_scale_inv", "_scale") if name + s in self.raw},
+        }
         try:
             return dequantize_state_dict(pair, self.quantization_config, dtype=torch.float32)[name]
         except ValueError as err:
@@ -303,8 +336,11 @@ def load_hf_checkpoint_into(model, hf_dir: str | os.PathLike) -> None:
     gpt = unwrap_model(model)
     weights = open_hf_weights(hf_dir)
     if isinstance(weights, DequantizedCheckpoint):
-        logger.warning("%s is an FP8 checkpoint: loading its dequantized weights, which keep FP8's rounding error "
-                       "(lossy); give the BF16 checkpoint to load the original weights", hf_dir)
+        logger.warning(
+            "%s is an FP8 checkpoint: loading its dequantized weights, which keep FP8's rounding error "
+            "(lossy); give the BF16 checkpoint to load the original weights",
+            hf_dir,
+        )
     converted = hf_to_megatron(
         weights,
         gpt.hf_arch,
@@ -324,7 +360,9 @@ def load_hf_checkpoint_into(model, hf_dir: str | os.PathLike) -> None:
     for name, param in params.items():
         value = converted[name]
         if value.shape != param.shape:
-            raise ValueError(f"{name}: HF weights give shape {tuple(value.shape)}, the model has {tuple(param.shape)}")
+            raise ValueError(
+                f"{name}: HF weights give shape {tuple(value.shape)}, the model has {tuple(param.shape)}"
+            )
         param.copy_(value)
     logger.info("loaded %d tensors from %s", len(params), hf_dir)
 

@@ -64,7 +64,9 @@ async def push_weights(session: Any, model_path: str, weight_version: str) -> li
     """`/update_weights_from_disk` on every engine; raises naming each engine that refused."""
 
     async def one(client):
-        return client.url, await client.update_weights_from_disk(model_path, str(weight_version), flush_cache=True)
+        return client.url, await client.update_weights_from_disk(
+            model_path, str(weight_version), flush_cache=True
+        )
 
     results = await session.for_each_engine(one, skip_down=False)
     failed = [(url, r) for url, r in results if not (isinstance(r, dict) and r.get("success"))]
@@ -74,7 +76,9 @@ async def push_weights(session: Any, model_path: str, weight_version: str) -> li
     return [r for _, r in results]
 
 
-def sync_weights(fleet: Any, trainer: Any, out_dir: str, weight_version: str, *, fp8=None, verify=False) -> dict:
+def sync_weights(
+    fleet: Any, trainer: Any, out_dir: str, weight_version: str, *, fp8=None, verify=False
+) -> dict:
     """Export, push to every engine of `fleet`, and record the new weights for engine restarts."""
     t0 = time.perf_counter()
     export_weights(trainer, out_dir, fp8=fp8)

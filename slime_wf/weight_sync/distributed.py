@@ -56,13 +56,18 @@ class WeightSyncError(RuntimeError):
 
 def init_group_body(plan: dict[str, Any], engine: dict[str, Any], port: int) -> dict[str, Any]:
     return {
-        "master_address": plan["master_address"], "master_port": int(port), "rank_offset": int(engine["rank_offset"]),
-        "world_size": int(plan["world_size"]), "group_name": plan["group_name"], "backend": plan["backend"],
+        "master_address": plan["master_address"],
+        "master_port": int(port),
+        "rank_offset": int(engine["rank_offset"]),
+        "world_size": int(plan["world_size"]),
+        "group_name": plan["group_name"],
+        "backend": plan["backend"],
     }
 
 
-def update_body(bucket: list[tuple[str, torch.Tensor]], group_name: str, *, flush_cache: bool,
-                weight_version: str | None) -> dict[str, Any]:
+def update_body(
+    bucket: list[tuple[str, torch.Tensor]], group_name: str, *, flush_cache: bool, weight_version: str | None
+) -> dict[str, Any]:
     body: dict[str, Any] = {
         "names": [name for name, _ in bucket],
         "dtypes": [dtype_name(t.dtype) for _, t in bucket],
@@ -90,10 +95,14 @@ def fp8_to_json(fmt: Fp8Format | None) -> dict[str, Any] | None:
     if fmt is None:
         return None
     return {
-        "strategy": fmt.strategy, "block_size": list(fmt.block_size) if fmt.block_size else None,
+        "strategy": fmt.strategy,
+        "block_size": list(fmt.block_size) if fmt.block_size else None,
         "quantization_config": fmt.quantization_config,
-        "scales": None if fmt.scales is None else {w: [s.name, list(s.shape), s.dtype] for w, s in fmt.scales.items()},
-        "not_converted": list(fmt.not_converted), "source": fmt.source,
+        "scales": None
+        if fmt.scales is None
+        else {w: [s.name, list(s.shape), s.dtype] for w, s in fmt.scales.items()},
+        "not_converted": list(fmt.not_converted),
+        "source": fmt.source,
     }
 
 
@@ -102,22 +111,30 @@ def fp8_from_json(data: dict[str, Any] | None) -> Fp8Format | None:
         return None
     scales = data.get("scales")
     return Fp8Format(
-        data["strategy"], tuple(data["block_size"]) if data.get("block_size") else None,
+        data["strategy"],
+        tuple(data["block_size"]) if data.get("block_size") else None,
         data.get("quantization_config"),
-        None if scales is None else {w: ScaleSpec(n, tuple(shape), dt) for w, (n, shape, dt) in scales.items()},
-        tuple(data.get("not_converted") or ()), data.get("source"),
+        None
+        if scales is None
+        else {w: ScaleSpec(n, tuple(shape), dt) for w, (n, shape, dt) in scales.items()},
+        tuple(data.get("not_converted") or ()),
+        data.get("source"),
     )
 
 
-def cast_for_engines(name: str, tensor: torch.Tensor, fmt: Fp8Format | None) -> list[tuple[str, torch.Tensor]]:
+def cast_for_engines(
+    name: str, tensor: torch.Tensor, fmt: Fp8Format | None
+) -> list[tuple[str, torch.Tensor]]:
     """`[(name, tensor)]`, or the FP8 weight and its scale as the served checkpoint names and types them."""
     if fmt is None or not fmt.quantizes(name, tensor):
         return [(name, tensor)]
     from slime_wf.checkpoint.fp8 import DEFAULT_BLOCK_SIZE, QUANTIZABLE_DTYPES, quantize_fp8
 
     if tensor.dtype not in QUANTIZABLE_DTYPES or tensor.dim() != 2:
-        raise WeightSyncError(f"{name} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, but {fmt.describe()} "
-                              "stores it as an FP8 matrix: the trained model and the served checkpoint differ")
+        raise WeightSyncError(
+            f"{name} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, but {fmt.describe()} "
+            "stores it as an FP8 matrix: the trained model and the served checkpoint differ"
+        )
     try:
         spec = fmt.scale_for(name, tuple(tensor.shape))
     except ValueError as err:
@@ -148,8 +165,9 @@ class WeightBroadcaster:
         self._http = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-sync-http")
         self._torch = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="weight-sync-group")
 
-    def send(self, plan: dict[str, Any], request: dict[str, Any],
-             weights: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    def send(
+        self, plan: dict[str, Any], request: dict[str, Any], weights: Iterable[tuple[str, torch.Tensor]]
+    ) -> dict[str, float]:
         """Broadcast `weights` (HF names, full tensors) to the engines of `plan`; returns metrics.
 
         `request`: `weight_version`, `bucket_bytes`, `fp8` (`fp8_to_json`, None for plain weights),
@@ -168,10 +186,21 @@ class WeightBroadcaster:
             self.close(notify=False)
             self._new_threads()
             raise
-        logger.info("weights %s broadcast to %d engine(s) over %s: %.1f MB in %d bucket(s), %.2f s",
-                    request["weight_version"], len(plan["engines"]), plan["group_name"], sent / 2**20, buckets, t2 - t1)
-        return {"sync/connect_s": t1 - t0, "sync/broadcast_s": t2 - t1, "sync/bytes": float(sent),
-                "sync/buckets": float(buckets)}
+        logger.info(
+            "weights %s broadcast to %d engine(s) over %s: %.1f MB in %d bucket(s), %.2f s",
+            request["weight_version"],
+            len(plan["engines"]),
+            plan["group_name"],
+            sent / 2**20,
+            buckets,
+            t2 - t1,
+        )
+        return {
+            "sync/connect_s": t1 - t0,
+            "sync/broadcast_s": t2 - t1,
+            "sync/bytes": float(sent),
+            "sync/buckets": float(buckets),
+        }
 
     # ---- the group ------------------------------------------------------------------------------
 
@@ -181,8 +210,12 @@ class WeightBroadcaster:
         self.close(notify=True)
         timeout = float(plan.get("timeout_s") or DEFAULT_TIMEOUT_S)
         # a trainer that died left its group of this name on the engines; SGLang refuses a name it holds
-        self._engines(plan, lambda c, e: c.control("/destroy_weights_update_group", destroy_body(plan["group_name"]),
-                                                   timeout=60)).result()
+        self._engines(
+            plan,
+            lambda c, e: c.control(
+                "/destroy_weights_update_group", destroy_body(plan["group_name"]), timeout=60
+            ),
+        ).result()
         try:
             store = host_store(int(plan.get("master_port") or 0), int(plan["world_size"]), timeout)
         except RuntimeError as err:
@@ -190,15 +223,30 @@ class WeightBroadcaster:
                 f"trainer rank 0 cannot serve the weight-update group's store on port {plan.get('master_port')} "
                 f"(storage.weight_sync_master_port): {err}"
             ) from err
-        joined = self._torch.submit(join, store, 0, int(plan["world_size"]), plan["group_name"], plan["backend"],
-                                    timeout)
-        inits = self._engines(plan, lambda c, e: c.control("/init_weights_update_group",
-                                                           init_group_body(plan, e, store.port), timeout=timeout))
-        self._await(plan, inits, joined, f"joining the weight-update group {plan['group_name']} at "
-                    f"{plan['master_address']}:{store.port}")
+        joined = self._torch.submit(
+            join, store, 0, int(plan["world_size"]), plan["group_name"], plan["backend"], timeout
+        )
+        inits = self._engines(
+            plan,
+            lambda c, e: c.control(
+                "/init_weights_update_group", init_group_body(plan, e, store.port), timeout=timeout
+            ),
+        )
+        self._await(
+            plan,
+            inits,
+            joined,
+            f"joining the weight-update group {plan['group_name']} at {plan['master_address']}:{store.port}",
+        )
         self.group, self.plan = joined.result(), dict(plan)
-        logger.info("weight-update group %s: trainer rank 0 and %d engine rank(s), %s, at %s:%d", plan["group_name"],
-                    int(plan["world_size"]) - 1, plan["backend"], plan["master_address"], store.port)
+        logger.info(
+            "weight-update group %s: trainer rank 0 and %d engine rank(s), %s, at %s:%d",
+            plan["group_name"],
+            int(plan["world_size"]) - 1,
+            plan["backend"],
+            plan["master_address"],
+            store.port,
+        )
 
     def _joined(self) -> tuple[WeightGroup, dict[str, Any]]:
         """The group and the plan it was made for, which `_ensure_group` sets before any sending."""
@@ -212,8 +260,10 @@ class WeightBroadcaster:
             return
         assert plan is not None  # set together with the group
         if notify:
-            self._engines(plan, lambda c, e: c.control("/destroy_weights_update_group", destroy_body(group.name),
-                                                       timeout=60)).result()
+            self._engines(
+                plan,
+                lambda c, e: c.control("/destroy_weights_update_group", destroy_body(group.name), timeout=60),
+            ).result()
         group.close()
 
     def shutdown(self) -> None:
@@ -223,14 +273,18 @@ class WeightBroadcaster:
 
     # ---- sending ----------------------------------------------------------------------------------
 
-    def _send_all(self, request: dict[str, Any], weights: Iterator[tuple[str, torch.Tensor]]) -> tuple[int, int]:
+    def _send_all(
+        self, request: dict[str, Any], weights: Iterator[tuple[str, torch.Tensor]]
+    ) -> tuple[int, int]:
         plan, fmt = self._joined()[1], fp8_from_json(request.get("fp8"))
         limit = max(1, int(request["bucket_bytes"]))
         begun = self._engines(plan, lambda c, e: c.control("/begin_weight_update", BEGIN_BODY)).result()
         sent = buckets = 0
         try:
             self._check(plan, begun, "/begin_weight_update")
-            pending: list[tuple[str, torch.Tensor]] | None = None  # held back: the last bucket carries the version
+            pending: list[tuple[str, torch.Tensor]] | None = (
+                None  # held back: the last bucket carries the version
+            )
             bucket: list[tuple[str, torch.Tensor]] = []
             size, quantized = 0, set()
             for name, tensor in weights:
@@ -246,35 +300,43 @@ class WeightBroadcaster:
                     size += nbytes
             if fmt is not None and fmt.scales is not None and set(fmt.scales) - quantized:
                 missing = sorted(set(fmt.scales) - quantized)
-                raise WeightSyncError(f"the trainer has no weight for {missing[:3]} ({len(missing)} in all), which "
-                                      f"{fmt.source} stores as FP8: the trained model and the served checkpoint differ")
+                raise WeightSyncError(
+                    f"the trainer has no weight for {missing[:3]} ({len(missing)} in all), which "
+                    f"{fmt.source} stores as FP8: the trained model and the served checkpoint differ"
+                )
             tail = [b for b in (pending, bucket) if b]
             if not tail:
                 raise WeightSyncError("the trainer gave no weights to send")
             for b in tail[:-1]:
                 sent, buckets = sent + self._send_bucket(b, None, False), buckets + 1
-            sent += self._send_bucket(tail[-1], request["weight_version"], bool(request.get("flush_cache", True)))
+            sent += self._send_bucket(
+                tail[-1], request["weight_version"], bool(request.get("flush_cache", True))
+            )
             buckets += 1
         finally:
             ended = self._engines(plan, lambda c, e: c.control("/end_weight_update", END_BODY)).result()
         self._check(plan, ended, "/end_weight_update")
         return sent, buckets
 
-    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None,
-                     flush_cache: bool) -> int:
+    def _send_bucket(
+        self, bucket: list[tuple[str, torch.Tensor]], weight_version: str | None, flush_cache: bool
+    ) -> int:
         group, plan = self._joined()
         body = update_body(bucket, plan["group_name"], flush_cache=flush_cache, weight_version=weight_version)
         timeout = float(plan.get("timeout_s") or DEFAULT_TIMEOUT_S)
         tensors = [t.to(group.device).contiguous() for _, t in bucket]
-        received = self._engines(plan, lambda c, e: c.control("/update_weights_from_distributed", body,
-                                                              timeout=timeout))
+        received = self._engines(
+            plan, lambda c, e: c.control("/update_weights_from_distributed", body, timeout=timeout)
+        )
         broadcast = self._torch.submit(group.broadcast, tensors)
         self._await(plan, received, broadcast, f"broadcasting {len(bucket)} tensors from {bucket[0][0]}")
         return sum(t.numel() * t.element_size() for t in tensors)
 
     # ---- HTTP to every engine, beside the group's blocking calls -------------------------------------
 
-    def _engines(self, plan: dict[str, Any], call: Callable[[Any, dict[str, Any]], Any]) -> concurrent.futures.Future:
+    def _engines(
+        self, plan: dict[str, Any], call: Callable[[Any, dict[str, Any]], Any]
+    ) -> concurrent.futures.Future:
         """Run `call(client, engine)` on every engine of `plan` at once; the future gives (url, result or
         exception) pairs."""
         from slime_wf.rollout.engine_client import EngineSession
@@ -283,14 +345,20 @@ class WeightBroadcaster:
             urls = [e["url"] for e in plan["engines"]]
             key = plan.get("api_key")
             async with EngineSession(urls, api_key=key, admin_api_key=key) as session:
-                results = await asyncio.gather(*(call(session.client(e["url"]), e) for e in plan["engines"]),
-                                               return_exceptions=True)
+                results = await asyncio.gather(
+                    *(call(session.client(e["url"]), e) for e in plan["engines"]), return_exceptions=True
+                )
             return list(zip(urls, results, strict=True))
 
         return self._http.submit(asyncio.run, run())
 
-    def _await(self, plan: dict[str, Any], http: concurrent.futures.Future, work: concurrent.futures.Future,
-               doing: str) -> None:
+    def _await(
+        self,
+        plan: dict[str, Any],
+        http: concurrent.futures.Future,
+        work: concurrent.futures.Future,
+        doing: str,
+    ) -> None:
         """Wait for both; an engine that refused (it will never take part) fails at once."""
         concurrent.futures.wait([http, work], return_when=concurrent.futures.FIRST_COMPLETED)
         if http.done():
@@ -303,9 +371,13 @@ class WeightBroadcaster:
 
     @staticmethod
     def _check(plan: dict[str, Any], results: list[tuple[str, Any]], doing: str) -> None:
-        failed = [(url, r) for url, r in results if isinstance(r, BaseException)
-                  or (isinstance(r, dict) and r.get("success") is False)]
+        failed = [
+            (url, r)
+            for url, r in results
+            if isinstance(r, BaseException) or (isinstance(r, dict) and r.get("success") is False)
+        ]
         if failed:
-            details = "; ".join(f"{redact_url(url)}: {r.get('message') if isinstance(r, dict) else r}"
-                                for url, r in failed)
+            details = "; ".join(
+                f"{redact_url(url)}: {r.get('message') if isinstance(r, dict) else r}" for url, r in failed
+            )
             raise WeightSyncError(f"weight sync over {plan['group_name']}: {doing} failed on {details}")

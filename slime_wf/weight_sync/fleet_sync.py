@@ -51,7 +51,9 @@ class DistributedWeightSync:
 
     def __init__(self, args: Any, fleet: Any):
         self.args, self.fleet = args, fleet
-        self.version: str | None = None  # what the engines serve since the last sync; None: the launch weights
+        self.version: str | None = (
+            None  # what the engines serve since the last sync; None: the launch weights
+        )
         self._fp8: Fp8Format | None = None
         self._token = secrets.token_hex(4)
         self._generation = 0
@@ -77,11 +79,16 @@ class DistributedWeightSync:
         }
 
     def _request(self, version: str, flush_cache: bool) -> dict[str, Any]:
-        return {"weight_version": str(version), "bucket_bytes": int(self.args.weight_sync_bucket_mb * 2**20),
-                "fp8": fp8_to_json(self._fp8), "flush_cache": flush_cache}
+        return {
+            "weight_version": str(version),
+            "bucket_bytes": int(self.args.weight_sync_bucket_mb * 2**20),
+            "fp8": fp8_to_json(self._fp8),
+            "flush_cache": flush_cache,
+        }
 
-    def sync(self, trainer: Any, version: str, *, fp8: Fp8Format | None = None,
-             verify_dir: str | None = None) -> dict[str, float]:
+    def sync(
+        self, trainer: Any, version: str, *, fp8: Fp8Format | None = None, verify_dir: str | None = None
+    ) -> dict[str, float]:
         """Broadcast the trainer's weights to every engine as `version`; returns the sync metrics."""
         with self._lock:
             self._fp8 = fp8
@@ -97,8 +104,13 @@ class DistributedWeightSync:
         metrics = {**metrics, "sync/s_per_gb": seconds / max(metrics.get("sync/bytes", 0.0) / 2**30, 1e-9)}
         if verify_dir is not None:
             metrics["sync/max_logprob_diff"] = self._verify(trainer, verify_dir)
-        logger.info("weights %s synced to %d engine(s) over %s in %.2f s", version, len(plan["engines"]),
-                    plan["group_name"], seconds)
+        logger.info(
+            "weights %s synced to %d engine(s) over %s in %.2f s",
+            version,
+            len(plan["engines"]),
+            plan["group_name"],
+            seconds,
+        )
         return metrics
 
     def rejoin(self, trainer: Any, url: str) -> None:

@@ -9,7 +9,9 @@ from typing import Any
 from slime_wf.checkpoint import CheckpointError
 
 
-def reference_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], list[float]]:
+def reference_greedy(
+    model_path: str, prompt_ids: list[int], max_new_tokens: int
+) -> tuple[list[int], list[float]]:
     """Greedy tokens and their log-probs from a plain forward pass over `model_path` (FP8 dequantized).
 
     The checkpoint is loaded with the engine server's own loader (`engine_server.model`), so a
@@ -34,7 +36,11 @@ def reference_greedy(model_path: str, prompt_ids: list[int], max_new_tokens: int
 
 
 async def verify_served_weights(
-    session: Any, model_path: str, prompt_ids: list[int] | None = None, max_new_tokens: int = 8, tol: float = 1e-3
+    session: Any,
+    model_path: str,
+    prompt_ids: list[int] | None = None,
+    max_new_tokens: int = 8,
+    tol: float = 1e-3,
 ) -> float:
     """Check that every engine serves `model_path`: same greedy tokens, log-probs within `tol`."""
     prompt_ids = prompt_ids or [2, 5, 7, 11, 13]
@@ -55,6 +61,8 @@ async def verify_served_weights(
             )
         diff = max(abs(float(lp) - w) for (lp, _, _), w in zip(got, want_lps, strict=True))
         if diff > tol:
-            raise CheckpointError(f"engine {url} does not serve {model_path}: log-probs differ by {diff:.2e} > {tol}")
+            raise CheckpointError(
+                f"engine {url} does not serve {model_path}: log-probs differ by {diff:.2e} > {tol}"
+            )
         worst = max(worst, diff)
     return worst

@@ -105,7 +105,9 @@ class DropReasonCounter:
         return dict(self._drops.most_common())
 
     def metrics(self) -> dict[str, float]:
-        return {f"rollout/dynamic_filter/drop_{reason}": float(n) for reason, n in sorted(self._drops.items())}
+        return {
+            f"rollout/dynamic_filter/drop_{reason}": float(n) for reason, n in sorted(self._drops.items())
+        }
 
     def reset(self) -> None:
         self._drops.clear()

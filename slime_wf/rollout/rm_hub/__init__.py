@@ -53,7 +53,9 @@ async def async_rm(args: Any, sample: Any, hub: RewardHub | None = None, **kwarg
     return await _hub(hub).async_rm(args, sample, **kwargs)
 
 
-async def batched_async_rm(args: Any, samples: list[Any], hub: RewardHub | None = None, **kwargs: Any) -> list[Any]:
+async def batched_async_rm(
+    args: Any, samples: list[Any], hub: RewardHub | None = None, **kwargs: Any
+) -> list[Any]:
     """The rewards of `samples`, in order; with group_rm, one custom call per group."""
     return await _hub(hub).batched_async_rm(args, samples, **kwargs)
 

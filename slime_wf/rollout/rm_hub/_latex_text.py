@@ -64,8 +64,8 @@ class _Parser:
         s, n, start = self.s, len(self.s), pos
         while pos < n and s[pos].isspace():
             pos += 1
-            if pos - start >= 2 and s[pos - 2:pos] == "\n\n":
-                return _Tok("char", "\n\n", pos - 2, pos, s[start:pos - 2])
+            if pos - start >= 2 and s[pos - 2 : pos] == "\n\n":
+                return _Tok("char", "\n\n", pos - 2, pos, s[start : pos - 2])
         pre = s[start:pos]
         if pos >= n:
             raise _EndOfInput(pre)
@@ -78,7 +78,7 @@ class _Parser:
             if alpha:
                 while end < n and s[end].isalpha():
                     end += 1
-            name = s[pos + 1:end]
+            name = s[pos + 1 : end]
             if name in ("(", ")", "[", "]"):
                 return _Tok("math", "\\" + name, pos, end, pre)
             if environments and name in ("begin", "end"):
@@ -90,7 +90,7 @@ class _Parser:
             if alpha:  # letters-only macro names swallow the whitespace that follows
                 while end < n and s[end].isspace():
                     end += 1
-                    if end - post >= 2 and s[end - 2:end] == "\n\n":
+                    if end - post >= 2 and s[end - 2 : end] == "\n\n":
                         end -= 2
                         break
             return _Tok("macro", name, pos, end, pre, s[post:end])

@@ -13,6 +13,8 @@ from . import rules
 
 try:
     for _rm_type in rules.GRADERS:
-        rules.grade(_rm_type, "</think> \\boxed{\\frac{1}{2}}\nAnswer: 2", "2" if _rm_type == "dapo" else "0.5")
+        rules.grade(
+            _rm_type, "</think> \\boxed{\\frac{1}{2}}\nAnswer: 2", "2" if _rm_type == "dapo" else "0.5"
+        )
 except Exception:  # a failed warm-up only costs speed; the real call reports errors
     pass

@@ -79,7 +79,12 @@ def _picklable(item: tuple) -> tuple:
         return item
     except Exception as err:
         seq, _, value, seconds = item
-        return (seq, ERROR, f"the result {type(value).__name__} cannot be sent back (not picklable): {err}", seconds)
+        return (
+            seq,
+            ERROR,
+            f"the result {type(value).__name__} cannot be sent back (not picklable): {err}",
+            seconds,
+        )
 
 
 def _send(conn: Any, results: list[tuple]) -> None:
@@ -115,7 +120,10 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
         try:  # apart from recv, so that input the worker cannot read does not kill the worker
             tasks = pickle.loads(blob)
         except Exception as err:
-            _send(conn, [(seq, UNREADABLE, f"the worker cannot read the task's input: {err!r}", 0.0) for seq in seqs])
+            _send(
+                conn,
+                [(seq, UNREADABLE, f"the worker cannot read the task's input: {err!r}", 0.0) for seq in seqs],
+            )
             continue
         results: list[tuple] = []
         monotonic = time.monotonic
@@ -166,7 +174,9 @@ def start_worker(ctx: Any, preload: tuple[str, ...]) -> WorkerHandle:
     """Start a worker from the multiprocessing context `ctx` (the fork server's)."""
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     slot = ctx.RawArray("d", 2)
-    process = ctx.Process(target=worker_main, args=(child_conn, slot, os.getpid(), preload), name="rm-grader", daemon=True)
+    process = ctx.Process(
+        target=worker_main, args=(child_conn, slot, os.getpid(), preload), name="rm-grader", daemon=True
+    )
     process.start()
     child_conn.close()
     return WorkerHandle(process, parent_conn, slot)

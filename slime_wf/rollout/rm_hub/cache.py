@@ -54,7 +54,11 @@ class GradingCache:
             for key in keys:
                 self._inflight.pop(key, None)
             if outcomes is not None:
-                self._done.update((key, outcome) for key, outcome in zip(keys, outcomes, strict=True) if isinstance(key, tuple))
+                self._done.update(
+                    (key, outcome)
+                    for key, outcome in zip(keys, outcomes, strict=True)
+                    if isinstance(key, tuple)
+                )
 
     def clear(self) -> None:
         with self._lock:

@@ -67,8 +67,14 @@ def check_reward(value: Any) -> None:
 
 def check_group_rewards(values: Any, n: int) -> None:
     if not isinstance(values, list | tuple) or len(values) != n:
-        got = f"a {type(values).__name__} of length {len(values)}" if isinstance(values, list | tuple) else repr(values)
-        raise TypeError(f"with group_rm it must return a list of {n} rewards, one per sample; got {got[:200]}")
+        got = (
+            f"a {type(values).__name__} of length {len(values)}"
+            if isinstance(values, list | tuple)
+            else repr(values)
+        )
+        raise TypeError(
+            f"with group_rm it must return a list of {n} rewards, one per sample; got {got[:200]}"
+        )
     for i, value in enumerate(values):
         try:
             check_reward(value)

@@ -81,7 +81,9 @@ def _non_finite(value: Any, reward_key: str | None) -> bool:
         value = value.get(reward_key)
     if isinstance(value, float):
         return not math.isfinite(value)
-    if isinstance(value, int) or not isinstance(value, numbers.Real):  # ints are finite (and may not fit a float)
+    if isinstance(value, int) or not isinstance(
+        value, numbers.Real
+    ):  # ints are finite (and may not fit a float)
         return False
     return not math.isfinite(value)
 
@@ -198,7 +200,11 @@ class RewardHub:
         jobs = []
         for pos, sample in enumerate(samples):
             if sample.custom_rm_path:
-                jobs.append(self._into(rewards, [pos], self._custom(args, sample.custom_rm_path, sample, [sample], kwargs)))
+                jobs.append(
+                    self._into(
+                        rewards, [pos], self._custom(args, sample.custom_rm_path, sample, [sample], kwargs)
+                    )
+                )
             elif group_mode:
                 groups.setdefault(sample.group_index, []).append(pos)
             elif path:
@@ -227,7 +233,9 @@ class RewardHub:
 
     # ---- outcomes -> rewards --------------------------------------------------------------
 
-    def _settle(self, args: Any, samples: list[Any], outcome: Outcome, what: str, values: list[Any] | None) -> list:
+    def _settle(
+        self, args: Any, samples: list[Any], outcome: Outcome, what: str, values: list[Any] | None
+    ) -> list:
         """Rewards for `samples` from one outcome (values: the per-sample rewards when ok)."""
         self._count("samples", len(samples))
         if outcome.status == OK:
@@ -264,8 +272,13 @@ class RewardHub:
         failure = getattr(args, "rm_failure_reward", 0.0)
         reward_key = getattr(args, "reward_key", None)
         shown = f"{reward_key}={value.get(reward_key)!r}" if isinstance(value, dict) else repr(value)
-        logger.warning("%s returned a non-finite reward (%s) for %s; giving rm_failure_reward=%s",
-                       what, shown, _name([sample]), failure)
+        logger.warning(
+            "%s returned a non-finite reward (%s) for %s; giving rm_failure_reward=%s",
+            what,
+            shown,
+            _name([sample]),
+            failure,
+        )
         self._count("non_finite")
         self._count("failure_rewards")
         if isinstance(getattr(sample, "metadata", None), dict):
@@ -332,7 +345,11 @@ class RewardHub:
             logger.error(
                 "%s took %.1f s for %s (rm_timeout %g s) without yielding to the event loop, which stalled "
                 "the rollout meanwhile; make it non-blocking, or a plain def (then it runs in the killable "
-                "grader workers)", where, elapsed, _name(samples), timeout,
+                "grader workers)",
+                where,
+                elapsed,
+                _name(samples),
+                timeout,
             )
         return Outcome(outcome.status, outcome.value, elapsed)
 
@@ -386,7 +403,12 @@ class RewardHub:
                 continue
             by_key[key] = [pos]
             # the last entry: gradings for one label (one GRPO group, mostly) share a worker
-            tasks[key] = (GRADE_TARGET, (inner, text, label), timeout, None if lkey is None else (inner, lkey))
+            tasks[key] = (
+                GRADE_TARGET,
+                (inner, text, label),
+                timeout,
+                None if lkey is None else (inner, lkey),
+            )
             fresh.append(key)
             if len(fresh) >= SUBMIT_SLICE:  # let the workers start while the rest is prepared
                 self._submit(args, fresh, tasks, ready, owned, joined)
@@ -435,7 +457,9 @@ class RewardHub:
             future.add_done_callback(functools.partial(self._graded, new))
 
     @staticmethod
-    async def _collect(owned: list[tuple[list[Any], Any]], joined: dict[Any, Pending], ready: dict[Any, Outcome]) -> None:
+    async def _collect(
+        owned: list[tuple[list[Any], Any]], joined: dict[Any, Pending], ready: dict[Any, Outcome]
+    ) -> None:
         batches = {id(f): f for _, f in owned}
         batches.update((id(p.future), p.future) for p in joined.values())
         # Shielded: a caller that gives up must not cancel gradings other callers wait on.
@@ -467,8 +491,9 @@ class RewardHub:
         self._count("remote_calls")
         start = asyncio.get_running_loop().time()
         try:
-            value, attempts = await self._remote.score(url, payload, timeout,
-                                                       token_env=getattr(args, "rm_api_key_env", None))
+            value, attempts = await self._remote.score(
+                url, payload, timeout, token_env=getattr(args, "rm_api_key_env", None)
+            )
             self._count("remote_retries", attempts - 1)
             status = OK
         except RemoteRewardTimeout as err:
@@ -477,11 +502,12 @@ class RewardHub:
             status, value = ERROR, str(err)
         outcome = Outcome(status, value, asyncio.get_running_loop().time() - start)
         self._record(outcome)
-        rewards[pos] = self._settle(args, [sample], outcome, f"remote_rm {redact_url(str(url))}", [outcome.value])[0]
+        rewards[pos] = self._settle(
+            args, [sample], outcome, f"remote_rm {redact_url(str(url))}", [outcome.value]
+        )[0]
 
     async def remote_rm(self, args: Any, sample: Any) -> Any:
         """slime's remote_rm: the reward server's answer for one sample."""
         rewards = [None]
         await self._remote_one(args, sample, 0, rewards)
         return rewards[0]
-

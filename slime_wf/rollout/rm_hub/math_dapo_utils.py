@@ -23,18 +23,63 @@ __all__ = [
 
 # Applied in order with str.replace, then the removals below.
 SUBSTITUTIONS: list[tuple[str, str]] = [
-    ("an ", ""), ("a ", ""), (".$", "$"), ("\\$", ""), ("\\ ", ""), (" ", ""),
-    ("mbox", "text"), (",\\text{and}", ","), ("\\text{and}", ","), ("\\text{m}", "\\text{}"),
+    ("an ", ""),
+    ("a ", ""),
+    (".$", "$"),
+    ("\\$", ""),
+    ("\\ ", ""),
+    (" ", ""),
+    ("mbox", "text"),
+    (",\\text{and}", ","),
+    ("\\text{and}", ","),
+    ("\\text{m}", "\\text{}"),
 ]
 
 # Units, filler words and TeX decorations deleted from answers, in this order.
 REMOVED_EXPRESSIONS: list[str] = [
-    "square", "ways", "integers", "dollars", "mph", "inches", "hours", "km", "units",
-    "\\ldots", "sue", "points", "feet", "minutes", "digits", "cents", "degrees", "cm", "gm",
-    "pounds", "meters", "meals", "edges", "students", "childrentickets", "multiples",
-    "\\text{s}", "\\text{.}", "\\text{\ns}", "\\text{}^2", "\\text{}^3", "\\text{\n}", "\\text{}",
-    "\\mathrm{th}", "^\\circ", "^{\\circ}", "\\;", ",\\!", "{,}", '"', "\\dots",
-    "<|im_end|>", "<|endoftext|>",
+    "square",
+    "ways",
+    "integers",
+    "dollars",
+    "mph",
+    "inches",
+    "hours",
+    "km",
+    "units",
+    "\\ldots",
+    "sue",
+    "points",
+    "feet",
+    "minutes",
+    "digits",
+    "cents",
+    "degrees",
+    "cm",
+    "gm",
+    "pounds",
+    "meters",
+    "meals",
+    "edges",
+    "students",
+    "childrentickets",
+    "multiples",
+    "\\text{s}",
+    "\\text{.}",
+    "\\text{\ns}",
+    "\\text{}^2",
+    "\\text{}^3",
+    "\\text{\n}",
+    "\\text{}",
+    "\\mathrm{th}",
+    "^\\circ",
+    "^{\\circ}",
+    "\\;",
+    ",\\!",
+    "{,}",
+    '"',
+    "\\dots",
+    "<|im_end|>",
+    "<|endoftext|>",
 ]
 
 _ANSWER_PATTERN = r"(?i)Answer\s*:\s*([^\n]+)"
@@ -58,16 +103,16 @@ def last_boxed_only_string(string: str) -> str | None:
         elif string[i] == "}":
             depth -= 1
             if depth == 0:
-                return string[start:i + 1]
+                return string[start : i + 1]
     return None
 
 
 def remove_boxed(s: str | None) -> str:
     """Content of ``\\boxed{...}``; anything else is a caller error (``AssertionError``)."""
     prefix = "\\boxed{"
-    assert s is not None and s[:len(prefix)] == prefix, f"box error: {s}"
+    assert s is not None and s[: len(prefix)] == prefix, f"box error: {s}"
     assert s[-1] == "}", f"box error: {s}"
-    return s[len(prefix):-1]
+    return s[len(prefix) : -1]
 
 
 def _keep_first_math_span(text: str) -> str:
@@ -83,7 +128,7 @@ def _keep_first_math_span(text: str) -> str:
             continue
         second = line.find("$", first + 1)
         if second >= 0:
-            lines[i] = "$" + line[first + 1:second] + "$"
+            lines[i] = "$" + line[first + 1 : second] + "$"
     return "\n".join(lines)
 
 
@@ -140,7 +185,7 @@ def is_correct_strict_box(
     """``(1 | -1, boxed_content)``: the last box in the final 100 characters must equal ``gt``."""
     if pause_tokens_index is not None:
         assert len(pause_tokens_index) == 4
-        pred = pred[pause_tokens_index[-1] - 100:]
+        pred = pred[pause_tokens_index[-1] - 100 :]
     else:
         pred = pred[-100:]
     boxed = last_boxed_only_string(pred)

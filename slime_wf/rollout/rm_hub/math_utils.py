@@ -55,7 +55,7 @@ def last_boxed_only_string(string: str) -> str | None:
         elif ch == "}":
             depth -= 1
             if depth == 0:
-                return string[start:i + 1]
+                return string[start : i + 1]
     return None
 
 
@@ -64,7 +64,7 @@ def remove_boxed(s: str | None) -> str | None:
     prefix = "\\boxed{"
     if not isinstance(s, str) or not s.startswith(prefix) or not s.endswith("}"):
         return None
-    return s[len(prefix):-1]
+    return s[len(prefix) : -1]
 
 
 def extract_boxed_answer(solution: str) -> str | None:
@@ -188,8 +188,24 @@ def grade_answer_mathd(given_answer: str | None, ground_truth: str | None) -> bo
 
 
 # ------------------------------------------------------------------- PRM800K normalization
-_UNITS = ("degree", "cm", "centimeter", "meter", "mile", "second", "minute", "hour", "day",
-          "week", "month", "year", "foot", "feet", "inch", "yard")
+_UNITS = (
+    "degree",
+    "cm",
+    "centimeter",
+    "meter",
+    "mile",
+    "second",
+    "minute",
+    "hour",
+    "day",
+    "week",
+    "month",
+    "year",
+    "foot",
+    "feet",
+    "inch",
+    "yard",
+)
 _UNIT_PATTERNS = [re.compile(unit + r"(es)?(s)? *(\^[0-9]+)?") for unit in _UNITS]
 _CARET_CIRC = re.compile(r"\^ *\\circ")
 _COMMA_THIN_SPACE = re.compile(r",\\! *")
@@ -201,8 +217,7 @@ _PLAIN_FRACTION = re.compile(r"^-?[0-9]+.?/0*[1-9][0-9]*.?$")
 _SLOW_SUBSTRINGS = ("^{", "^(")
 _SLOW_PATTERNS = (re.compile(r"\^[0-9]+\^"), re.compile(r"\^[0-9][0-9]+"))
 _TUPLE_CHARS = "()[]"
-_UNICODE_TO_SYMPY = (("√", "sqrt"), ("π", "pi"), ("∞", "inf"), ("∪", "U"), ("·", "*"),
-                     ("×", "*"))
+_UNICODE_TO_SYMPY = (("√", "sqrt"), ("π", "pi"), ("∞", "inf"), ("∪", "U"), ("·", "*"), ("×", "*"))
 
 
 def _latex_to_sympy_text(expr: str) -> str:
@@ -307,8 +322,7 @@ def _sympy_parse(expr: str):
     return sympy_parser.parse_expr(expr.replace("^", "**"), transformations=transformations)
 
 
-def _are_equal_under_sympy(ground_truth_normalized: str, given_normalized: str,
-                           tol: float = 0.0) -> bool:
+def _are_equal_under_sympy(ground_truth_normalized: str, given_normalized: str, tol: float = 0.0) -> bool:
     try:
         expr = f"({ground_truth_normalized})-({given_normalized})"
         if _should_allow_eval(expr):
@@ -325,8 +339,12 @@ def _split_tuple(expr: str) -> list[str]:
     expr = _strip_properly_formatted_commas(expr)
     if not expr:
         return []
-    if (len(expr) > 2 and expr[0] in _TUPLE_CHARS and expr[-1] in _TUPLE_CHARS
-            and not any(ch in expr[1:-1] for ch in _TUPLE_CHARS)):
+    if (
+        len(expr) > 2
+        and expr[0] in _TUPLE_CHARS
+        and expr[-1] in _TUPLE_CHARS
+        and not any(ch in expr[1:-1] for ch in _TUPLE_CHARS)
+    ):
         return [elem.strip() for elem in expr[1:-1].split(",")]
     return [expr]
 

@@ -381,7 +381,9 @@ class _PoolCore:
             task, elapsed = killed_for
             worker.inflight.pop(task.seq, None)
             self.stats["timeouts"] += 1
-            self._finish(task, Outcome(TIMEOUT, f"killed after {elapsed:.2f} s (timeout {task.timeout:g} s)", elapsed))
+            self._finish(
+                task, Outcome(TIMEOUT, f"killed after {elapsed:.2f} s (timeout {task.timeout:g} s)", elapsed)
+            )
         else:
             self.stats["crashes"] += 1
             exit_code = worker.process.exitcode
@@ -389,13 +391,17 @@ class _PoolCore:
             if culprit is not None and running is not None:  # a culprit was found through `running`
                 worker.inflight.pop(culprit.seq)
                 elapsed = time.monotonic() - running[1]
-                self._finish(culprit, Outcome(CRASH, f"the grader process died (exit code {exit_code})", elapsed))
+                self._finish(
+                    culprit, Outcome(CRASH, f"the grader process died (exit code {exit_code})", elapsed)
+                )
         retry = []
         for task in worker.inflight.values():
             if killed_for is None:
                 task.crashes += 1
                 if task.crashes >= MAX_CRASH_RETRIES:
-                    self._finish(task, Outcome(CRASH, "the grader process died twice while holding this task", 0.0))
+                    self._finish(
+                        task, Outcome(CRASH, "the grader process died twice while holding this task", 0.0)
+                    )
                     continue
             retry.append(task)
         worker.inflight = {}
@@ -463,7 +469,9 @@ class _PoolCore:
                 worker.process.kill()
                 worker.process.join(1.0)
             for task in worker.inflight.values():
-                self._fail_batch(task.batch, PoolClosedError("the grader pool was closed while this task ran"))
+                self._fail_batch(
+                    task.batch, PoolClosedError("the grader pool was closed while this task ran")
+                )
             try:
                 worker.conn.close()
             except OSError:
@@ -518,4 +526,13 @@ class GraderPool:
         self.close()
 
 
-__all__ = ["CRASH", "ERROR", "OK", "TIMEOUT", "GraderPool", "Outcome", "PoolClosedError", "default_num_workers"]
+__all__ = [
+    "CRASH",
+    "ERROR",
+    "OK",
+    "TIMEOUT",
+    "GraderPool",
+    "Outcome",
+    "PoolClosedError",
+    "default_num_workers",
+]

@@ -43,7 +43,9 @@ class _Retryable(Exception):
 class RemoteRewardClient:
     """POSTs `{"prompt", "response", "label"}` and returns the JSON answer (a number or an object)."""
 
-    def __init__(self, *, max_connections: int = 256, backoff_base: float = 0.1, backoff_cap: float = 4.0) -> None:
+    def __init__(
+        self, *, max_connections: int = 256, backoff_base: float = 0.1, backoff_cap: float = 4.0
+    ) -> None:
         self.max_connections = max_connections
         self.backoff_base = backoff_base
         self.backoff_cap = backoff_cap
@@ -107,7 +109,11 @@ class RemoteRewardClient:
         )
 
     async def _post_once(
-        self, session: aiohttp.ClientSession, url: str, shown: str, payload: dict[str, Any],
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        shown: str,
+        payload: dict[str, Any],
         headers: dict[str, str] | None,
     ) -> Any:
         try:
@@ -116,15 +122,22 @@ class RemoteRewardClient:
                 if resp.status == 429 or resp.status >= 500:
                     raise _Retryable(f"HTTP {resp.status}: {body[:200]!r}")
                 if resp.status in (401, 403):
-                    hint = "set reward.rm_api_key_env" if headers is None else "check the token in reward.rm_api_key_env"
-                    raise RemoteRewardError(f"remote_rm {shown}: HTTP {resp.status} (not authorized; {hint}): "
-                                            f"{body[:200]!r}")
+                    hint = (
+                        "set reward.rm_api_key_env"
+                        if headers is None
+                        else "check the token in reward.rm_api_key_env"
+                    )
+                    raise RemoteRewardError(
+                        f"remote_rm {shown}: HTTP {resp.status} (not authorized; {hint}): {body[:200]!r}"
+                    )
                 if resp.status >= 400:
                     raise RemoteRewardError(f"remote_rm {shown}: HTTP {resp.status}: {body[:500]!r}")
         except aiohttp.InvalidURL:  # its message is the URL itself, unmasked
             raise RemoteRewardError(f"remote_rm {shown}: reward.rm_url is not a valid http(s) URL") from None
         except ValueError as err:  # e.g. credentials both in the URL and in a token
-            raise RemoteRewardError(f"remote_rm {shown}: the request could not be made: {redact_url(str(err))}") from None
+            raise RemoteRewardError(
+                f"remote_rm {shown}: the request could not be made: {redact_url(str(err))}"
+            ) from None
         try:
             reward = json.loads(body)
         except ValueError:

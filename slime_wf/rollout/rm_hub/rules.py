@@ -58,7 +58,9 @@ def math_verify_reward(response: str, label: Any) -> int:
     from math_verify import parse, verify
 
     limit = 5 if threading.current_thread() is threading.main_thread() else None
-    gold = parse(_label_for_math_verify(label), parsing_timeout=limit) or parse(str(label), parsing_timeout=limit)
+    gold = parse(_label_for_math_verify(label), parsing_timeout=limit) or parse(
+        str(label), parsing_timeout=limit
+    )
     pred = parse(response or "", parsing_timeout=limit)
     if not gold or not pred:
         return 0

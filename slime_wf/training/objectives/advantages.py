@@ -83,14 +83,20 @@ def post_process_rewards(
         return rewards
     sizes = resolve_group_sizes(rewards.numel(), n_samples_per_prompt, group_sizes)
     return group_normalize(
-        rewards, sizes, std_normalization=args.advantage_estimator in STD_NORMALIZED and args.grpo_std_normalization
+        rewards,
+        sizes,
+        std_normalization=args.advantage_estimator in STD_NORMALIZED and args.grpo_std_normalization,
     )
 
 
-def broadcast_to_tokens(values: torch.Tensor | Sequence[float], like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+def broadcast_to_tokens(
+    values: torch.Tensor | Sequence[float], like: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
     """Each sample's scalar repeated over its response tokens (shaped like `like[i]`)."""
     values = torch.as_tensor(values, dtype=torch.float32).reshape(-1)
-    return [torch.full_like(t, float(v), dtype=torch.float32) for v, t in zip(values.tolist(), like, strict=True)]
+    return [
+        torch.full_like(t, float(v), dtype=torch.float32) for v, t in zip(values.tolist(), like, strict=True)
+    ]
 
 
 def reinforce_plus_plus_returns(
@@ -109,7 +115,9 @@ def reinforce_plus_plus_returns(
         token_rewards = -kl_coef * kl_i.detach().float()
         nonzero = torch.as_tensor(mask).reshape(-1).nonzero()
         if nonzero.numel() == 0:
-            raise ValueError(f"sample {i} is fully loss-masked: REINFORCE++ has no token to put its reward on")
+            raise ValueError(
+                f"sample {i} is fully loss-masked: REINFORCE++ has no token to put its reward on"
+            )
         token_rewards = token_rewards.clone()
         token_rewards[int(nonzero[-1])] += reward
         out.append(_discounted_cumsum(token_rewards, gamma))
@@ -131,8 +139,10 @@ def reinforce_plus_plus_baseline_advantages(
     """REINFORCE++-baseline, before whitening: the (group-centered) reward on every token, minus
     kl_coef * kl."""
     rewards = torch.as_tensor(rewards, dtype=torch.float32).reshape(-1)
-    return [torch.full_like(k, r, dtype=torch.float32) - kl_coef * k.detach().float()
-            for r, k in zip(rewards.tolist(), kl, strict=True)]
+    return [
+        torch.full_like(k, r, dtype=torch.float32) - kl_coef * k.detach().float()
+        for r, k in zip(rewards.tolist(), kl, strict=True)
+    ]
 
 
 def ppo_token_rewards(
@@ -158,7 +168,9 @@ def compute_gae(
     A_t = delta_t + gamma * lambd * A_{t+1}; returns are A + V. Both detached."""
     rewards, values = rewards.detach().float().reshape(-1), values.detach().float().reshape(-1)
     if rewards.shape != values.shape:
-        raise ValueError(f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} must match per token")
+        raise ValueError(
+            f"rewards {tuple(rewards.shape)} and values {tuple(values.shape)} must match per token"
+        )
     next_values = torch.cat([values[1:], values.new_zeros(1)])
     deltas = rewards + gamma * next_values - values
     advantages = _discounted_cumsum(deltas, gamma * lambd)
@@ -191,7 +203,9 @@ def masked_whiten(
     return whitened if shift_mean else whitened + mean
 
 
-def _per_token_list(name: str, xs: Sequence[torch.Tensor] | None, lengths: Sequence[int]) -> list[torch.Tensor] | None:
+def _per_token_list(
+    name: str, xs: Sequence[torch.Tensor] | None, lengths: Sequence[int]
+) -> list[torch.Tensor] | None:
     if xs is None:
         return None
     if len(xs) != len(lengths):
@@ -253,10 +267,14 @@ def compute_advantages_and_returns(
     else:
         ref = _per_token_list("ref_log_probs", ref_log_probs, lengths)
         if ref is None:
-            raise ValueError("kl_coef != 0 needs ref_log_probs (the reference model's log-probs per response token)")
+            raise ValueError(
+                "kl_coef != 0 needs ref_log_probs (the reference model's log-probs per response token)"
+            )
         kl = [compute_approx_kl(lp, rf, args.kl_loss_type) for lp, rf in zip(policy_lp, ref, strict=True)]
 
-    shaped = post_process_rewards(args, rewards, n_samples_per_prompt=n_samples_per_prompt, group_sizes=group_sizes)
+    shaped = post_process_rewards(
+        args, rewards, n_samples_per_prompt=n_samples_per_prompt, group_sizes=group_sizes
+    )
     shaped = shaped.to(device)
     estimator = args.advantage_estimator
     if estimator in ("grpo", "gspo", "cispo"):
@@ -272,7 +290,9 @@ def compute_advantages_and_returns(
         if values is None:
             raise ValueError("advantage_estimator ppo needs the critic's values per response token")
         token_rewards = ppo_token_rewards(shaped, kl, args.kl_coef)
-        pairs = [compute_gae(r, v, args.gamma, args.lambd) for r, v in zip(token_rewards, values, strict=True)]
+        pairs = [
+            compute_gae(r, v, args.gamma, args.lambd) for r, v in zip(token_rewards, values, strict=True)
+        ]
         advantages, returns = [a for a, _ in pairs], [g for _, g in pairs]
 
     if args.normalize_advantages and lengths:

@@ -96,16 +96,22 @@ def gather_log_probs_and_entropy(
     returns the entropy detached (a metric only). Double backward is not supported.
     """
     if logits.dim() != 2:
-        raise ValueError(f"logits must be [N, V] (rows aligned with targets), got shape {tuple(logits.shape)}")
+        raise ValueError(
+            f"logits must be [N, V] (rows aligned with targets), got shape {tuple(logits.shape)}"
+        )
     targets = torch.as_tensor(targets, device=logits.device).long().reshape(-1)
     if targets.numel() != logits.size(0):
-        raise ValueError(f"{logits.size(0)} logit rows but {targets.numel()} targets: they must be aligned 1:1")
+        raise ValueError(
+            f"{logits.size(0)} logit rows but {targets.numel()} targets: they must be aligned 1:1"
+        )
     vocab = logits.size(1)
     if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= vocab):
         bad = targets[(targets < 0) | (targets >= vocab)][0].item()
         raise ValueError(f"token id {bad} is outside the logits' vocabulary [0, {vocab})")
     inv_t = 1.0 / normalize_temperature(temperature)
-    chunk = int(chunk_size) if chunk_size and chunk_size > 0 else max(1, _AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+    chunk = (
+        int(chunk_size) if chunk_size and chunk_size > 0 else max(1, _AUTO_CHUNK_ELEMENTS // max(vocab, 1))
+    )
     log_probs, entropy = _LogProbAndEntropy.apply(logits, targets, inv_t, chunk, with_entropy)
     if not with_entropy:
         return log_probs, None
@@ -185,7 +191,9 @@ def slice_responses(
             raise ValueError(f"padded input has {x.size(0)} rows for {len(total_lengths)} samples")
         for b, (n, r) in enumerate(zip(total_lengths, response_lengths, strict=True)):
             if x.size(1) < n:
-                raise ValueError(f"padded input of length {x.size(1)} is shorter than sample {b} ({n} tokens)")
+                raise ValueError(
+                    f"padded input of length {x.size(1)} is shorter than sample {b} ({n} tokens)"
+                )
             out.append(x[b, n - r - 1 : n - 1])
         return out
     if layout != "packed":
@@ -214,7 +222,9 @@ def per_sample_tokens(
             return [tokens[b, :n] for b, n in enumerate(total_lengths)]
         flat = tokens.reshape(-1)
         if flat.numel() < sum(total_lengths):
-            raise ValueError(f"packed tokens hold {flat.numel()} ids but sum(total_lengths) = {sum(total_lengths)}")
+            raise ValueError(
+                f"packed tokens hold {flat.numel()} ids but sum(total_lengths) = {sum(total_lengths)}"
+            )
         return list(flat[: sum(total_lengths)].split(list(total_lengths)))
     if len(tokens) != len(total_lengths):
         raise ValueError(f"{len(tokens)} token sequences for {len(total_lengths)} samples")
@@ -263,8 +273,12 @@ def response_log_probs_and_entropy(
     for rows, seq, r in zip(target_rows, sequences, response_lengths, strict=True):
         rows.copy_(seq[seq.numel() - r :])  # rows are views into `targets`
     log_probs, entropy = gather_log_probs_and_entropy(
-        logits.reshape(-1, logits.size(-1)), targets.reshape(-1), temperature=temperature,
-        with_entropy=with_entropy, entropy_grad=entropy_grad, chunk_size=chunk_size,
+        logits.reshape(-1, logits.size(-1)),
+        targets.reshape(-1),
+        temperature=temperature,
+        with_entropy=with_entropy,
+        entropy_grad=entropy_grad,
+        chunk_size=chunk_size,
     )
     per_sample = slice_responses(log_probs.view(grid), total_lengths, response_lengths, layout=layout)
     if entropy is None:

@@ -61,7 +61,9 @@ def _lengths(batch: Mapping[str, Any]) -> tuple[list[int], list[int]]:
     return [int(n) for n in total_lengths], response_lengths
 
 
-def per_token_list(batch: Mapping[str, Any], key: str, lengths: list[int], *, device=None) -> list[torch.Tensor] | None:
+def per_token_list(
+    batch: Mapping[str, Any], key: str, lengths: list[int], *, device=None
+) -> list[torch.Tensor] | None:
     """`batch[key]` as float32 `[response_length_i]` tensors, checked; None when absent or empty."""
     xs = batch.get(key)
     if xs is None or len(xs) == 0:
@@ -77,7 +79,9 @@ def per_token_list(batch: Mapping[str, Any], key: str, lengths: list[int], *, de
     return out
 
 
-def _require(batch: Mapping[str, Any], key: str, lengths: list[int], why: str, device=None) -> list[torch.Tensor]:
+def _require(
+    batch: Mapping[str, Any], key: str, lengths: list[int], why: str, device=None
+) -> list[torch.Tensor]:
     xs = per_token_list(batch, key, lengths, device=device)
     if xs is None:
         raise KeyError(f"batch[{key!r}] is missing: {why}")
@@ -98,9 +102,14 @@ def compute_policy_outputs(
             raise KeyError("batch needs 'tokens' (prompt + response per sample) to score logits")
         chunk = getattr(args, "log_probs_chunk_size", -1)
         log_probs, entropy = response_log_probs_and_entropy(
-            logits, per_sample_tokens(tokens, total_lengths), total_lengths, response_lengths,
-            temperature=getattr(args, "rollout_temperature", 1.0), with_entropy=with_entropy,
-            entropy_grad=entropy_grad, chunk_size=chunk if chunk and chunk > 0 else None,
+            logits,
+            per_sample_tokens(tokens, total_lengths),
+            total_lengths,
+            response_lengths,
+            temperature=getattr(args, "rollout_temperature", 1.0),
+            with_entropy=with_entropy,
+            entropy_grad=entropy_grad,
+            chunk_size=chunk if chunk and chunk > 0 else None,
             layout=batch.get("layout"),
         )
         return PolicyOutputs(log_probs, entropy)
@@ -114,7 +123,9 @@ def compute_policy_outputs(
             f"response_lengths {response_lengths}"
         )
     if with_entropy and outputs.entropy is None:
-        raise ValueError("PolicyOutputs.entropy is needed for the entropy term and metric; compute it with the log-probs")
+        raise ValueError(
+            "PolicyOutputs.entropy is needed for the entropy term and metric; compute it with the log-probs"
+        )
     return outputs
 
 
@@ -131,10 +142,14 @@ def policy_loss_function(
     """
     args = ObjectiveOptions.from_args(args)
     _, lengths = _lengths(batch)
-    outputs = compute_policy_outputs(args, batch, logits, with_entropy=True, entropy_grad=args.entropy_coef != 0)
+    outputs = compute_policy_outputs(
+        args, batch, logits, with_entropy=True, entropy_grad=args.entropy_coef != 0
+    )
     device = outputs.log_probs[0].device if outputs.log_probs else torch.device("cpu")
     masks = _require(batch, "loss_masks", lengths, "one 0/1 mask per response token", device)
-    advantages = torch.cat(_require(batch, "advantages", lengths, "compute them first", device)) if lengths else None
+    advantages = (
+        torch.cat(_require(batch, "advantages", lengths, "compute them first", device)) if lengths else None
+    )
     log_probs = torch.cat(outputs.log_probs) if lengths else torch.zeros(0, device=device)
     rollout_lp = per_token_list(batch, "rollout_log_probs", lengths, device=device)
     trainer_old_lp = per_token_list(batch, "log_probs", lengths, device=device)
@@ -163,7 +178,9 @@ def policy_loss_function(
     metrics: dict[str, torch.Tensor] = {}
     if args.use_tis:
         if rollout_lp is None:
-            raise KeyError("use_tis needs batch['rollout_log_probs'] (the engine's log-probs per response token)")
+            raise KeyError(
+                "use_tis needs batch['rollout_log_probs'] (the engine's log-probs per response token)"
+            )
         train_lp = torch.cat(trainer_old_lp) if trainer_old_lp else log_probs.detach()
         weights, tis_metrics = tis_weights(train_lp, torch.cat(rollout_lp), args.tis_clip, args.tis_clip_low)
         pg = pg * weights
@@ -177,12 +194,16 @@ def policy_loss_function(
     loss = pg_loss - args.entropy_coef * entropy_loss
 
     if args.use_kl_loss:
-        ref_lp = _require(batch, "ref_log_probs", lengths, "use_kl_loss needs the reference model's log-probs", device)
+        ref_lp = _require(
+            batch, "ref_log_probs", lengths, "use_kl_loss needs the reference model's log-probs", device
+        )
         with_grad = float(args.kl_loss_coef) != 0.0
         current = log_probs if with_grad else log_probs.detach()
         old_cat = torch.cat(old_lp) if old_lp else current.detach()
         ratio = torch.exp(current - old_cat) if args.use_unbiased_kl else None
-        kl = compute_approx_kl(current, torch.cat(ref_lp) if lengths else current.detach(), args.kl_loss_type, ratio)
+        kl = compute_approx_kl(
+            current, torch.cat(ref_lp) if lengths else current.detach(), args.kl_loss_type, ratio
+        )
         kl_loss = sum_of_sample_mean(kl)
         if with_grad:
             loss = loss + float(args.kl_loss_coef) * kl_loss
@@ -191,8 +212,12 @@ def policy_loss_function(
     if rollout_lp is not None:
         compared = log_probs.detach() if args.use_rollout_logprobs else torch.cat(old_lp).detach()
         rollout_cat = torch.cat(rollout_lp)
-        metrics["train_rollout_logprob_abs_diff"] = sum_of_sample_mean((compared - rollout_cat).abs()).detach()
-        metrics["train_rollout_kl"] = sum_of_sample_mean(compute_approx_kl(rollout_cat, compared, "k3")).detach()
+        metrics["train_rollout_logprob_abs_diff"] = sum_of_sample_mean(
+            (compared - rollout_cat).abs()
+        ).detach()
+        metrics["train_rollout_kl"] = sum_of_sample_mean(
+            compute_approx_kl(rollout_cat, compared, "k3")
+        ).detach()
 
     if log_probs.numel() == 0 and isinstance(logits, torch.Tensor):
         loss = loss + 0.0 * logits.sum()  # keeps every parameter in the graph for an empty micro-batch
@@ -222,7 +247,9 @@ def value_loss_function(
     else:
         new_values = [torch.as_tensor(v).reshape(-1) for v in values]
     if [v.numel() for v in new_values] != lengths:
-        raise ValueError(f"value lengths {[v.numel() for v in new_values]} do not match response_lengths {lengths}")
+        raise ValueError(
+            f"value lengths {[v.numel() for v in new_values]} do not match response_lengths {lengths}"
+        )
     device = new_values[0].device if new_values else torch.device("cpu")
     old = torch.cat(_require(batch, "values", lengths, "the critic's values when the batch was made", device))
     returns = torch.cat(_require(batch, "returns", lengths, "compute advantages and returns first", device))
@@ -252,7 +279,11 @@ def _custom_loss(path: str) -> LossFunction:
 
 
 def loss_function(
-    args: Any, batch: Mapping[str, Any], logits: Any, *, normalizer: float | None = None,
+    args: Any,
+    batch: Mapping[str, Any],
+    logits: Any,
+    *,
+    normalizer: float | None = None,
     options: ObjectiveOptions | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one micro-batch, per `args.loss_type`, and its metrics.
@@ -281,7 +312,9 @@ def loss_function(
     else:
         loss, metrics = _custom_loss(options.custom_loss_function_path)(args, batch, logits, reducer)
     if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
-        raise TypeError(f"loss function for loss_type {options.loss_type!r} must return a scalar tensor, got {loss!r}")
+        raise TypeError(
+            f"loss function for loss_type {options.loss_type!r} must return a scalar tensor, got {loss!r}"
+        )
     if not isinstance(metrics, Mapping):
         raise TypeError(f"loss function for loss_type {options.loss_type!r} must return (loss, metrics dict)")
     return loss, dict(metrics)

@@ -67,7 +67,9 @@ def get_sum_of_sample_mean(
     return _weighted_sum(_token_weights(response_lengths, loss_masks, calculate_per_token_loss))
 
 
-def step_normalizer(loss_masks: Sequence[torch.Tensor | Sequence[float]], calculate_per_token_loss: bool) -> float:
+def step_normalizer(
+    loss_masks: Sequence[torch.Tensor | Sequence[float]], calculate_per_token_loss: bool
+) -> float:
     """The step's denominator: its number of samples, or its number of loss tokens (each sample
     counting at least one, as slime's `num_tokens`). Pass the masks of the whole step (every
     micro-batch, every data-parallel rank)."""

@@ -1,0 +1,1 @@
+"""Shared test helpers: tiny models and campaigns, process and kill helpers, the Prefect server."""

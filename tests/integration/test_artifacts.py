@@ -1,0 +1,204 @@
+"""The campaign's Prefect artifacts: queued by the flow, sent from one background thread in order;
+every metrics table goes out, a newer curves or progress snapshot replaces a queued older one, a
+failed call is a warning, the flush at the end is bounded; earlier curves are read from the run
+store once."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import defaultdict
+
+import pytest
+
+from flows.artifacts import LENGTH, REWARD, ArtifactPublisher, CurveHistory, artifact_key, curves_markdown
+from slime_wf.store import RunStore
+
+LOG = logging.getLogger("test.artifacts")
+
+
+class Recorder:
+    """A sender that records what it is given; it can hold every call until released, and fail some keys."""
+
+    def __init__(self, *, hold: bool = False, fail_keys: tuple[str, ...] = ()):
+        self.sent: list[tuple[str, str, object]] = []
+        self.called = threading.Event()
+        self.release = threading.Event()
+        if not hold:
+            self.release.set()
+        self.fail_keys = set(fail_keys)
+
+    def __call__(self, kind: str, key: str, description: str, content: object) -> None:
+        self.called.set()
+        if not self.release.wait(30):
+            raise TimeoutError("the test never released the sender")
+        if key in self.fail_keys:
+            raise ConnectionError("Prefect API unreachable")
+        self.sent.append((kind, key, content))
+
+
+def metrics(rid: int) -> dict:
+    return {REWARD: rid / 10, LENGTH: 5.0 + rid, "pg_loss": -0.5, "note": "not a number"}
+
+
+def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
+    assert (
+        artifact_key("My_Campaign v2", "rollout", "000003", "metrics")
+        == "my-campaign-v2-rollout-000003-metrics"
+    )
+    assert artifact_key("--a__b--", "curves") == "a-b-curves"
+
+
+def test_every_table_goes_out_and_a_newer_snapshot_replaces_a_queued_one():
+    send = Recorder(hold=True)
+    publisher = ArtifactPublisher("Camp_1", send=send, logger=LOG)
+    publisher.progress(0, 3)
+    assert send.called.wait(10)  # progress 0 is in flight: the API "is slow"
+    for rid in range(3):
+        publisher.rollout(rid, metrics(rid))
+        publisher.progress(rid + 1, 3)
+    send.release.set()
+    counts = publisher.close(timeout_s=30)
+
+    assert [(kind, key) for kind, key, _ in send.sent] == [
+        ("progress", "camp-1-progress"),
+        ("table", "camp-1-rollout-000000-metrics"),
+        ("table", "camp-1-rollout-000001-metrics"),
+        ("table", "camp-1-rollout-000002-metrics"),
+        ("markdown", "camp-1-curves"),
+        ("progress", "camp-1-progress"),
+    ]
+    assert counts == {"queued": 10, "sent": 6, "replaced": 4, "failed": 0, "unsent": 0}
+    content = [c for _, _, c in send.sent]
+    assert content[0] == 0.0 and content[-1] == 100.0
+    assert content[2] == [
+        {"metric": "pg_loss", "value": -0.5},
+        {"metric": REWARD, "value": 0.1},
+        {"metric": LENGTH, "value": 6.0},
+    ]
+    assert "| 0 | 0.0000 | 5.0 |\n| 1 | 0.1000 | 6.0 |\n| 2 | 0.2000 | 7.0 |\n" in content[4]
+
+
+def test_a_failed_artifact_is_a_warning_and_the_rest_still_go_out(caplog):
+    send = Recorder(fail_keys=("c-rollout-000000-metrics",))
+    publisher = ArtifactPublisher("c", send=send, logger=LOG)
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        publisher.rollout(0, metrics(0))
+        publisher.rollout(1, metrics(1))
+        counts = publisher.close(timeout_s=30)
+    assert counts["failed"] == 1 and counts["unsent"] == 0
+    assert "c-rollout-000001-metrics" in {key for _, key, _ in send.sent}
+    assert send.sent[-1][:2] == ("markdown", "c-curves")
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "c-rollout-000000-metrics" in warning and "ConnectionError" in warning and "unreachable" in warning
+
+
+def test_the_flush_at_the_end_gives_up_after_its_timeout(caplog):
+    send = Recorder(hold=True)  # an API that does not answer
+    publisher = ArtifactPublisher("c", send=send, logger=LOG)
+    publisher.rollout(0, metrics(0))
+    publisher.progress(1, 1)
+    assert send.called.wait(10)
+    with caplog.at_level(logging.WARNING, logger=LOG.name):
+        counts = publisher.close(timeout_s=0.5)  # returns although the call in flight never does
+    assert not send.release.is_set()
+    assert counts["unsent"] == 3 and counts["sent"] == 0  # the table in flight, the curves, the progress
+    assert any("3 artifact(s) of campaign c not sent within 0.5 s" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match="closed"):
+        publisher.progress(1, 1)
+    send.release.set()  # the call in flight returns; nothing after it goes out
+    publisher._thread.join(10)
+    assert not publisher._thread.is_alive()
+    assert [key for _, key, _ in send.sent] == ["c-rollout-000000-metrics"]
+
+
+def test_leaving_with_an_error_still_sends_what_was_queued():
+    send = Recorder(hold=True)
+    with (
+        pytest.raises(ValueError, match="training diverged"),
+        ArtifactPublisher("c", send=send, logger=LOG) as publisher,
+    ):
+        publisher.rollout(0, metrics(0))
+        publisher.progress(1, 2)
+        threading.Timer(0.3, send.release.set).start()  # the API answers only after the flow failed
+        raise ValueError("training diverged")
+    assert [key for _, key, _ in send.sent] == ["c-rollout-000000-metrics", "c-curves", "c-progress"]
+    assert publisher.counts["sent"] == 3
+
+
+def test_curves_read_earlier_metrics_once_then_grow_in_memory(tmp_path, monkeypatch):
+    store = RunStore(str(tmp_path / "run"))
+    for rid in (0, 2):  # id 1 has no metrics file: a gap in the curves
+        store.write_json(RunStore.rollout_file(rid, "metrics.json"), metrics(rid))
+    reads: list[str] = []
+    read_json = RunStore.read_json
+
+    def counted(self, path, *args, **kwargs):
+        reads.append(path)
+        return read_json(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(RunStore, "read_json", counted)
+    send = Recorder()
+    publisher = ArtifactPublisher("c", send=send, logger=LOG)
+    publisher.load_history(store, 3)
+    for rid in (3, 4, 5):
+        store.write_json(RunStore.rollout_file(rid, "metrics.json"), metrics(rid))  # as the campaign does
+        publisher.rollout(rid, metrics(rid))
+    publisher.close(timeout_s=30)
+
+    assert sorted(reads) == [RunStore.rollout_file(rid, "metrics.json") for rid in range(3)]
+    curves = [content for kind, _, content in send.sent if kind == "markdown"]
+    assert curves and curves[-1] == curves_markdown("c", *CurveHistory.from_store(store, 6).series(5))
+    assert "| 0 | 0.0000 | 5.0 |\n| 2 | 0.2000 | 7.0 |\n| 3 |" in curves[-1]
+
+
+@pytest.mark.slow
+def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server, tmp_path):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.context import get_run_context
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    store = RunStore(str(tmp_path / "run"))
+    store.write_json(RunStore.rollout_file(0, "metrics.json"), metrics(0))
+
+    @flow(name="artifact-publisher")
+    def publish() -> str:
+        with ArtifactPublisher("Pub Test") as artifacts:  # the default sender: Prefect's API
+            artifacts.load_history(store, 1)
+            artifacts.progress(1, 3)
+            for rid in (1, 2):
+                artifacts.rollout(rid, metrics(rid))
+                artifacts.progress(rid + 1, 3)
+            counts = artifacts.close(timeout_s=60)
+        assert counts["failed"] == counts["unsent"] == 0, counts
+        return str(get_run_context().flow_run.id)
+
+    with temporary_settings({PREFECT_API_URL: prefect_server}):
+        flow_run_id = publish()
+        APILogHandler().flush()  # the run's log lines, while the server is still up
+        with get_client(sync_client=True) as client:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="pub-test-"))
+            )
+    by_key = defaultdict(list)
+    for artifact in sorted(found, key=lambda a: a.created):
+        by_key[artifact.key].append(artifact)
+    assert set(by_key) == {
+        "pub-test-rollout-000001-metrics",
+        "pub-test-rollout-000002-metrics",
+        "pub-test-curves",
+        "pub-test-progress",
+    }
+    assert {str(a.flow_run_id) for a in found} == {flow_run_id}
+    (table,) = by_key["pub-test-rollout-000002-metrics"]
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert {"metric": "pg_loss", "value": -0.5} in rows and {"metric": LENGTH, "value": 7.0} in rows
+    curves = by_key["pub-test-curves"][-1].data
+    assert (
+        "| 0 | 0.0000 | 5.0 |" in curves and "| 2 | 0.2000 | 7.0 |" in curves
+    )  # id 0 came from the run store
+    assert by_key["pub-test-progress"][-1].data == 100.0
