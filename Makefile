@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,tracking,bench]'
 	# SGLang's own request/response schema for contract tests; its runtime needs a GPU, so no deps.
 	$(BIN)/pip install -q --no-deps sglang==0.5.23
 	touch $(STAMP)
