@@ -20,6 +20,9 @@ whose pid now belongs to a younger process) is taken over at once: a `train` res
 kill -9 goes on without waiting. A holder elsewhere is taken over once its heartbeat is older than
 `storage.lease_timeout_s` (the larger of the holder's and the taker's setting), judged by the
 taker's clock against the holder's: hosts must agree on the time to well within that timeout.
+
+Size: one module over 400 lines because the manifest, the lease and the invariant are the three
+parts of one commit protocol, each checked against the others.
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ engines). The key stays out of every command line, which any user of the machine
 engines read it from a `--config` YAML file only the owner can read (SGLang's flag, which the
 local server shares), the router from its environment. It never goes into a log, an error or the
 config either.
+
+Size: one module over 400 lines because `Engine` and `EngineFleet` share one lifecycle (launch,
+key, health, restart on the same port, stop with the launcher); the parent watch and the HTTP client
+are already apart (`parent_watch.py`, `engine_client.py`).
 """
 
 from __future__ import annotations

@@ -25,6 +25,10 @@ optimizer reports an overflow). Each skip is counted; `max_consecutive_skipped_s
 row, across rollouts too, raise `NonFiniteTrainingError`.
 
 Every function takes the models and the optimizer as arguments; `trainer.Trainer` owns them.
+
+Size: one module over 400 lines because it is the algorithm of one rollout id read top to bottom
+(score, advantages, steps, metrics); the pieces that stand alone already live in `batching`,
+`objectives` and `critic`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,9 @@ Megatron's local layer spec keeps the RMSNorms as their own modules (`input_laye
   rows are zero on import and cropped on export.
 
 Conversion never changes a value: export(import(w)) equals w bit for bit in the same dtype.
+
+Size: one module over 400 lines because the name map, the qkv/fc1 fusion and the TP split are one
+bijection: import and export sit together so that the round trip can be read (and checked) in one place.
 """
 
 from __future__ import annotations

@@ -21,6 +21,10 @@ the function (this holds for custom functions, rule-based graders and remote_rm 
 A reward that is NaN or infinite (the number, or a dict reward's `reward_key` entry) also gets
 `rm_failure_reward` and is counted (`rollout/rm/non_finite`): one NaN would make its whole
 group's advantages NaN.
+
+Size: one module over 400 lines because `RewardHub` is one object whose dispatch, timeout, cache
+and counters share state per rollout; the graders live in their own modules and the worker processes
+in `pool.py`.
 """
 
 from __future__ import annotations

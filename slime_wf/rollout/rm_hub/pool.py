@@ -21,6 +21,9 @@ Overhead matters as much as safety, since a rollout grades thousands of samples:
 
 The pool is driven by one background thread, so it serves any event loop (and plain threads):
 `submit` returns a `concurrent.futures.Future`, awaitable with `asyncio.wrap_future`.
+
+Size: one module over 400 lines because the pool's parent thread, the workers' loop and the
+shared-memory slots speak one private protocol; splitting them would make that protocol public.
 """
 
 from __future__ import annotations
