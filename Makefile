@@ -48,9 +48,10 @@ format: venv
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
-# Regenerate the configuration reference embedded in README.md.
+# Regenerate the configuration reference and the metrics table embedded in README.md.
 docs: venv
 	$(BIN)/python -m slime_wf.config --write-readme README.md
+	$(BIN)/python -m slime_wf.metrics --write-readme README.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache

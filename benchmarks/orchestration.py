@@ -32,6 +32,14 @@ the campaign closed), and what the Prefect API holds for the campaign, read back
 that nothing dropped goes unseen. `--storage-lookup` adds one persisted task run timed with its
 result storage given as a saved block's name (loaded from the API on every task run) against the
 saved block itself.
+
+The reward-and-filter task runs (one per wave of completed groups, submitted from the rollout
+loop) are measured before and after, side by side, in the same run: each size also runs the flow
+with each wave scored inline (`PrefectScorer` answering by awaiting the work itself, as the flow
+did before the waves were task runs). The table gives both flows' step times per id, the waves,
+and the task runs' own cost: each wave's time around the task run minus the time of the work
+inside it, summed per id. That sum bounds what the task runs add to the step (the loop keeps
+generating while a wave is scored); the goal is at most 5 % of steps of 2 s or more.
 """
 
 from __future__ import annotations
@@ -59,6 +67,7 @@ from slime_wf.store import RunStore  # noqa: E402
 
 PHASES = ("time/rollout_s", "time/train_s", "time/sync_s", "time/save_s", "time/eval_s")
 GOAL_SECONDS, GOAL_SHARE = 1.0, 0.05
+SCORING_GOAL_STEP_S = 2.0  # the scoring task runs' goal (GOAL_SHARE) holds for steps this long or longer
 
 
 class Clock:
@@ -69,6 +78,11 @@ class Clock:
         self.artifacts: dict[tuple[str, int], float] = defaultdict(float)
         self.flushes: dict[str, tuple[float, dict[str, int]]] = {}
         self._current: dict[str, int] = {}
+        self.waves: dict[tuple[str, int], int] = defaultdict(int)
+        self.wave_cost: dict[tuple[str, int], float] = defaultdict(
+            float
+        )  # around the task run minus the work
+        self.inline_scoring = False  # the flow as before: waves scored without task runs
 
     def install(self) -> None:
         rollout, close = Campaign.rollout, Campaign.close
@@ -112,6 +126,35 @@ class Clock:
             return counts
 
         publisher_class.close = timed_close
+
+    def time_scoring(self, scorer_class) -> None:
+        """Count the waves per id and time each one's task run around its work; with `inline_scoring`,
+        await the work directly instead (no task run)."""
+        clock = self
+        original = scorer_class.__call__
+
+        async def timed(scorer, rollout_id, wave, group_indices, score):
+            key = (scorer.campaign_name, rollout_id)
+            clock.waves[key] += 1
+            if clock.inline_scoring:
+                return await score()
+            inside = 0.0
+
+            async def work():
+                nonlocal inside
+                t0 = time.perf_counter()
+                try:
+                    return await score()
+                finally:
+                    inside += time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            try:
+                return await original(scorer, rollout_id, wave, group_indices, work)
+            finally:
+                clock.wave_cost[key] += time.perf_counter() - t0 - inside
+
+        scorer_class.__call__ = timed
 
     def walls(self, campaign: str) -> dict[int, float]:
         marks = self.marks[campaign]
@@ -185,6 +228,17 @@ def run_prefect(cfg: CampaignConfig) -> None:
     flows.campaign.train(cfg)
 
 
+def prefect_inline_scoring(clock: Clock):
+    def run(cfg: CampaignConfig) -> None:
+        clock.inline_scoring = True
+        try:
+            run_prefect(cfg)
+        finally:
+            clock.inline_scoring = False
+
+    return run
+
+
 @contextlib.contextmanager
 def prefect_api(home: Path):
     """The API the flow reports to: PREFECT_API_URL when set, else a server started here."""
@@ -252,23 +306,30 @@ def main() -> int:
             from prefect.logging.handlers import APILogHandler
 
             from flows.artifacts import ArtifactPublisher
+            from tasks.campaign_tasks import PrefectScorer
 
             clock.time_artifacts(ArtifactPublisher)
+            clock.time_scoring(PrefectScorer)
             runs = [("x".join(map(str, size)), size, None) for size in ns.sizes]
             runs += [(Path(path).parent.name or Path(path).stem, None, path) for path in ns.config]
             for i, (tag, size, path) in enumerate(runs):
+                sides = ("plain", "prefect", "inline")
                 if path is None:
-                    plain = campaign_config(assets, root, f"bench-plain-{tag}-{stamp}", ns.rollouts, size)
-                    flow = campaign_config(assets, root, f"bench-prefect-{tag}-{stamp}", ns.rollouts, size)
-                else:
-                    plain, flow = (
-                        file_config(path, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts)
-                        for side in ("plain", "prefect")
+                    plain, flow, inline = (
+                        campaign_config(assets, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts, size)
+                        for side in sides
                     )
-                # alternate which goes first, so that neither always meets a warmer machine
-                for name, cfg, run in (("plain loop", plain, run_plain), ("prefect flow", flow, run_prefect))[
-                    :: 1 if i % 2 == 0 else -1
-                ]:
+                else:
+                    plain, flow, inline = (
+                        file_config(path, root, f"bench-{side}-{tag}-{stamp}", ns.rollouts) for side in sides
+                    )
+                variants = (
+                    ("plain loop", plain, run_plain),
+                    ("prefect flow", flow, run_prefect),
+                    ("prefect flow, waves scored inline", inline, prefect_inline_scoring(clock)),
+                )
+                # alternate the order, so that none always meets a warmer machine
+                for name, cfg, run in variants[:: 1 if i % 2 == 0 else -1]:
                     t0 = time.perf_counter()
                     run(cfg)
                     print(
@@ -276,13 +337,14 @@ def main() -> int:
                         "(with start-up)",
                         flush=True,
                     )
-                results.append((describe(plain, path), plain, flow, stored_artifacts(flow.campaign)))
+                results.append((describe(plain, path), plain, flow, inline, stored_artifacts(flow.campaign)))
             lookup = storage_lookup(root / "lookup") if ns.storage_lookup else None
             APILogHandler().flush()  # the flow's last log lines, before the server goes
 
-        for title, plain, flow, stored in results:
+        for title, plain, flow, inline, stored in results:
             print_table(clock, plain, flow, ns.rollouts, title)
             print_artifacts(clock, flow.campaign, ns.rollouts, stored)
+            print_scoring(clock, inline, flow, ns.rollouts)
         if lookup:
             print_storage_lookup(lookup)
     return 0
@@ -354,19 +416,24 @@ def print_artifacts(clock: Clock, campaign: str, rollouts: int, stored: list) ->
     from flows.artifacts import artifact_key
 
     flush, counts = clock.flushes.get(campaign, (float("nan"), {}))
-    tables = {artifact_key(campaign, "rollout", f"{rid:06d}", "metrics") for rid in range(rollouts)}
+    per_id = {
+        artifact_key(campaign, "rollout", f"{rid:06d}", kind)
+        for rid in range(rollouts)
+        for kind in ("metrics", "samples")
+    }
     by_key: dict[str, list] = defaultdict(list)
     for artifact in stored:
         by_key[artifact.key].append(artifact)
-    curves, progress = (
-        by_key.get(artifact_key(campaign, "curves"), []),
-        by_key.get(artifact_key(campaign, "progress"), []),
+    summary, curves, progress = (
+        by_key.get(artifact_key(campaign, name), []) for name in ("summary", "curves", "progress")
     )
-    last_row = f"| {rollouts - 1} |"
+    rows = json.loads(summary[-1].data) if summary and isinstance(summary[-1].data, str) else []
+    summary_complete = [row.get("rollout") for row in rows] == list(range(rollouts))
     complete = (
-        tables <= set(by_key)
+        per_id <= set(by_key)
+        and summary_complete
         and bool(curves)
-        and last_row in str(curves[-1].data)
+        and f"rollout ids 0 to {rollouts - 1}" in str(curves[-1].data)
         and bool(progress)
         and progress[-1].data == 100.0
     )
@@ -376,10 +443,10 @@ def print_artifacts(clock: Clock, campaign: str, rollouts: int, stored: list) ->
         f"flush at the flow's end {flush:.3f} s"
     )
     print(
-        f"artifacts in the Prefect API: metrics tables for {len(tables & set(by_key))}/{rollouts} ids, "
-        f"{len(curves)} curves versions (latest up to id {rollouts - 1}: "
-        f"{'yes' if curves and last_row in str(curves[-1].data) else 'NO'}), {len(progress)} progress versions "
-        f"(latest {progress[-1].data if progress else None} %): {'all arrived' if complete else 'INCOMPLETE'}"
+        f"artifacts in the Prefect API: metrics tables and sample viewers for {len(per_id & set(by_key)) // 2}/"
+        f"{rollouts} ids; summary ({len(summary)} artifact(s), rows for every id: {'yes' if summary_complete else 'NO'}), "
+        f"curves ({len(curves)}), progress ({len(progress)}, at {progress[-1].data if progress else None} %), "
+        f"each updated in place: {'all arrived' if complete else 'INCOMPLETE'}"
     )
 
 
@@ -461,6 +528,62 @@ def print_table(
         f"(worst id {max(r[4] for r in rows):.3f} s); goal <= {GOAL_SECONDS:.0f} s: "
         f"{'met' if mean[4] <= GOAL_SECONDS else 'NOT met'}, <= {100 * GOAL_SHARE:.0f} %: "
         f"{'met' if share <= GOAL_SHARE else 'NOT met'}"
+    )
+
+
+def print_scoring(clock: Clock, before: CampaignConfig, after: CampaignConfig, rollouts: int) -> None:
+    """The flow with each wave scored inline (before) and as a reward-and-filter task run (after)."""
+    before_step, after_step = step_times(before), step_times(after)
+    after_rollout = {rid: p["time/rollout_s"] for rid, p in phase_times(after).items()}
+    print()
+    print(
+        "reward-and-filter task runs: the flow before (waves scored inline) and after (a task run per wave)"
+    )
+    header = (
+        "rollout id",
+        "before step s",
+        "after step s",
+        "after rollout s",
+        "waves",
+        "task runs s",
+        "% of step",
+    )
+    print("| " + " | ".join(header) + " |")
+    print("|" + "|".join("-" * (len(h) + 2) for h in header) + "|")
+    rows = []
+    for rid in range(rollouts):
+        key = (after.campaign, rid)
+        cost = clock.wave_cost.get(key, 0.0)
+        rows.append(
+            (
+                before_step[rid],
+                after_step[rid],
+                after_rollout[rid],
+                clock.waves.get(key, 0),
+                cost,
+                cost / after_step[rid],
+            )
+        )
+        cells = [
+            str(rid),
+            *(f"{v:.3f}" for v in rows[-1][:3]),
+            str(rows[-1][3]),
+            f"{cost:.3f}",
+            f"{100 * rows[-1][5]:.1f}",
+        ]
+        print("| " + " | ".join(c.rjust(len(h)) for c, h in zip(cells, header, strict=True)) + " |")
+    mean = [statistics.fmean(r[i] for r in rows) for i in range(5)]
+    share = mean[4] / mean[1]
+    print(
+        f"mean: before step {mean[0]:.3f} s, after step {mean[1]:.3f} s ({100 * (mean[1] / mean[0] - 1):+.1f} %, "
+        f"both noisy on a shared machine); {mean[3]:.1f} waves per id; their task runs cost {mean[4]:.3f} s per id "
+        f"= {100 * share:.1f} % of the step"
+        + (
+            f"; goal <= {100 * GOAL_SHARE:.0f} % on steps of {SCORING_GOAL_STEP_S:.0f} s or more: "
+            f"{'met' if share <= GOAL_SHARE else 'NOT met'}"
+            if mean[1] >= SCORING_GOAL_STEP_S
+            else f" (steps under {SCORING_GOAL_STEP_S:.0f} s: outside the goal's range)"
+        )
     )
 
 

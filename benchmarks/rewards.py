@@ -227,11 +227,11 @@ async def measure(opts, rm_type: str, hub: RewardHub, nocache: RewardHub) -> Tot
                 totals.nocache_s += time.perf_counter() - start
                 totals.nocache_cpu += cpu_seconds(nocache) - cpu
             else:
-                before = hub.metrics()["rollout/rm/gradings"]
+                before = hub.metrics()["rm/gradings"]
                 start = time.perf_counter()
                 results[side] = await hub.batched_async_rm(args, samples)
                 totals.guarded_s += time.perf_counter() - start
-                totals.graded += int(hub.metrics()["rollout/rm/gradings"] - before)
+                totals.graded += int(hub.metrics()["rm/gradings"] - before)
         if not results["plain"] == results["nocache"] == results["guarded"]:
             diff = [
                 (s.index, s.response[-80:], s.label, p, n, g)
@@ -240,7 +240,7 @@ async def measure(opts, rm_type: str, hub: RewardHub, nocache: RewardHub) -> Tot
                 )
                 if not p == n == g
             ]
-            timeouts = hub.metrics()["rollout/rm/timeouts"] + nocache.metrics()["rollout/rm/timeouts"]
+            timeouts = hub.metrics()["rm/timeouts"] + nocache.metrics()["rm/timeouts"]
             hint = f" ({timeouts:.0f} gradings timed out: a larger --rm-timeout?)" if timeouts else ""
             raise SystemExit(f"{rm_type}: guarded rewards differ from plain rewards{hint}: {diff[:5]}")
         totals.samples += len(samples)

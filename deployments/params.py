@@ -1,7 +1,7 @@
 """The parameters of a deployment run, as JSON, from a campaign file and overrides:
 
     python -m deployments.params --config campaign.yaml --set num_rollout=5 \\
-        | prefect deployment run 'train/<campaign>' --params -
+        | prefect deployment run 'train/<campaign>-run-or-resume' --params -
 
 Prefect replaces a deployment's default `config` as a whole when a run passes one, so the run gets
 the full, validated config rather than only the changed keys.

@@ -2,8 +2,10 @@
 
     slime-wf serve-deployments --config campaign.yaml [--set key=value ...] [--cron "0 3 * * *"]
 
-Each deployment is named after the campaign (`train/<campaign>`) and takes the whole campaign
-config as its default `config` parameter. Prefect merges a run's parameters over the defaults one
+Each deployment is named after the campaign and what it does (`deployment_name`):
+`train/<campaign>-run-or-resume`, `prepare/<campaign>-prepare-checkpoint`,
+`evaluate/<campaign>-evaluate-committed-policy`; each takes the whole campaign config as its default
+`config` parameter. Prefect merges a run's parameters over the defaults one
 top-level key at a time, so a run that passes `config` passes the whole config (the UI's form is
 prefilled with the defaults; edit a field and submit).
 
@@ -24,6 +26,17 @@ from slime_wf.config import CampaignConfig, ConfigError
 logger = logging.getLogger(__name__)
 
 FLOW_NAMES = ("train", "prepare", "evaluate")
+# what each flow's deployment does, after the campaign's name in the deployment's name
+WHAT_IT_DOES = {
+    "train": "run-or-resume",
+    "prepare": "prepare-checkpoint",
+    "evaluate": "evaluate-committed-policy",
+}
+
+
+def deployment_name(flow_name: str, campaign: str) -> str:
+    """`<campaign>-<what it does>`: the deployment of `flow_name`, as `<flow>/<name>` finds it."""
+    return f"{campaign}-{WHAT_IT_DOES[flow_name]}"
 
 
 def api_url() -> str:
@@ -67,7 +80,7 @@ def build_deployments(cfg: CampaignConfig, cron: str | None = None) -> list[Any]
         flow = getattr(flows.campaign, flow_name)
         out.append(
             flow.to_deployment(
-                name=cfg.campaign,
+                name=deployment_name(flow_name, cfg.campaign),
                 cron=check_cron(cron) if flow_name == "train" else None,
                 parameters=parameters,
                 tags=tags,
@@ -91,7 +104,7 @@ def serve(config_path: str, overrides: list[str] | None = None, cron: str | None
 
     logger.info(
         "serving %s for campaign %s against %s",
-        ", ".join(f"{n}/{cfg.campaign}" for n in FLOW_NAMES),
+        ", ".join(f"{n}/{deployment_name(n, cfg.campaign)}" for n in FLOW_NAMES),
         cfg.campaign,
         url,
     )

@@ -1,10 +1,23 @@
-"""Prefect artifacts of a campaign: per rollout id a metrics table; the curves so far; one progress bar.
+"""Prefect artifacts of a campaign, as the UI shows them on the flow run's Artifacts tab.
 
-The flow's thread only queues them. One background thread makes the API calls, in the order they
-were queued, so neither the round trips nor drawing the chart hold up the rollout loop. Curves
-and progress describe the whole campaign, so a newer one that is queued before an older one went
-out replaces it; every rollout id's metrics table is sent. An artifact that cannot be sent is a
-warning in the flow's log and never fails the campaign: the run store holds the same numbers.
+Per campaign (each key made once per flow run, then updated in place as ids finish):
+- `<campaign>-progress`: the share of `num_rollout` done.
+- `<campaign>-summary`: a table, a row per rollout id, the key metrics as columns.
+- `<campaign>-curves`: the chart (`slime_wf.plot`: a panel per quantity) over every id so far.
+
+Per rollout id:
+- `<campaign>-rollout-<id>-metrics`: that id's metrics with what each means; counters that are zero
+  are left out.
+- `<campaign>-rollout-<id>-samples`: a few prompts of the trained batch with their responses,
+  rewards and statuses, truncated and escaped for markdown.
+
+Numbers are rounded for display only; the run store's metrics.json keeps them whole.
+
+The flow's thread only queues artifacts. One background thread makes the API calls, in the order
+they were queued, so neither the round trips nor drawing the chart hold up the rollout loop. A
+newer snapshot of a campaign-wide artifact (progress, summary, curves) that is queued before an
+older one went out replaces it; every rollout id's artifacts are sent. An artifact that cannot be
+sent is a warning in the flow's log and never fails the campaign: the run store holds the same.
 
     with ArtifactPublisher(campaign_name) as artifacts:    # inside the flow run
         artifacts.load_history(store, first_id)
@@ -16,7 +29,9 @@ warning in the flow's log and never fails the campaign: the run store holds the 
 from __future__ import annotations
 
 import contextvars
+import json
 import logging
+import math
 import re
 import threading
 from collections import deque
@@ -24,7 +39,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from slime_wf.plot import data_uri, line_chart
+from flows.sample_view import samples_markdown
+from slime_wf.metrics import describe, numeric, tidy
+from slime_wf.plot import campaign_panels, chart_png, data_uri
 from slime_wf.redact import redact_url
 from slime_wf.store import RunStore
 
@@ -39,63 +56,126 @@ def artifact_key(*parts: Any) -> str:
     return re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", "-".join(str(p) for p in parts).lower())).strip("-")
 
 
-def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+def shown(value: Any, digits: int = 4) -> Any:
+    """A number as the tables show it: `digits` significant digits, integers as integers, NaN and
+    infinities as text (JSON has no such numbers)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    if not math.isfinite(value):
+        return str(value)
+    if float(value).is_integer() and abs(value) < 1e15:
+        return int(value)
+    return float(f"{value:.{digits}g}")
 
 
-class CurveHistory:
-    """Raw reward and mean response length by rollout id, kept in memory: the run store's
-    metrics.json files are read once when a campaign (re)starts, then each finished id adds its own."""
+class MetricsHistory:
+    """Every id's numeric metrics, kept in memory: the run store's metrics.json files are read once when
+    a campaign (re)starts, then each finished id adds its own."""
 
     def __init__(self) -> None:
-        self.points: dict[int, tuple[float | None, float | None]] = {}
+        self.points: dict[int, dict[str, float]] = {}
 
     @classmethod
-    def from_store(cls, store: RunStore, upto: int) -> CurveHistory:
-        """Ids `0 .. upto-1` as their metrics.json say; an id without one stays a gap."""
+    def from_store(cls, store: RunStore, upto: int) -> MetricsHistory:
+        """Ids `0 .. upto-1` as their metrics.json say; an id without one is a gap."""
         history = cls()
         for rid in range(upto):
-            history.add(rid, store.read_json(RunStore.rollout_file(rid, "metrics.json"), default={}))
+            metrics = store.read_json(RunStore.rollout_file(rid, "metrics.json"), default=None)
+            if metrics:
+                history.add(rid, metrics)
         return history
 
     def add(self, rollout_id: int, metrics: dict[str, Any]) -> None:
-        self.points[rollout_id] = (_number(metrics.get(REWARD)), _number(metrics.get(LENGTH)))
+        self.points[rollout_id] = numeric(metrics)
 
-    def series(self, upto: int) -> tuple[list[float | None], list[float | None]]:
-        """Rewards and lengths of ids `0 .. upto`."""
-        points = [self.points.get(rid, (None, None)) for rid in range(upto + 1)]
-        return [r for r, _ in points], [n for _, n in points]
+    def upto(self, last: int) -> dict[int, dict[str, float]]:
+        return {rid: m for rid, m in sorted(self.points.items()) if rid <= last}
+
+
+def summary_table(history: dict[int, dict[str, float]]) -> list[dict[str, Any]]:
+    """A row per rollout id: reward, each evaluation set's reward, response length, loss, entropy, a KL
+    (to the reference with use_kl_loss, else engine vs trainer), grad norm, the share of groups dropped,
+    and the id's seconds. A missing value is an empty cell."""
+    sets = sorted(
+        {k.split("/")[1] for m in history.values() for k in m if re.fullmatch(r"eval/[^/]+/reward", k)}
+    )
+    kl = "train/kl_loss" if any("train/kl_loss" in m for m in history.values()) else "train/rollout_kl"
+    rows = []
+    for rid, m in sorted(history.items()):
+        row: dict[str, Any] = {"rollout": rid, "reward": shown(m.get(REWARD))}
+        for s in sets:
+            row[f"eval {s}"] = shown(m.get(f"eval/{s}/reward"))
+        row["response len"] = shown(m.get(LENGTH), 3)
+        row["loss"] = shown(m.get("train/loss"))
+        row["entropy"] = shown(m.get("train/entropy"))
+        row[kl.removeprefix("train/")] = shown(m.get(kl))
+        row["grad norm"] = shown(m.get("train/grad_norm"))
+        drop = m.get("filter/drop_fraction")
+        row["dropped"] = None if drop is None else f"{drop:.0%}"
+        seconds = [v for k, v in m.items() if k.startswith("time/")]
+        row["seconds"] = round(sum(seconds), 1) if seconds else None
+        rows.append({k: ("" if v is None else v) for k, v in row.items()})
+    return rows
 
 
 def metrics_table(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    return [{"metric": k, "value": v} for k, v in sorted(metrics.items()) if _number(v) is not None]
+    """One id's metrics: name, value (rounded) and meaning, zero counters left out, by name."""
+    rows = []
+    for name, value in sorted(tidy(numeric(metrics)).items()):
+        entry = describe(name)
+        rows.append({"metric": name, "value": shown(value), "meaning": entry.meaning if entry else ""})
+    return rows
 
 
-def curves_markdown(campaign: str, rewards: list[float | None], lengths: list[float | None]) -> str:
-    chart = data_uri(line_chart([rewards, lengths]))
-    rows = "\n".join(
-        f"| {rid} | {r:.4f} | {n:.1f} |"
-        for rid, (r, n) in enumerate(zip(rewards, lengths, strict=True))
-        if r is not None and n is not None
-    )
+def curves_markdown(campaign: str, history: dict[int, dict[str, float]]) -> str:
+    ids = sorted(history)
+    span = f"rollout ids {ids[0]} to {ids[-1]}" if ids else "no rollout id finished yet"
+    chart = data_uri(chart_png(campaign_panels(history)))
     return (
-        f"## {campaign}: reward (blue) and response length (orange) by rollout id\n\n"
-        f"![curves]({chart})\n\n| rollout | raw reward | response length |\n| --- | --- | --- |\n{rows}\n"
+        f"## {campaign}: curves by rollout id\n\n{span}; the numbers are in the `{artifact_key(campaign, 'summary')}` "
+        f"table and each id's metrics table.\n\n![{campaign} curves]({chart})\n"
     )
 
 
-def send_to_prefect(kind: str, key: str, description: str, content: Any) -> None:
-    """One artifact through Prefect's API, attached to the flow run of the calling context."""
-    from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact
+def _table_data(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows)
 
-    if kind == "table":
-        create_table_artifact(table=content, key=key, description=description)
-    elif kind == "markdown":
-        create_markdown_artifact(markdown=content, key=key, description=description)
-    elif kind == "progress":
-        create_progress_artifact(progress=content, key=key, description=description)
-    else:
-        raise ValueError(f"artifact {key}: unknown kind {kind!r} (table, markdown or progress)")
+
+class PrefectArtifacts:
+    """The default sender: each key is created once, attached to the calling flow run, and updated in
+    place after that (so the run's Artifacts tab shows one card per key, not one per update)."""
+
+    def __init__(self) -> None:
+        self.ids: dict[str, Any] = {}
+
+    def __call__(self, kind: str, key: str, description: str, content: Any) -> None:
+        from prefect.artifacts import (
+            create_markdown_artifact,
+            create_progress_artifact,
+            create_table_artifact,
+            update_progress_artifact,
+        )
+
+        known = self.ids.get(key)
+        if known is not None:
+            if kind == "progress":
+                update_progress_artifact(known, content, description=description)
+                return
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.actions import ArtifactUpdate
+
+            data = _table_data(content) if kind == "table" else content
+            with get_client(sync_client=True) as client:
+                client.update_artifact(known, ArtifactUpdate(data=data, description=description))
+            return
+        if kind == "table":
+            self.ids[key] = create_table_artifact(table=content, key=key, description=description)
+        elif kind == "markdown":
+            self.ids[key] = create_markdown_artifact(markdown=content, key=key, description=description)
+        elif kind == "progress":
+            self.ids[key] = create_progress_artifact(progress=content, key=key, description=description)
+        else:
+            raise ValueError(f"artifact {key}: unknown kind {kind!r} (table, markdown or progress)")
 
 
 @dataclass(eq=False)  # jobs are removed from the queue by identity
@@ -120,20 +200,21 @@ class ArtifactPublisher:
         self,
         campaign: str,
         *,
-        send: Sender = send_to_prefect,
+        send: Sender | None = None,
         logger: Any = None,
         flush_timeout_s: float = 60.0,
     ):
         self.campaign = campaign
-        self.history = CurveHistory()  # the publisher's thread alone reads and extends it
+        self.history = MetricsHistory()  # the publisher's thread alone reads and extends it
         self.flush_timeout_s = flush_timeout_s
         self.counts = {"queued": 0, "sent": 0, "replaced": 0, "failed": 0, "unsent": 0}
-        self._send = send
+        self._send = send if send is not None else PrefectArtifacts()
         self._logger = logger if logger is not None else _run_logger()
         self._jobs: deque[_Job] = deque()
         self._replaceable: dict[str, _Job] = {}
         self._new_points: list[tuple[int, dict[str, Any]]] = []
         self._history_source: tuple[RunStore, int] | None = None
+        self._store: RunStore | None = None
         self._in_flight: _Job | None = None
         self._cond = threading.Condition()
         self._closing = self._abandoned = False
@@ -146,33 +227,56 @@ class ArtifactPublisher:
     # ---- the flow's side: queue and return -------------------------------------------------
 
     def load_history(self, store: RunStore, upto: int) -> None:
-        """The curves of ids before `upto` (the first id this run does) come from the run store; they
-        are read once, in the publisher's thread, before the first curves go out."""
+        """The curves and summary of ids before `upto` (the first id this run does) come from the run
+        store; they are read once, in the publisher's thread, before the first curves go out. The sample
+        viewers read each id's samples from the same store."""
         with self._cond:
             self._history_source = (store, upto)
+            self._store = store
 
     def rollout(self, rollout_id: int, metrics: dict[str, Any]) -> None:
-        """Queue rollout `rollout_id`'s metrics table and the curves up to it."""
+        """Queue rollout `rollout_id`'s metrics table and sample viewer, and the summary and curves up to it."""
         name = self.campaign
         rows = metrics_table(metrics)
         self._queue(
             _Job(
                 "table",
                 artifact_key(name, "rollout", f"{rollout_id:06d}", "metrics"),
-                f"campaign {name}, rollout {rollout_id}",
+                f"{name}, rollout {rollout_id}: metrics",
                 lambda: rows,
                 replaceable=False,
             )
         )
-        point = {REWARD: metrics.get(REWARD), LENGTH: metrics.get(LENGTH)}
         with self._cond:
-            self._new_points.append((rollout_id, point))
+            store = self._store
+            self._new_points.append((rollout_id, dict(metrics)))
+        if store is not None:
+            self._queue(
+                _Job(
+                    "markdown",
+                    artifact_key(name, "rollout", f"{rollout_id:06d}", "samples"),
+                    f"{name}, rollout {rollout_id}: samples of the trained batch",
+                    lambda: samples_markdown(
+                        name, rollout_id, store.read_jsonl(RunStore.rollout_file(rollout_id, "samples.jsonl"))
+                    ),
+                    replaceable=False,
+                )
+            )
+        self._queue(
+            _Job(
+                "table",
+                artifact_key(name, "summary"),
+                f"{name}: key metrics by rollout id, up to {rollout_id}",
+                lambda: summary_table(self._series(rollout_id)),
+                replaceable=True,
+            )
+        )
         self._queue(
             _Job(
                 "markdown",
                 artifact_key(name, "curves"),
-                f"curves up to rollout {rollout_id}",
-                lambda: curves_markdown(name, *self._series(rollout_id)),
+                f"{name}: curves up to rollout {rollout_id}",
+                lambda: curves_markdown(name, self._series(rollout_id)),
                 replaceable=True,
             )
         )
@@ -183,7 +287,7 @@ class ArtifactPublisher:
             _Job(
                 "progress",
                 artifact_key(self.campaign, "progress"),
-                f"campaign {self.campaign}: {done} of {total} rollout ids",
+                f"{self.campaign}: {done} of {total} rollout ids done",
                 lambda: share,
                 replaceable=True,
             )
@@ -237,11 +341,11 @@ class ArtifactPublisher:
 
     # ---- the publisher's thread ------------------------------------------------------------
 
-    def _series(self, upto: int) -> tuple[list[float | None], list[float | None]]:
+    def _series(self, upto: int) -> dict[int, dict[str, float]]:
         with self._cond:
             source = self._history_source
-        if source is not None:  # a failed read raises here and is tried again with the next curves
-            stored = CurveHistory.from_store(*source).points
+        if source is not None:  # a failed read raises here and is tried again with the next snapshot
+            stored = MetricsHistory.from_store(*source).points
             self.history.points = {**stored, **self.history.points}  # what this run measured wins
             with self._cond:
                 self._history_source = None
@@ -249,7 +353,7 @@ class ArtifactPublisher:
             points, self._new_points = self._new_points, []
         for rid, metrics in points:
             self.history.add(rid, metrics)
-        return self.history.series(upto)
+        return self.history.upto(upto)
 
     def _work(self) -> None:
         while True:

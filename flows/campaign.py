@@ -15,6 +15,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from flows.artifacts import ArtifactPublisher
+from flows.runs import campaign_run_name, label_flow_run, run_logs, train_run_name
 from slime_wf.campaign import Campaign
 from slime_wf.config import CampaignConfig
 from tasks import campaign_tasks as t
@@ -48,7 +49,7 @@ def _with_storage(task_obj, storage):
     return task_obj.with_options(result_storage=storage)
 
 
-@flow(name="train", log_prints=True)
+@flow(name="train", log_prints=True, flow_run_name=train_run_name)
 def train(config: CampaignConfig) -> dict[str, Any]:
     """Run (or resume) a campaign from its next rollout id to `num_rollout`."""
     logger = get_run_logger()
@@ -58,19 +59,36 @@ def train(config: CampaignConfig) -> dict[str, Any]:
         for x in (t.generate_rollout, t.train_step, t.sync_weights, t.evaluate, t.finish_rollout)
     )
     name, total = config.campaign, config.rollout.num_rollout
+    label_flow_run(name)
     # the campaign is left first, so its engines stop while the last artifacts go out; then they are flushed
     # leaving the campaign also releases its writer lease, whether the flow succeeded or failed
-    with ArtifactPublisher(name, logger=logger) as artifacts, Campaign(config) as campaign:
+    with run_logs(), ArtifactPublisher(name, logger=logger) as artifacts, Campaign(config) as campaign:
         t.acquire_lease(campaign)  # before any download: a second train of the campaign fails at once
         t.prepare_checkpoint(campaign)
         first = t.start_campaign(campaign)
+        label_flow_run(name, first)
         if first:
             logger.info("campaign %s resumes at rollout %d of %d", name, first, total)
         artifacts.load_history(campaign.store, first)
         artifacts.progress(first, total)
+        train_async = config.rollout.train_async
+        if train_async and first < total:
+            rollout(campaign, first)
         for rid in range(first, total):
-            rollout(campaign, rid)
-            metrics = dict(train_step(campaign, rid))
+            ahead = None
+            if not train_async:
+                rollout(campaign, rid)
+            elif rid + 1 < total:
+                # slime's train_async: Prefect runs rollout id+1 in its task runner while id trains here
+                ahead = rollout.submit(campaign, rid + 1)
+            try:
+                metrics = dict(train_step(campaign, rid))
+                if ahead is not None:
+                    ahead.result()  # the engines get new weights only between generations
+            except BaseException:
+                if ahead is not None:
+                    ahead.wait()  # the rollout ends with the campaign's engines; do not leave it running
+                raise
             metrics.update(sync(campaign, rid))
             if campaign.should_evaluate(rid):
                 metrics.update(evaluate(campaign, rid))
@@ -82,14 +100,16 @@ def train(config: CampaignConfig) -> dict[str, Any]:
     return manifest
 
 
-@flow(name="prepare", log_prints=True)
+@flow(name="prepare", log_prints=True, flow_run_name=campaign_run_name("prepare"))
 def prepare(config: CampaignConfig) -> dict[str, str]:
     """Download the policy checkpoint and, with model.rollout_fp8, make its FP8 rollout copy."""
+    label_flow_run(config.campaign)
     campaign = Campaign(config)
-    return t.prepare_checkpoint(campaign)
+    with run_logs():
+        return t.prepare_checkpoint(campaign)
 
 
-@flow(name="evaluate", log_prints=True)
+@flow(name="evaluate", log_prints=True, flow_run_name=campaign_run_name("evaluate"))
 def evaluate(config: CampaignConfig) -> dict[str, float]:
     """Evaluate the campaign's last committed policy on `eval.eval_datasets`.
 
@@ -97,7 +117,8 @@ def evaluate(config: CampaignConfig) -> dict[str, float]:
     lease, and writes only `evaluations/<rollout id>.json` in the run store."""
     if not config.eval.eval_datasets:
         raise ValueError("eval.eval_datasets is empty: name at least one evaluation set")
-    with Campaign(config) as campaign:
+    label_flow_run(config.campaign)
+    with run_logs(), Campaign(config) as campaign:
         t.prepare_checkpoint(campaign)
         rid = t.open_for_evaluation(campaign)
         return t.evaluate_committed(campaign, rid)

@@ -3,14 +3,78 @@
 Reward functions, filters, buffer filters and generate functions are plugins with small,
 stable signatures (slime's). A wrong path fails at load time with an error that names the
 path and says why, instead of deep inside a rollout.
+
+Plugin files written for slime import `slime.*` (`from slime.utils.types import Sample`). When slime
+itself is not installed, loading any plugin first installs an import alias: `slime` and every
+`slime.X` resolve to `slime_wf.compat` and `slime_wf.compat.X`, the same module objects under both
+names (so `slime.utils.types.Sample` is `slime_wf.types.Sample`). When slime is installed, nothing is
+aliased: `slime.*` is slime's own code, which slime-wf never shadows.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
+import importlib.util
 import inspect
-from collections.abc import Callable
+import sys
+import types
+from collections.abc import Callable, Sequence
 from typing import Any
+
+ALIAS = "slime"
+ALIAS_TARGET = "slime_wf.compat"
+
+
+class _SlimeAlias(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds `slime` and `slime.*` as the modules of `slime_wf.compat` of the same relative name.
+
+    The loader puts the target module itself into `sys.modules` under the alias name (the import
+    system reads the module back from there after `exec_module`), so nothing is imported twice.
+    """
+
+    def find_spec(
+        self, fullname: str, path: Sequence[str] | None, target: types.ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if fullname != ALIAS and not fullname.startswith(ALIAS + "."):
+            return None
+        real = ALIAS_TARGET + fullname[len(ALIAS) :]
+        try:
+            real_spec = importlib.util.find_spec(real)
+        except ModuleNotFoundError:
+            return None
+        if real_spec is None:
+            return None  # the import fails as usual: "No module named 'slime.x'"
+        return importlib.machinery.ModuleSpec(
+            fullname, self, is_package=real_spec.submodule_search_locations is not None
+        )
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType | None:
+        return None
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        name = module.__spec__.name if module.__spec__ else module.__name__
+        sys.modules[name] = importlib.import_module(ALIAS_TARGET + name[len(ALIAS) :])
+
+
+_alias: _SlimeAlias | None = None
+
+
+def install_slime_alias() -> bool:
+    """Make `import slime...` give slime-wf's implementations, unless slime itself is installed.
+
+    Returns whether the alias is in place. Idempotent; called by `load_function` before each load.
+    """
+    global _alias
+    if _alias is not None:
+        return True
+    if ALIAS in sys.modules or importlib.util.find_spec(ALIAS) is not None:
+        return False  # the real slime (or another package of that name): never shadowed
+    _alias = _SlimeAlias()
+    # first: the path finder would otherwise load `slime.x` a second time from the alias package's folder
+    sys.meta_path.insert(0, _alias)
+    return True
 
 
 class PluginError(ImportError):
@@ -78,6 +142,7 @@ def load_function(
     `num_positional`, when given, is how many positional arguments the caller passes; a function
     that cannot accept them is rejected here with its actual signature in the message.
     """
+    install_slime_alias()
     obj = _resolve(path)
     if not callable(obj):
         raise PluginError(f"{kind} {path!r} is a {type(obj).__name__}, not a callable")

@@ -6,6 +6,11 @@ samples are persisted as JSON, never pickled: `to_dict` / `from_dict` round-trip
 losslessly through `json.dumps` / `json.loads`, and `to_json` is one line whatever the text holds.
 `write_samples_jsonl` / `read_samples_jsonl` hold a list of them as a JSON-lines file: the form in
 which the trainer service receives what it trains on.
+
+It has every field and method of slime's `Sample` (`slime.utils.types.Sample` is this very class
+when plugins run under slime-wf; see `slime_wf/compat`). Where slime keeps torch tensors (top-p
+replay, routed experts, multimodal inputs), this class keeps lists: a plugin may assign tensors,
+and `to_dict` stores them as lists.
 """
 
 from __future__ import annotations
@@ -17,9 +22,23 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
+from slime_wf import _sample_meta as meta
 from slime_wf.store import json_text, jsonl_lines
+
+# Fields that may hold tensors or arrays (a plugin's, or slime's habits): stored as lists.
+_ARRAY_FIELDS = (
+    "tokens",
+    "rollout_log_probs",
+    "teacher_log_probs",
+    "rollout_top_p_token_ids",
+    "rollout_top_p_token_offsets",
+    "rollout_routed_experts",
+    "multimodal_inputs",
+    "multimodal_train_inputs",
+    "multimodal_generation_inputs",
+)
 
 
 class RewardKeyError(KeyError):
@@ -58,12 +77,41 @@ class Sample:
     generate_function_path: str | None = None
     train_metadata: dict[str, Any] | None = None
 
+    # ---- the rest of slime's fields --------------------------------------------------------
+    # the rollout execution this sample came from; samples split from one execution share it
+    rollout_id: int | None = None
+    session_id: str | None = None  # routing key for a consistent-hashing router
+    multimodal_inputs: dict[str, Any] | None = None
+    multimodal_train_inputs: dict[str, Any] | None = None
+    multimodal_train_input_id: str | None = None
+    multimodal_generation_inputs: dict[str, Any] | None = None
+    apply_chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    # top-p replay: response token i kept rollout_top_p_token_ids[offsets[i]:offsets[i + 1]]
+    rollout_top_p_token_ids: list[int] | None = None
+    rollout_top_p_token_offsets: list[int] | None = None
+    rollout_routed_experts: list[list[list[int]]] | None = None  # [tokens - 1, layers, topk]
+    teacher_log_probs: list[float] | None = None
+    non_generation_time: float = 0.0  # seconds spent outside the engine (tools, environments)
+
+    SpecInfo: ClassVar[type[meta.SpecInfo]] = meta.SpecInfo  # slime's nested names
+    PrefixCacheInfo: ClassVar[type[meta.PrefixCacheInfo]] = meta.PrefixCacheInfo
+    spec_info: meta.SpecInfo = field(default_factory=meta.SpecInfo)
+    prefix_cache_info: meta.PrefixCacheInfo = field(default_factory=meta.PrefixCacheInfo)
+
     # ---- serialization -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serializable dict; `Sample.from_dict` inverts it exactly."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["status"] = self.status.value
+        out["spec_info"] = self.spec_info.to_dict()
+        out["prefix_cache_info"] = self.prefix_cache_info.to_dict()
+        for name in _ARRAY_FIELDS:
+            value = out[name]
+            if value is not None and not (
+                isinstance(value, list) and (not value or type(value[0]) in (int, float))
+            ):
+                out[name] = meta.plain(value)
         return copy.deepcopy(out)
 
     @classmethod
@@ -81,7 +129,10 @@ class Sample:
         except ValueError:
             allowed = [s.value for s in cls.Status]
             raise ValueError(f"Sample.from_dict: status {status!r} is not one of {allowed}") from None
-        return cls(status=status, **copy.deepcopy(data))
+        data = copy.deepcopy(data)
+        data["spec_info"] = meta.SpecInfo.from_dict(data.get("spec_info") or {})
+        data["prefix_cache_info"] = meta.PrefixCacheInfo.from_dict(data.get("prefix_cache_info") or {})
+        return cls(status=status, **data)
 
     def to_json(self) -> str:
         try:
@@ -145,6 +196,106 @@ class Sample:
 
     def clone(self) -> Sample:
         return copy.deepcopy(self)
+
+    def append_response_tokens(
+        self,
+        args: Any = None,
+        *,
+        tokens: Any = None,
+        log_probs: Any = None,
+        trainable: bool = True,
+        meta_info: dict[str, Any] | None = None,
+        text: str | None = None,
+        update_terminal_info: bool = True,
+    ) -> None:
+        """Append response tokens and keep loss mask, log-probs and top-p spans aligned (slime's contract).
+
+        The model's tokens: `trainable=True` with the engine's `log_probs` and `meta_info`. Tool or
+        environment tokens: `trainable=False`, no log-probs; they get loss mask 0, log-prob 0.0 and
+        empty top-p spans, so they carry no loss and every per-token list stays `response_length` long.
+        """
+        new = meta.int_list(tokens)
+        lps = meta.float_list(log_probs)
+        if lps is not None and len(lps) != len(new):
+            raise ValueError(f"log_probs has {len(lps)} entries but tokens has {len(new)}")
+        if new and trainable and lps is None:
+            raise ValueError("trainable response tokens need the engine's log-probs (log_probs=...)")
+        if new and not trainable:
+            if lps is not None:
+                raise ValueError("tool/environment tokens (trainable=False) take no log_probs")
+            lps = [0.0] * len(new)
+        if text is not None:
+            self.response += text
+        before = self.response_length
+        if new:
+            self.tokens = list(self.tokens) + new
+            self.response_length += len(new)
+            if self.loss_mask is None:
+                self.loss_mask = [1] * before
+            self.loss_mask = list(self.loss_mask) + [1 if trainable else 0] * len(new)
+        if lps is not None:
+            if self.rollout_log_probs is None:
+                if trainable and before:
+                    raise ValueError(
+                        f"sample index={self.index} has {before} response tokens without rollout_log_probs; "
+                        "trainable tokens with log-probs cannot follow them"
+                    )
+                self.rollout_log_probs = [0.0] * before
+            self.rollout_log_probs = list(self.rollout_log_probs) + lps
+        if meta_info is not None or (new and not trainable):
+            self._apply_meta_info(
+                args,
+                meta_info or {},
+                new_tokens=len(new),
+                pad_top_p=bool(new and not trainable),
+                terminal=update_terminal_info,
+            )
+        self._check_response_lengths()
+
+    def _apply_meta_info(
+        self, args: Any, meta_info: dict[str, Any], *, new_tokens: int, pad_top_p: bool, terminal: bool
+    ) -> None:
+        spans = meta.top_p_spans(meta_info, new_tokens) if new_tokens else None
+        if spans is not None:
+            if self.rollout_top_p_token_ids is None and self.rollout_top_p_token_offsets is None:
+                self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets = spans
+            else:
+                self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets = meta.merge_top_p(
+                    self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets, *spans
+                )
+        elif pad_top_p and new_tokens and self.rollout_top_p_token_offsets is not None:
+            self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets = meta.pad_top_p(
+                self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets, new_tokens
+            )
+        experts = meta.routed_experts(self.rollout_routed_experts, meta_info, len(self.tokens), args)
+        if experts is not None:
+            self.rollout_routed_experts = experts
+        if not terminal or "finish_reason" not in meta_info:
+            return
+        if getattr(args, "sglang_speculative_algorithm", None):
+            self.spec_info.add(meta_info)
+        self.prefix_cache_info.add(meta_info)
+        self.update_from_meta_info(meta_info)
+
+    def _check_response_lengths(self) -> None:
+        n = self.response_length
+        for name in ("loss_mask", "rollout_log_probs"):
+            value = getattr(self, name)
+            if value is not None and len(value) != n:
+                raise ValueError(
+                    f"sample index={self.index}: {name} has {len(value)} entries, response_length is {n}"
+                )
+        ids, offsets = self.rollout_top_p_token_ids, self.rollout_top_p_token_offsets
+        if ids is None and offsets is None:
+            return
+        if ids is None or offsets is None:
+            raise ValueError(f"sample index={self.index}: top-p replay needs both token ids and offsets")
+        offsets = meta.int_list(offsets)
+        if len(offsets) != n + 1 or offsets[-1] != len(meta.int_list(ids)):
+            raise ValueError(
+                f"sample index={self.index}: {len(offsets)} top-p offsets ending at {offsets[-1] if offsets else None} "
+                f"for response_length {n} and {len(meta.int_list(ids))} kept token ids"
+            )
 
 
 Group = list[Sample]

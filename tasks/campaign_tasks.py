@@ -6,17 +6,30 @@ and a weight sync is idempotent, so both retry on engine faults. Training never 
 a failed step may have half-applied an optimizer update, so the trainer (the whole torchrun group)
 is rebuilt from the committed checkpoint first (`Campaign.train_with_recovery`).
 Taking the writer lease never retries: a live holder is another train, and waiting would not help.
+
+Task runs are named by rollout id (`rollout-000007/train`), so a step of an id is found by name in
+the UI. Inside `generate_rollout`, each wave of completed groups is rewarded and filtered in a task
+run of its own (`rollout-000007/reward-filter-002`), submitted from the rollout loop through the
+library's scorer hook (`slime_wf.rollout.scoring`); its JSON result holds the wave's rewards and
+filter verdicts, and a remote reward model's failure is retried there, not by redoing the rollout.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import functools
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.context import TaskRunContext
 
 from slime_wf.campaign import Campaign
 from slime_wf.rollout.engine_client import EngineError
 from slime_wf.rollout.engines import EngineStartError
+from slime_wf.rollout.rm_hub import RewardError
+from slime_wf.rollout.rm_hub.remote import RemoteRewardError, RemoteRewardTimeout
+from slime_wf.rollout.scoring import WaveVerdicts, scoring_with
 from slime_wf.training.trainer_group import join_commands
 
 ENGINE_FAULTS = (EngineError, EngineStartError, ConnectionError, TimeoutError)
@@ -32,6 +45,32 @@ def _retry_on_engine_fault(task, task_run, state) -> bool:
     return False
 
 
+class RemoteRewardFailure(RuntimeError):
+    """A wave's rewards failed while the campaign's reward is a remote reward model (`rm_type: remote_rm`)."""
+
+
+# a remote reward model's faults: refused or unusable answers, no answer in time, a lost connection; a
+# retry a little later (a server restarted, a deploy finished) may well get an answer
+REWARD_FAULTS = (RemoteRewardFailure, RemoteRewardError, RemoteRewardTimeout, ConnectionError)
+
+
+def _retry_on_reward_fault(task, task_run, state) -> bool:
+    try:
+        state.result()
+    except Exception as err:
+        seen: BaseException | None = err
+        while seen is not None:
+            if isinstance(seen, REWARD_FAULTS):
+                return True
+            seen = seen.__cause__ or seen.__context__
+        return False
+    return False
+
+
+# the step's word in its task runs' names (`rollout-000007/train`)
+RUN_NAMES = {"generate_rollout": "generate", "train_step": "train", "finish_rollout": "finish"}
+
+
 def _persisted(fn, name: str, **options):
     """A task whose result is stored as JSON under `<campaign>/prefect/rollout-<id>-<name>.json`; its
     body always runs (the campaign itself skips completed work), so a re-run never restores stale state.
@@ -41,6 +80,7 @@ def _persisted(fn, name: str, **options):
     return task(
         fn,
         name=name,
+        task_run_name="rollout-{rollout_id:06d}/" + RUN_NAMES.get(name, name).replace("_", "-"),
         persist_result=True,
         result_serializer="json",
         refresh_cache=True,
@@ -75,8 +115,80 @@ def _start(campaign: Campaign) -> int:
     return campaign.start()
 
 
+def _reward_filter(
+    campaign_name: str,
+    rollout_id: int,
+    wave: int,
+    group_indices: list[int],
+    score,
+    remote: bool = False,
+    loop: asyncio.AbstractEventLoop | None = None,
+) -> WaveVerdicts:
+    """The wave's work, `score()`, runs in the rollout's event loop `loop`; this body waits for it."""
+    try:
+        return asyncio.run_coroutine_threadsafe(score(), loop).result()
+    except RewardError as err:
+        if remote:  # the hub reports a remote model's failure as a RewardError; retried as one
+            raise RemoteRewardFailure(f"rollout {rollout_id}, wave {wave}: {err}") from err
+        raise
+
+
+# One wave of a rollout's completed groups, rewarded and filtered (`slime_wf.rollout.scoring`).
+reward_filter = task(
+    _reward_filter,
+    name="reward_filter",
+    task_run_name="rollout-{rollout_id:06d}/reward-filter-{wave:03d}",
+    persist_result=True,
+    result_serializer="json",
+    refresh_cache=True,
+    result_storage_key="{parameters[campaign_name]}/prefect/rollout-{parameters[rollout_id]:06d}-reward-filter-"
+    "{parameters[wave]:03d}.json",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=_retry_on_reward_fault,
+)
+
+
+class PrefectScorer:
+    """The rollout loop's scorer (`slime_wf.rollout.scoring.Scorer`): each wave is a `reward_filter`
+    task run whose result goes where the calling task's results go.
+
+    The task run is a sync one, run in a worker thread, while the wave's work stays a coroutine in
+    the rollout's event loop: Prefect's bookkeeping (creating the task run, its states, the result
+    file) then never holds up the loop, which goes on generating, and the task run uses the API
+    client the flow run has open. (An async task run would open a client of its own in each new
+    event loop, one per rollout, which costs about 0.1 s on a busy machine.)"""
+
+    def __init__(self, campaign_name: str, result_storage: Any = None, *, remote: bool = False):
+        self.campaign_name = campaign_name
+        self.remote = remote  # the campaign's reward is a remote model: its failures are retried
+        self.task = (
+            reward_filter.with_options(result_storage=result_storage) if result_storage else reward_filter
+        )
+
+    async def __call__(self, rollout_id: int, wave: int, group_indices: list[int], score) -> WaveVerdicts:
+        loop = asyncio.get_running_loop()
+        context = contextvars.copy_context()  # the flow and task run context, for the task run's thread
+        run = functools.partial(
+            context.run,
+            self.task,
+            self.campaign_name,
+            rollout_id,
+            wave,
+            group_indices,
+            score,
+            self.remote,
+            loop,
+        )
+        return await loop.run_in_executor(None, run)
+
+
 def _generate_rollout(campaign: Campaign, rollout_id: int) -> dict[str, Any]:
-    summary = campaign.rollout(rollout_id)
+    context = TaskRunContext.get()
+    storage = context.task.result_storage if context is not None else None
+    remote = campaign.cfg.reward.rm_type == "remote_rm"
+    with scoring_with(PrefectScorer(campaign.cfg.campaign, storage, remote=remote)):
+        summary = campaign.rollout(rollout_id)
     get_run_logger().info(
         "rollout %d: %d groups, raw reward %.3f, %d groups in the buffer",
         rollout_id,
@@ -116,15 +228,19 @@ def _finish_rollout(campaign: Campaign, rollout_id: int, metrics: dict) -> dict[
 prepare_checkpoint = task(
     _prepare,
     name="prepare_checkpoint",
+    task_run_name="prepare-checkpoint",
     retries=2,
     retry_delay_seconds=10,
     retry_condition_fn=_retry_on_engine_fault,
     persist_result=False,
 )
-acquire_lease = task(_acquire_lease, name="acquire_lease", persist_result=False)
+acquire_lease = task(
+    _acquire_lease, name="acquire_lease", task_run_name="acquire-lease", persist_result=False
+)
 start_campaign = task(
     _start,
     name="start_campaign",
+    task_run_name="start",
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_on_engine_fault,
@@ -133,6 +249,7 @@ start_campaign = task(
 open_for_evaluation = task(
     _open_for_evaluation,
     name="open_for_evaluation",
+    task_run_name="open-for-evaluation",
     retries=1,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_on_engine_fault,
@@ -141,6 +258,7 @@ open_for_evaluation = task(
 evaluate_committed = task(
     _evaluate_committed,
     name="evaluate_committed",
+    task_run_name="evaluate-committed",
     retries=2,
     retry_delay_seconds=5,
     retry_condition_fn=_retry_on_engine_fault,

@@ -106,13 +106,9 @@ def run(cfg, work: Path, test_path: str | None, keep_weights: bool = False) -> d
                 "raw_reward": m["rollout/raw_reward"],
                 "groups_drawn": m["rollout/groups_drawn"],
                 # the filter's reason names the common reward: zero_std_0 (all wrong) or zero_std_1 (all right)
-                "dropped_all_wrong": sum(
-                    v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_0")
-                ),
-                "dropped_all_right": sum(
-                    v for k, v in m.items() if k.startswith("rollout/dynamic_filter/drop_zero_std_1")
-                ),
-                "from_buffer": m["rollout/partial/from_buffer_groups"],
+                "dropped_all_wrong": sum(v for k, v in m.items() if k.startswith("filter/drop_zero_std_0")),
+                "dropped_all_right": sum(v for k, v in m.items() if k.startswith("filter/drop_zero_std_1")),
+                "from_buffer": m.get("rollout/partial/from_buffer_groups", 0.0),
                 "grad_norm": metrics.get("grad_norm", float("nan")),
                 "rollout_s": t1 - t0,
                 "train_s": t2 - t1,

@@ -26,6 +26,7 @@ from .sections import (
     RewardConfig,
     RolloutConfig,
     StorageConfig,
+    TrackingConfig,
 )
 from .train import CheckpointConfig, TrainConfig
 
@@ -51,6 +52,7 @@ class CampaignConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _consistent(self) -> CampaignConfig:
@@ -59,6 +61,11 @@ class CampaignConfig(BaseModel):
             raise ValueError(
                 f"rollout.over_sampling_batch_size={ro.over_sampling_batch_size} is smaller than "
                 f"rollout.rollout_batch_size={ro.rollout_batch_size}; allowed: >= rollout_batch_size, or null"
+            )
+        if ro.train_async and ro.max_weight_staleness == 0:
+            raise ValueError(
+                "rollout.train_async generates each rollout with the policy one version behind the one that trains "
+                "on it, so rollout.max_weight_staleness=0 would regenerate everything; set it to 1 or more, or null"
             )
         if self.reward.rm_type == "remote_rm" and not self.reward.rm_url:
             raise ValueError("reward.rm_type=remote_rm needs reward.rm_url (the URL of the reward server)")

@@ -12,15 +12,24 @@ contract in pyproject.toml).
 Serves any Hugging Face causal-LM checkpoint directory (FP8 block-quantized ones are dequantized
 on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/abort_request`,
 `/pause_generation`, `/continue_generation`, `/flush_cache`, `/update_weights_from_disk`,
-`/health`, `/health_generate`, `/model_info`, `/server_info`, and the weight-update group endpoints
-of the `distributed` weight sync (`weight_update`). Every `/generate` body is checked
-against SGLang's own schema when it is installed (unknown `sampling_params` keys are a 400, as
-in SGLang). Differences from SGLang: one sample per request (`n` must be 1), no streaming, no
-batched (list) inputs, no prefix cache (`cached_tokens` is 0, `/flush_cache` has nothing to
-drop, but like SGLang it answers 400 while requests run), no input-token log-probs
-(`logprob_start_len` is accepted and ignored), `sampling_seed` always applies (SGLang needs
-`--enable-deterministic-inference`), and penalties / grammars / `stop_regex` / `logit_bias` are
-refused with a 400. `--dtype auto` computes in float32.
+`/health`, `/health_generate`, `/model_info`, `/server_info`, `GET /v1/loads` (`loads`), the
+OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models` (`openai_api`), and
+the weight-update group endpoints of the `distributed` weight sync (`weight_update`). Every
+`/generate` body is checked against SGLang's own schema when it is installed (unknown
+`sampling_params` keys are a 400, as in SGLang). Every SGLang sampling parameter works except
+those refused below, penalties, `min_p`, `min_new_tokens`, `logit_bias`, `stop_regex` and
+`top_logprobs_num` included (`penalties`, `sampling`); `custom_params` is accepted as opaque data.
+
+Refused with a 400 naming the field, because this engine cannot do them: constrained decoding
+(`json_schema`, `regex`, `ebnf`, `structural_tag`, `choice`), `beam_width`, `watermark`,
+`n` > 1 and batched (list) inputs on `/generate` (send one request per sample; the OpenAI
+endpoints fan out `n` and prompt lists themselves), `stream` on `/generate`, multimodal data,
+LoRA, sessions and custom logit processors. Other differences from SGLang: no prefix cache
+(`cached_tokens` is 0, `/flush_cache` has nothing to drop, but like SGLang it answers 400 while
+requests run), no input-token log-probs (`logprob_start_len` is accepted and ignored),
+`sampling_seed` always applies (SGLang needs `--enable-deterministic-inference`), penalties count
+each output token from the next step on (SGLang's `--disable-overlap-schedule` behaviour), and
+OpenAI streams arrive in one piece when the request finishes. `--dtype auto` computes in float32.
 
 Like SGLang: `--max-queued-requests` bounds the requests waiting for a running slot (no bound by
 default); one more gets HTTP 503 (SGLang's "The request queue is full.") with `Retry-After`, which
@@ -44,7 +53,9 @@ Modules, from the wire inwards:
   client check its requests with it too).
 - `weight_update`: the engine's end of SGLang's weight-update group (`distributed` weight sync),
   built with `slime_wf.weight_group`, the module the trainer's end uses as well.
+- `openai_api`: the OpenAI-compatible endpoints, each turned into `/generate` requests;
+  `loads`: `GET /v1/loads`.
 - `engine`: the continuous-batching scheduler; `sampling`: validated requests and SGLang's
-  sampling; `response`: SGLang-shaped responses; `model`: checkpoint loading, weight swaps and
-  the batched KV cache.
+  sampling; `penalties`: penalties, `min_new_tokens` and `logit_bias` on the logits; `response`:
+  SGLang-shaped responses; `model`: checkpoint loading, weight swaps and the batched KV cache.
 """

@@ -30,6 +30,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import logging
+import re
 import threading
 import time
 import traceback
@@ -42,12 +43,14 @@ import torch
 
 from slime_wf.engine_server.model import (
     BatchKV,
+    cache_row,
     check_state_dict,
     copy_weights_,
     load_model,
     new_cache,
     read_state_dict,
 )
+from slime_wf.engine_server.penalties import LogitAdjuster
 from slime_wf.engine_server.response import error_response, generate_response, waiting_abort_response
 from slime_wf.engine_server.sampling import InvalidRequest, Request, sample
 
@@ -67,8 +70,10 @@ class QueueFull(RuntimeError):
 class _Active:
     req: Request
     generator: torch.Generator | None
+    adjuster: LogitAdjuster | None = None  # penalties, min_new_tokens, logit_bias
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    top_logprobs: list[list[tuple[float, int]] | None] = dataclasses.field(default_factory=list)
     version_events: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     abort_message: str | None = None
     stop_tail: int = 0  # tokens to decode when looking for stop strings
@@ -232,6 +237,12 @@ class LocalEngine:
         with self._cond:
             return len(self._batch) + len(self._admitting), len(self._waiting)
 
+    def token_load(self) -> tuple[list[int], list[int]]:
+        """Tokens each running request holds (prompt + output) and each waiting prompt's length."""
+        with self._cond:
+            running = [len(a.req.input_ids) + len(a.output_ids) for a in self._batch + self._admitting]
+            return running, [len(r.input_ids) for r in self._waiting]
+
     def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing runs (and, unless paused, nothing waits), as SGLang's flush_cache requires."""
         deadline = time.monotonic() + timeout
@@ -358,7 +369,8 @@ class LocalEngine:
             if not self._paused:
                 while self._waiting and len(self._batch) + len(self._admitting) < self.max_running_requests:
                     req = self._waiting.popleft()
-                    self._admitting.append(_Active(req, req.params.make_generator()))
+                    adjuster = LogitAdjuster.build(req.params, self.vocab_size, self.eos_token_ids)
+                    self._admitting.append(_Active(req, req.params.make_generator(), adjuster))
         for fn, fut in actions:
             try:
                 fut.set_result(fn())
@@ -393,24 +405,34 @@ class LocalEngine:
             self._admitting = [a for a in self._admitting if id(a) not in gone]
 
     def _prefill_admitted(self) -> None:
-        """Prefill each admitted request on its own; one that fails is answered with an error alone.
+        """Prefill the admitted requests, one forward pass per prompt length.
+
+        A prompt sent n times (GRPO's n samples of a prompt) is computed once and every request samples
+        its own first token from it: a batch of one per request made prefill most of a short rollout's
+        engine time. When a shared forward pass fails, each of its requests is prefilled on its own, so
+        one that fails is answered with an error alone.
 
         Prefilled requests stay in `_admitting` until they join the batch, so that a fault in between
         still finds (and answers) them."""
         caches, lengths, joined = [], [], []
+        by_length: dict[int, list[_Active]] = {}
         for active in list(self._admitting):
-            try:
-                cache = self._prefill(active)
-            except Exception as err:
-                self._leave_admitting([active])
-                self._fail(active, err, "prefill")
-                continue
-            if cache is None:
+            if self._finished_before_prefill(active):
                 self._leave_admitting([active])
             else:
-                caches.append(cache)
-                lengths.append(len(active.req.input_ids))
-                joined.append(active)
+                by_length.setdefault(len(active.req.input_ids), []).append(active)
+        for group in by_length.values():
+            try:
+                prefilled = self._prefill_shared(group)
+            except Exception:
+                prefilled = [(active, self._prefill_alone(active)) for active in group]
+            for active, cache in prefilled:
+                if cache is None:
+                    self._leave_admitting([active])
+                else:
+                    caches.append(cache)
+                    lengths.append(len(active.req.input_ids))
+                    joined.append(active)
         if joined:
             self._kv.add(caches, lengths)
             gone = {id(a) for a in joined}
@@ -418,14 +440,49 @@ class LocalEngine:
                 self._admitting = [a for a in self._admitting if id(a) not in gone]
                 self._batch.extend(joined)
 
-    def _prefill(self, active: _Active):
-        """The request's first token; returns its single-row cache, or None when it already finished."""
+    def _finished_before_prefill(self, active: _Active) -> bool:
         req = active.req
         if req.params.max_new_tokens == 0:
             self._finish(active, {"type": "length", "length": 0})
-            return None
+            return True
         if req.params.stop:
             active.stop_tail = max(len(s) for s in req.params.stop) + 2
+        return False
+
+    def _prefill_shared(self, group: list[_Active]) -> list[tuple[_Active, Any]]:
+        """One forward pass over the distinct prompts of `group` (all of one length); each request's first
+        token, and its single-row cache (a view of the shared one) or None when it already finished."""
+        assert self.model is not None  # the scheduler thread steps only after _load succeeded
+        rows: dict[tuple[int, ...], int] = {}
+        for active in group:
+            rows.setdefault(tuple(active.req.input_ids), len(rows))
+        cache = new_cache(self.num_layers)
+        out = self.model(input_ids=torch.tensor(list(rows)), cache=cache, use_cache=True, logits_to_keep=1)
+        row_caches = [cache_row(cache, row) for row in range(len(rows))]
+        results: list[tuple[_Active, Any]] = []
+        for active in group:
+            row = rows[tuple(active.req.input_ids)]
+            try:
+                # a copy: logit adjusters write into their row
+                self._append_tokens([active], out.logits[row : row + 1, -1, :].float().clone())
+            except Exception as err:
+                self._fail(active, err, "prefill")
+                results.append((active, None))
+                continue
+            results.append((active, None if self._check_finished_safely(active) else row_caches[row]))
+        return results
+
+    def _prefill_alone(self, active: _Active):
+        """`active`'s own prefill: its single-row cache, or None when it finished or failed (answered)."""
+        try:
+            return self._prefill(active)
+        except Exception as err:
+            self._fail(active, err, "prefill")
+            return None
+
+    def _prefill(self, active: _Active):
+        """The request's first token; returns its single-row cache, or None when it already finished."""
+        req = active.req
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
         out = self.model(
@@ -496,16 +553,21 @@ class LocalEngine:
 
     def _append_tokens(self, actives: list[_Active], logits: torch.Tensor) -> None:
         for row, active in enumerate(actives):
-            p = active.req.params
-            if len(active.output_ids) < p.min_new_tokens:
-                banned = list(p.stop_token_ids | self.eos_token_ids)
-                logits[row, banned] = float("-inf")
-        tokens, logprobs = sample(
-            logits, [a.req.params for a in actives], [a.generator for a in actives], self._default_generator
+            if active.adjuster is not None:
+                active.adjuster.apply_(logits[row])
+        tokens, logprobs, tops = sample(
+            logits,
+            [a.req.params for a in actives],
+            [a.generator for a in actives],
+            self._default_generator,
+            [a.req.top_logprobs_num if a.req.return_logprob else 0 for a in actives],
         )
-        for active, tok, lp in zip(actives, tokens, logprobs, strict=True):
+        for active, tok, lp, top in zip(actives, tokens, logprobs, tops, strict=True):
             active.output_ids.append(tok)
             active.logprobs.append(lp)
+            active.top_logprobs.append(top)
+            if active.adjuster is not None:
+                active.adjuster.observe(tok)
 
     def _set_batch(self, keep: list[int]) -> None:
         if len(keep) == len(self._batch):
@@ -523,7 +585,7 @@ class LocalEngine:
             return True
 
     def _check_finished(self, active: _Active) -> bool:
-        """SGLang's order: stop string, then EOS / stop token (unless ignore_eos), then length."""
+        """SGLang's order: stop string, stop regex, then EOS / stop token (unless ignore_eos), then length."""
         p, out = active.req.params, active.output_ids
         reason: dict[str, Any] | None = None
         if p.stop:
@@ -532,6 +594,12 @@ class LocalEngine:
             matched = next((s for s in p.stop if s in tail), None)
             if matched is not None:
                 reason = {"type": "stop", "matched": matched}
+        if reason is None and p.stop_regex:
+            assert self.tokenizer is not None  # the scheduler thread steps only after _load succeeded
+            text = str(self.tokenizer.decode(out[-p.stop_regex_tail :]))
+            matched = next((r for r in p.stop_regex if re.search(r, text)), None)
+            if matched is not None:
+                reason = {"type": "stop", "matched": matched}  # SGLang's FINISHED_MATCHED_REGEX
         if (
             reason is None
             and not p.ignore_eos
@@ -570,6 +638,7 @@ class LocalEngine:
                 finish_reason,
                 active.version_events,
                 self.weight_version,
+                active.top_logprobs,
             )
         except Exception as err:
             logger.error(

@@ -203,6 +203,15 @@ def _row_layers(cache: Cache) -> list[_RowLayer]:
     return cast(list[_RowLayer], cache.layers)
 
 
+def cache_row(cache: Cache, row: int) -> Cache:
+    """Row `row` of a prefilled cache (from `new_cache`) as a single-row cache of views, for `BatchKV.add`."""
+    out = new_cache(len(cache.layers))
+    for layer, own in zip(_row_layers(out), _row_layers(cache), strict=True):
+        assert own.k_buf is not None and own.v_buf is not None, "cache_row of a cache that holds nothing"
+        layer.set_buffers(own.k_buf[row : row + 1], own.v_buf[row : row + 1], own.start, own.end)
+    return out
+
+
 class BatchKV:
     """The running batch's KV cache, padding mask and per-row positions."""
 

@@ -14,6 +14,14 @@ from typing import Any
 from slime_wf.engine_server.sampling import Request
 
 
+class GenerationFailed(RuntimeError):
+    """The engine answered a request with an error status (SGLang turns that abort into an HTTP error)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
 def version_spans(events: list[tuple[str, int]], current: str, num_tokens: int) -> list[dict]:
     """Spans from (old version, output tokens when it was replaced) events, as SGLang's
     `compute_weight_version_spans` builds them."""
@@ -37,6 +45,7 @@ def generate_response(
     finish_reason: dict,
     version_events: list[tuple[str, int]],
     current_version: str,
+    top_logprobs: list[list[tuple[float, int]] | None] | None = None,
 ) -> dict[str, Any]:
     p = req.params
     matched = finish_reason.get("matched")
@@ -56,14 +65,18 @@ def generate_response(
     meta = _meta(req, output_ids, finish_reason, spans[-1]["version"])
     meta["weight_versions"] = spans
     if req.return_logprob:
-        texts = (
-            [tokenizer.decode([t]) for t in output_ids]
-            if req.return_text_in_logprobs
-            else [None] * len(output_ids)
-        )
+
+        def text_of(token: int) -> str | None:
+            return tokenizer.decode([token]) if req.return_text_in_logprobs else None
+
         meta["output_token_logprobs"] = [
-            [lp, tok, txt] for lp, tok, txt in zip(logprobs, output_ids, texts, strict=True)
+            [lp, tok, text_of(tok)] for lp, tok in zip(logprobs, output_ids, strict=True)
         ]
+        if req.top_logprobs_num > 0:
+            meta["output_top_logprobs"] = [
+                None if row is None else [[lp, tok, text_of(tok)] for lp, tok in row]
+                for row in (top_logprobs or [None] * len(output_ids))
+            ]
     return {"text": text, "output_ids": list(output_ids), "meta_info": meta}
 
 

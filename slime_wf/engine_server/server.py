@@ -2,7 +2,7 @@
 keys as SGLang checks them, and `main` (run by `python -m slime_wf.engine_server`, flags in `args`).
 
 Every `/generate` body passes SGLang's own schema (`schema`) before the server's own checks
-(`build_request`); refusals carry SGLang's status codes and bodies. What the server is, and where it
+(`requests.build_request`); refusals carry SGLang's status codes and bodies. What the server is, and where it
 differs from SGLang, is in the package docstring.
 """
 
@@ -18,29 +18,26 @@ import signal
 import threading
 import time
 import uuid
-from typing import Any
 
 from aiohttp import web
 
 from slime_wf.checkpoint.dtypes import dtype_name
-from slime_wf.engine_server import weight_update
+from slime_wf.engine_server import openai_api, weight_update
 from slime_wf.engine_server.args import check_args, parse_args
 from slime_wf.engine_server.engine import HEALTH_CHECK_RID_PREFIX, LocalEngine, QueueFull
+from slime_wf.engine_server.loads import loads_response
+from slime_wf.engine_server.requests import (
+    ContractViolation,
+    check_generate_body,
+    parse_generate,
+)
+from slime_wf.engine_server.response import GenerationFailed
 from slime_wf.engine_server.sampling import InvalidRequest, Request, SamplingParams
-from slime_wf.engine_server.schema import generate_request_error
 
 logger = logging.getLogger("slime_wf.engine_server")
 
 ENGINE = web.AppKey("engine", LocalEngine)
 ARGS = web.AppKey("args", argparse.Namespace)
-_UNSUPPORTED_TOP_LEVEL = (
-    "image_data",
-    "video_data",
-    "audio_data",
-    "lora_path",
-    "session_params",
-    "custom_logit_processor",
-)
 # SGLang's `AuthLevel.ADMIN_OPTIONAL` endpoints among those served here (`srt/entrypoints/http_server.py`).
 ADMIN_PATHS = frozenset(
     {
@@ -116,91 +113,6 @@ async def _json_body(request: web.Request) -> dict:
     return body
 
 
-class _ContractViolation(ValueError):
-    """The body breaks SGLang's schema; the text is SGLang's own."""
-
-
-def parse_generate(raw: bytes, engine: LocalEngine) -> Request:
-    """Decode, schema-check and tokenize a `/generate` body. Runs off the event loop: a prompt of many
-    megabytes takes seconds to tokenize, and `/health` must answer meanwhile."""
-    if not raw:
-        body: Any = {}
-    else:
-        try:
-            body = json.loads(raw)
-        except json.JSONDecodeError as err:
-            raise InvalidRequest(f"the request body of /generate is not valid JSON: {err}") from err
-    contract_error = generate_request_error(body)
-    if contract_error is not None:
-        raise _ContractViolation(contract_error)
-    return build_request(body, engine)
-
-
-def build_request(body: Any, engine: LocalEngine) -> Request:
-    """Check a `/generate` body (already past SGLang's schema) and turn it into an engine `Request`."""
-    if not isinstance(body, dict):
-        raise InvalidRequest("the /generate body must be a JSON object")
-    text, input_ids = body.get("text"), body.get("input_ids")
-    if (text is None) == (input_ids is None):
-        raise InvalidRequest("Either text or input_ids should be provided, not both or neither.")
-    if isinstance(text, list) or (
-        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
-    ):
-        raise InvalidRequest(
-            "batched inputs (a list of prompts) are not supported: send one request per prompt"
-        )
-    if body.get("stream"):
-        raise InvalidRequest("stream=true is not supported by the local engine; send stream=false")
-    for key in _UNSUPPORTED_TOP_LEVEL:
-        if body.get(key) is not None:
-            raise InvalidRequest(f"{key} is not supported by the local engine")
-    if body.get("top_logprobs_num"):
-        raise InvalidRequest("top_logprobs_num is not supported by the local engine; leave it at 0")
-    rid = body.get("rid")
-    if isinstance(rid, list):
-        raise InvalidRequest("rid must be a string (batched requests are not supported)")
-    sampling = body.get("sampling_params")
-    if sampling is not None and not isinstance(sampling, dict):
-        raise InvalidRequest("sampling_params must be one object (batched requests are not supported)")
-    params = SamplingParams.from_request(sampling, engine.vocab_size)
-    if input_ids is None:
-        if not isinstance(text, str):
-            raise InvalidRequest("text must be a string")
-        assert (
-            engine.tokenizer is not None
-        )  # /generate takes requests only once the model loaded (_not_ready)
-        input_ids = engine.tokenizer.encode(text)
-    if not isinstance(input_ids, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) for t in input_ids
-    ):
-        raise InvalidRequest("input_ids must be a list of integers")
-    if not input_ids:
-        raise InvalidRequest("the prompt is empty: give at least one token")
-    bad = [t for t in input_ids if not 0 <= t < engine.vocab_size]
-    if bad:
-        raise InvalidRequest(
-            f"input_ids contain {len(bad)} token id(s) outside the vocabulary [0, {engine.vocab_size}), e.g. {bad[:5]}"
-        )
-    n, ctx = len(input_ids), engine.context_length
-    if n >= ctx:
-        raise InvalidRequest(
-            f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens)."
-        )
-    if n + params.max_new_tokens > ctx:
-        raise InvalidRequest(
-            f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested "
-            f"a total of {n + params.max_new_tokens} tokens: {n} tokens from the input messages and "
-            f"{params.max_new_tokens} tokens for the completion. Reduce max_new_tokens or the prompt."
-        )
-    return Request(
-        rid=rid if rid is not None else uuid.uuid4().hex,
-        input_ids=list(input_ids),
-        params=params,
-        return_logprob=bool(body.get("return_logprob")),
-        return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
-    )
-
-
 def _not_ready(engine: LocalEngine) -> web.Response | None:
     if not engine.ready.is_set():
         return _error("the model is still loading", status=503)
@@ -218,6 +130,17 @@ async def _await_generation(engine: LocalEngine, req: Request) -> dict:
         raise
 
 
+async def run_request(engine: LocalEngine, req: Request) -> dict:
+    """Run a checked request; its SGLang-shaped response, or `GenerationFailed` for an error abort."""
+    result = await _await_generation(engine, req)
+    reason = result["meta_info"]["finish_reason"]
+    status = reason.get("status_code")
+    if reason.get("type") == "abort" and isinstance(status, int) and 400 <= status < 600:
+        # SGLang's tokenizer manager turns an abort that carries an error status into that HTTP error.
+        raise GenerationFailed(status, reason["message"])
+    return result
+
+
 async def generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if (resp := _not_ready(engine)) is not None:
@@ -225,19 +148,20 @@ async def generate(request: web.Request) -> web.Response:
     raw = await request.read()
     try:
         req = await asyncio.to_thread(parse_generate, raw, engine)
-        result = await _await_generation(engine, req)
-    except _ContractViolation as err:
+        result = await run_request(engine, req)
+    except ContractViolation as err:
         return web.json_response({"error": str(err)}, status=400)
     except QueueFull as err:
         return _http_exception(503, str(err), headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)})
+    except GenerationFailed as err:
+        return _error(str(err)) if err.status == 400 else _http_exception(err.status, str(err))
     except (ValueError, TypeError) as err:  # SGLang answers a request it cannot take with 400
         return _error(str(err))
-    reason = result["meta_info"]["finish_reason"]
-    status = reason.get("status_code")
-    if reason.get("type") == "abort" and isinstance(status, int) and 400 <= status < 600:
-        # SGLang's tokenizer manager turns an abort that carries an error status into that HTTP error.
-        return _error(reason["message"]) if status == 400 else _http_exception(status, reason["message"])
     return web.json_response(result)
+
+
+async def get_loads(request: web.Request) -> web.Response:
+    return loads_response(request.app[ENGINE], request.query)
 
 
 async def abort_request(request: web.Request) -> web.Response:
@@ -403,6 +327,8 @@ def build_app(engine: LocalEngine, args: argparse.Namespace) -> web.Application:
     app.router.add_route("*", "/flush_cache", flush_cache)
     app.router.add_post("/update_weights_from_disk", update_weights_from_disk)
     weight_update.add_routes(app, engine)
+    app.router.add_get("/v1/loads", get_loads)
+    openai_api.add_routes(app, engine, check_generate_body, run_request)
     app.router.add_get("/health", health)
     app.router.add_get("/health_generate", health_generate)
     for path in ("/model_info", "/get_model_info"):

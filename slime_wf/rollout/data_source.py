@@ -32,6 +32,58 @@ def pop_first(args: Any, rollout_id: int | None, buffer: list[Group], num_sample
     return groups
 
 
+# What a regenerated sample keeps: what its prompt row gave it. Everything else (tokens, response,
+# log-probs, masks, versions, status, reward) goes back to `Sample`'s defaults.
+_PROMPT_FIELDS = (
+    "group_index",
+    "index",
+    "prompt",
+    "label",
+    "metadata",
+    "custom_rm_path",
+    "generate_function_path",
+    "multimodal_inputs",
+    "apply_chat_template_kwargs",
+)
+
+
+def weight_version_number(version: str) -> int | None:
+    """The rollout id whose training produced weight `version`: -1 for the campaign's initial weights
+    ("init"), None for a version this campaign did not name (an engine attached with its own)."""
+    if version == "init":
+        return -1
+    try:
+        return int(version)
+    except ValueError:
+        return None
+
+
+def weight_staleness(sample: Sample, rollout_id: int) -> int | None:
+    """How many versions behind the policy that trains on rollout `rollout_id` (version `rollout_id - 1`)
+    the oldest token of `sample` is; None when none of its versions is one this campaign named."""
+    numbers = [n for n in map(weight_version_number, sample.weight_versions) if n is not None]
+    return None if not numbers else rollout_id - 1 - min(numbers)
+
+
+def staleness_metrics(samples: list[Sample], rollout_id: int) -> dict[str, float]:
+    """`rollout/weight_staleness_mean` and `_max` over the samples of rollout `rollout_id`: 0 when the policy
+    before this id's training generated every token (the synchronous loop), 1 under `train_async`, more
+    for partial samples continued across several versions."""
+    values = [x for x in (weight_staleness(s, rollout_id) for s in samples) if x is not None]
+    if not values:
+        return {}
+    return {
+        "rollout/weight_staleness_mean": sum(values) / len(values),
+        "rollout/weight_staleness_max": float(max(values)),
+    }
+
+
+def regenerated(sample: Sample) -> Sample:
+    """`sample` as its prompt row gave it, before any generation: for a partial sample too stale to go on."""
+    data = sample.to_dict()
+    return Sample.from_dict({k: data[k] for k in _PROMPT_FIELDS if k in data})
+
+
 def engine_context_length(args: Any) -> int | None:
     """Prompt plus response tokens the rollout engines accept: SGLang's `--context-length` when
     the campaign launches SGLang with one, else the policy checkpoint's `max_position_embeddings`
@@ -82,6 +134,8 @@ class RolloutDataSourceWithBuffer:
         self.sample_group_index = 0
         self.sample_index = 0
         self.buffer: list[Group] = []
+        # buffered partial groups restarted from their prompts (`rollout.max_weight_staleness`), since start
+        self.stale_regenerated = 0
         if getattr(args, "buffer_filter_path", None):
             self.buffer_filter: BufferFilter = load_function(
                 args.buffer_filter_path, num_positional=4, kind="buffer filter"
@@ -95,7 +149,7 @@ class RolloutDataSourceWithBuffer:
 
     def get_samples(self, num_samples: int, rollout_id: int | None = None) -> list[Group]:
         """`num_samples` groups: buffered groups first (through the buffer filter), then new prompts."""
-        groups = self._from_buffer(num_samples, rollout_id)
+        groups = self._regenerate_stale(self._from_buffer(num_samples, rollout_id), rollout_id)
         missing = num_samples - len(groups)
         if missing > 0:
             if self.dataset is None:
@@ -122,6 +176,28 @@ class RolloutDataSourceWithBuffer:
                 f"{before - len(self.buffer)} from the buffer; it must remove exactly what it returns"
             )
         return groups
+
+    def _regenerate_stale(self, groups: list[Group], rollout_id: int | None) -> list[Group]:
+        """Buffered groups whose oldest token is more than `max_weight_staleness` versions behind the policy
+        that will train on them start again from their prompts (the same group, so nothing is lost)."""
+        bound = getattr(self.args, "max_weight_staleness", None)
+        if bound is None or rollout_id is None:
+            return groups
+        out = []
+        for group in groups:
+            staleness = [weight_staleness(s, rollout_id) for s in group]
+            if any(x is not None and x > bound for x in staleness):
+                self.stale_regenerated += 1
+                logger.info(
+                    "rollout %d: group %s is %d weight versions behind (max_weight_staleness=%d): regenerated",
+                    rollout_id,
+                    group[0].group_index,
+                    max(x for x in staleness if x is not None),
+                    bound,
+                )
+                group = [regenerated(s) for s in group]
+            out.append(group)
+        return out
 
     def _from_dataset(self, num_samples: int) -> list[Group]:
         dataset = self.dataset

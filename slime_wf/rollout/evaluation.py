@@ -13,7 +13,7 @@ from slime_wf.rollout.data_source import engine_context_length
 from slime_wf.rollout.dataset import Dataset
 from slime_wf.rollout.generate import (
     RolloutContext,
-    generate,
+    generate_sample,
     reward_samples,
     rollout_context,
     sampling_params_from_args,
@@ -43,7 +43,15 @@ def _eval_params(args: Any, ds_cfg: dict[str, Any]) -> dict[str, Any]:
 async def _generate_and_reward(
     ctx: RolloutContext, sample: Sample, params: dict[str, Any], pbar: tqdm
 ) -> Sample:
-    await generate(ctx.args, sample, params)
+    # the campaign's generate function (multi-turn, tools) runs here too, told that this is an evaluation
+    result = await generate_sample(ctx, sample, params, evaluation=True)
+    if isinstance(result, list):
+        raise TypeError(
+            f"generate function {sample.generate_function_path or ctx.args.custom_generate_function_path} "
+            f"returned {len(result)} samples for evaluation prompt {sample.index}; an evaluation takes one "
+            "Sample per prompt and sample (set n_samples_per_eval_prompt for more)"
+        )
+    sample = result
     if sample.status != Sample.Status.FAILED:
         await reward_samples(ctx, [sample], whole_group=False)
     pbar.update(1)
@@ -108,7 +116,7 @@ async def evaluate_async(
         metrics[f"eval/{name}/truncated_ratio"] = (
             sum(s.status == Sample.Status.TRUNCATED for s in scored) / len(scored) if scored else 0.0
         )
-        metrics[f"eval/{name}/response_len"] = (
+        metrics[f"eval/{name}/response_len/mean"] = (
             statistics.fmean(s.response_length for s in scored) if scored else 0.0
         )
         metrics[f"eval/{name}/failed"] = float(len(done) - len(scored))

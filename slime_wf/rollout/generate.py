@@ -12,6 +12,7 @@ import contextlib
 import contextvars
 import inspect
 import logging
+import urllib.parse
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -60,6 +61,19 @@ class RolloutContext:
     aborted: bool = False
     counters: Counter = field(default_factory=Counter)
     generated_tokens: int = 0
+    # per-rollout state of slime's plugin API (`slime_wf.compat`): its GenerateState; "event_loop", the loop
+    # that a custom rollout function's coroutines run on
+    plugin_state: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        # slime's plugins post to f"http://{args.sglang_router_ip}:{args.sglang_router_port}/generate";
+        # that address is the router, else the first engine (slime_wf.compat's `post` spreads
+        # requests to it over every engine of the session).
+        urls = getattr(self.session, "worker_urls", None)
+        address = getattr(self.session, "router_url", None) or (urls[0] if urls else None)
+        if address:
+            parsed = urllib.parse.urlsplit(address)
+            self.args.sglang_router_ip, self.args.sglang_router_port = parsed.hostname, parsed.port
 
 
 _context: contextvars.ContextVar[RolloutContext] = contextvars.ContextVar("slime_wf_rollout_context")
@@ -238,9 +252,12 @@ def failure_reason(group: Group) -> str | None:
     return None
 
 
-async def _generate_one(
-    ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any]
+async def generate_sample(
+    ctx: RolloutContext, sample: Sample, sampling_params: dict[str, Any], *, evaluation: bool = False
 ) -> Sample | list[Sample]:
+    """One sample through the generate function that applies to it: the sample's own
+    `generate_function_path`, else `custom_generate_function_path`, else `generate`. A custom function
+    that takes `evaluation` is told whether this is an evaluation (slime's `generate_and_rm` does the same)."""
     args = ctx.args
     if args.partial_rollout and args.mask_offpolicy_in_partial_rollout and sample.response_length > 0:
         # tokens from an earlier policy do not count for the loss
@@ -251,7 +268,7 @@ async def _generate_one(
     if custom_path is None:
         return await generate(args, sample, dict(sampling_params))
     fn = load_function(custom_path, num_positional=3, kind="generate function")
-    kwargs = {"evaluation": False} if "evaluation" in inspect.signature(fn).parameters else {}
+    kwargs = {"evaluation": evaluation} if "evaluation" in inspect.signature(fn).parameters else {}
     result = await fn(args, sample, dict(sampling_params), **kwargs)
     if not isinstance(result, (Sample, list)):
         raise TypeError(
@@ -277,11 +294,10 @@ async def reward_samples(ctx: RolloutContext, samples: list[Sample], *, whole_gr
             sample.reward = reward
 
 
-async def generate_and_reward_group(
-    ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]
-) -> Group:
-    """Generate every sample of a group concurrently, then reward them (unless the rollout aborted)."""
-    results = await asyncio.gather(*(_generate_one(ctx, s, sampling_params) for s in group))
+async def generate_group(ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]) -> Group:
+    """Generate every sample of a group concurrently, without rewarding them: the rollout loop scores
+    completed groups in waves (`slime_wf.rollout.rollout`)."""
+    results = await asyncio.gather(*(generate_sample(ctx, s, sampling_params) for s in group))
     flat: Group = []
     for r in results:
         flat.extend(r if isinstance(r, list) else [r])
@@ -293,7 +309,15 @@ async def generate_and_reward_group(
             _fail(
                 sample, ENGINE_ABORT, "aborted by the engine, and the generate function did not continue it"
             )
-    if any(s.status == Sample.Status.FAILED for s in flat):
+    return flat
+
+
+async def generate_and_reward_group(
+    ctx: RolloutContext, group: Group, sampling_params: dict[str, Any]
+) -> Group:
+    """Generate every sample of a group concurrently, then reward them (unless the rollout aborted)."""
+    flat = await generate_group(ctx, group, sampling_params)
+    if ctx.aborted or any(s.status == Sample.Status.FAILED for s in flat):
         return flat
     await reward_samples(ctx, flat, whole_group=ctx.args.group_rm)
     return flat

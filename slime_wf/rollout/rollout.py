@@ -1,9 +1,10 @@
 """The rollout loop: prompts in, one training batch out, with slime's dynamic sampling and partial rollout.
 
 While fewer than `rollout_batch_size` groups are kept or in flight, `over_sampling_batch_size`
-more groups are drawn from the data source. Each group is generated concurrently, rewarded, and
-filtered as soon as it completes; once `rollout_batch_size` groups are kept, everything still
-running is aborted. With `partial_rollout` the unfinished (and finished but unneeded) groups go
+more groups are drawn from the data source. Each group is generated concurrently; completed groups
+are rewarded and filtered in waves as they complete (a wave: the groups that completed while the
+previous one was scored; the scorer that runs a wave is injected, `slime_wf.rollout.scoring`); once
+`rollout_batch_size` groups are kept, everything still running is aborted. With `partial_rollout` the unfinished (and finished but unneeded) groups go
 back to the buffer with their tokens, log-probs and loss masks, to be continued next time;
 without it they are dropped with the reason `aborted`.
 
@@ -19,6 +20,10 @@ batch rather than a failure, because a resume would meet the same policy and the
 
 Every group drawn is accounted for in the rollout's ledger: trained, dropped (with a reason) or
 sent to the buffer.
+
+Size: over 400 lines because the loop is one state machine (draw, generate, score in waves,
+filter, abort, fill up, account) whose steps all move the same ledger and counters; split across
+modules, the accounting that `check_ledger` proves would be spread out too.
 """
 
 from __future__ import annotations
@@ -35,17 +40,17 @@ from tqdm import tqdm
 from slime_wf.plugins import load_function
 from slime_wf.rollout.filter_hub.base_types import (
     DropReasonCounter,
-    call_dynamic_filter,
     load_dynamic_filter,
     should_drop_dynamic_filter_output,
 )
 from slime_wf.rollout.generate import (
     RolloutContext,
     failure_reason,
-    generate_and_reward_group,
+    generate_group,
     rollout_context,
     sampling_params_from_args,
 )
+from slime_wf.rollout.scoring import Scorer, WaveVerdicts, apply_verdict, current_scorer, score_wave
 from slime_wf.types import Group, Sample
 
 logger = logging.getLogger(__name__)
@@ -83,8 +88,14 @@ def check_ledger(ledger: dict[str, Any]) -> None:
 
 
 class _Loop:
-    def __init__(self, args: Any, rollout_id: int, data_source: Any, ctx: RolloutContext):
+    def __init__(
+        self, args: Any, rollout_id: int, data_source: Any, ctx: RolloutContext, scorer: Scorer | None = None
+    ):
         self.args = args
+        self.scorer = scorer or current_scorer()
+        self.unscored: list[tuple[Group, int]] = []  # completed, waiting for the next wave
+        self.scoring: tuple[asyncio.Task, list[tuple[Group, int]]] | None = None  # the wave in flight
+        self.waves = 0
         self.rollout_id = rollout_id
         self.data_source = data_source
         self.ctx = ctx
@@ -150,21 +161,36 @@ class _Loop:
             gi = _index_of(group)
             (self.ledger["drawn_new"] if gi >= first_new else self.ledger["from_buffer"]).append(gi)
             task = asyncio.get_running_loop().create_task(
-                generate_and_reward_group(self.ctx, group, self.sampling_params)
+                generate_group(self.ctx, group, self.sampling_params)
             )
             self.pending[task] = gi
         self.remaining += len(groups)
 
-    def _on_group_done(self, group: Group, gi: int, pbar: tqdm) -> None:
+    def _on_generated(self, group: Group, gi: int) -> None:
         reason = failure_reason(group)
-        if reason is not None:
+        if reason is not None:  # dropped at once: a failed group is never scored
             self._drop_failed(group, gi, reason)
             self.remaining -= 1
             return
-        self._check_rewarded(group, gi)
-        output = call_dynamic_filter(
-            self.filter_fn, self.args, group, path=self.args.dynamic_sampling_filter_path
-        )
+        self.unscored.append((group, gi))
+
+    def _start_wave(self) -> None:
+        wave, self.unscored = self.unscored, []
+        number, self.waves = self.waves, self.waves + 1
+
+        async def score() -> WaveVerdicts:
+            return await score_wave(self.ctx, wave, self.filter_fn, self._check_rewarded)
+
+        indices = sorted(gi for _, gi in wave)
+        coro = self.scorer(self.rollout_id, number, indices, score)
+        self.scoring = (asyncio.ensure_future(coro), wave)
+
+    def _on_scored(self, wave: list[tuple[Group, int]], verdicts: WaveVerdicts, pbar: tqdm) -> None:
+        by_index = {v["group_index"]: v for v in verdicts}
+        for group, gi in sorted(wave, key=lambda pair: pair[1]):
+            self._on_group_done(group, gi, apply_verdict(group, by_index[gi]), pbar)
+
+    def _on_group_done(self, group: Group, gi: int, output: Any, pbar: tqdm) -> None:
         if should_drop_dynamic_filter_output(
             output, remaining_batch_size=self.remaining, target_data_size=self.target
         ):
@@ -201,12 +227,18 @@ class _Loop:
             while len(self.kept) < self.target:
                 while self.remaining < self.target and self._draw():
                     pass
-                if not self.pending:  # the draw budget is spent and every drawn group has finished
+                if self.scoring is None and self.unscored:
+                    self._start_wave()
+                waiting = set(self.pending) | ({self.scoring[0]} if self.scoring else set())
+                if not waiting:  # the draw budget is spent and every drawn group has been scored
                     break
-                done, _ = await asyncio.wait(self.pending, return_when=asyncio.FIRST_COMPLETED)
-                for task in sorted(done, key=lambda t: self.pending[t]):
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                for task in sorted(done & self.pending.keys(), key=lambda t: self.pending[t]):
                     gi = self.pending.pop(task)
-                    self._on_group_done(task.result(), gi, pbar)
+                    self._on_generated(task.result(), gi)
+                if self.scoring is not None and self.scoring[0] in done:
+                    (scored, wave), self.scoring = self.scoring, None
+                    self._on_scored(wave, scored.result(), pbar)
         finally:
             pbar.close()
             await self._abort()
@@ -255,6 +287,16 @@ class _Loop:
     async def _abort(self) -> None:
         """Abort what is still running; buffer or drop it, so that every group is accounted for."""
         self.ctx.aborted = True
+        for group, gi in self.unscored:  # completed after the batch was full
+            self._surplus(group, gi)
+        self.unscored = []
+        if self.scoring is not None:  # only when the rollout failed: the batch waits for every wave
+            scoring, wave = self.scoring
+            self.scoring = None
+            scoring.cancel()
+            await asyncio.gather(scoring, return_exceptions=True)
+            for _, gi in wave:
+                self._drop(gi, "aborted")
         if not self.pending:
             return
         if not self.args.partial_rollout:
@@ -291,6 +333,7 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
     lengths = [s.response_length for s in samples]
     response_tokens = sum(lengths)
     masked = sum(len(s.loss_mask or []) - sum(s.loss_mask or []) for s in samples)
+    # the names and their meanings: slime_wf.metrics (time/rollout_s is the campaign's, overhead included)
     metrics = {
         "rollout/raw_reward": statistics.fmean(rewards) if rewards else 0.0,
         "rollout/raw_reward_std": statistics.pstdev(rewards) if len(rewards) > 1 else 0.0,
@@ -299,18 +342,27 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
         "rollout/truncated_ratio": (
             sum(s.status == Sample.Status.TRUNCATED for s in samples) / len(samples) if samples else 0.0
         ),
-        "rollout/partial/continued_samples": float(sum(len(s.weight_versions) > 1 for s in samples)),
-        "rollout/partial/to_buffer_groups": float(len(loop.ledger["to_buffer"])),
-        "rollout/partial/from_buffer_groups": float(len(loop.ledger["from_buffer"])),
-        "rollout/offpolicy_token_fraction": masked / response_tokens if response_tokens else 0.0,
         "rollout/tokens_per_s": loop.ctx.generated_tokens / elapsed if elapsed > 0 else 0.0,
         "rollout/generated_tokens": float(loop.ctx.generated_tokens),
         "rollout/groups_drawn": float(loop.drawn),
-        "rollout/filter/kept_groups": float(len(groups)),
-        "rollout/filter/shortfall_groups": float(loop.target - len(groups)),
-        "rollout/filter/filled_groups": float(loop.filled),
-        "rollout/time_s": elapsed,
+        "filter/kept_groups": float(len(groups)),
+        "filter/shortfall_groups": float(loop.target - len(groups)),
+        "filter/filled_groups": float(loop.filled),
     }
+    if getattr(args, "partial_rollout", False):  # without it these are zero by construction
+        metrics.update(
+            {
+                "rollout/partial/continued_samples": float(sum(len(s.weight_versions) > 1 for s in samples)),
+                "rollout/partial/to_buffer_groups": float(len(loop.ledger["to_buffer"])),
+                "rollout/partial/from_buffer_groups": float(len(loop.ledger["from_buffer"])),
+                "rollout/offpolicy_token_fraction": masked / response_tokens if response_tokens else 0.0,
+            }
+        )
+    drops = loop.drops.counts()
+    # surplus and aborted groups were never judged: they say how the batch filled, not what the filter did
+    dropped = sum(n for reason, n in drops.items() if reason not in ("surplus", "aborted"))
+    finished = len(groups) + dropped
+    metrics["filter/drop_fraction"] = dropped / finished if finished else 0.0
     metrics.update(loop.drops.metrics())
     for name, count in loop.ctx.counters.items():
         metrics[f"rollout/{name}"] = float(count)
@@ -318,16 +370,24 @@ def rollout_metrics(args: Any, groups: list[Group], loop: _Loop, elapsed: float)
 
 
 async def generate_rollout_async(
-    args: Any, rollout_id: int, data_source: Any, session: Any, tokenizer: Any, *, reward_hub: Any = None
+    args: Any,
+    rollout_id: int,
+    data_source: Any,
+    session: Any,
+    tokenizer: Any,
+    *,
+    reward_hub: Any = None,
+    scorer: Scorer | None = None,
 ) -> RolloutOutput:
     """One rollout id on an open engine session. `reward_hub`: the campaign's; without one, a hub for
-    this rollout alone, closed when it ends."""
+    this rollout alone, closed when it ends. `scorer`: runs each wave's scoring (default: the one
+    `scoring.scoring_with` set, else `scoring.score_inline`)."""
     from slime_wf.rollout import rm_hub
 
     if reward_hub is None:
         async with rm_hub.RewardHub() as own_hub:
             return await generate_rollout_async(
-                args, rollout_id, data_source, session, tokenizer, reward_hub=own_hub
+                args, rollout_id, data_source, session, tokenizer, reward_hub=own_hub, scorer=scorer
             )
     hub = reward_hub
     hub.reset_cache()  # identical gradings are shared within a rollout, not across weight versions
@@ -336,7 +396,7 @@ async def generate_rollout_async(
         args=args, session=session, tokenizer=tokenizer, rollout_id=rollout_id, reward_kwargs={"hub": hub}
     )
     with rollout_context(ctx), rm_hub.using_hub(hub):
-        loop = _Loop(args, rollout_id, data_source, ctx)
+        loop = _Loop(args, rollout_id, data_source, ctx, scorer)
         start = time.perf_counter()
         kept = await loop.run()
         elapsed = time.perf_counter() - start
@@ -363,13 +423,15 @@ def generate_rollout(
     """One rollout id on an `EngineFleet`: a batch of kept groups plus its ledger and metrics.
 
     The batch has `rollout_batch_size` groups, or fewer when the draw budget ran out first
-    (`rollout/filter/shortfall_groups` says how many fewer).
+    (`filter/shortfall_groups` says how many fewer).
 
     `reward_hub` is the campaign's `RewardHub`; without one, the rollout makes its own and closes it.
     `rollout_function_path` replaces this whole function with the user's (slime's signature).
     """
     if args.rollout_function_path:
-        return _custom_rollout(args, rollout_id, data_source)
+        if engines is None:
+            return _custom_rollout(args, rollout_id, data_source)
+        return _custom_rollout_on_engines(args, rollout_id, data_source, engines, tokenizer, reward_hub)
     if tokenizer is None:
         from slime_wf.rollout.dataset import load_tokenizer
 
@@ -383,6 +445,44 @@ def generate_rollout(
                 )
             finally:
                 await engines.wait_restarts()
+
+    return asyncio.run(_run())
+
+
+def _custom_rollout_on_engines(
+    args: Any, rollout_id: int, data_source: Any, engines: Any, tokenizer: Any, reward_hub: Any
+) -> RolloutOutput:
+    """The user's rollout function (synchronous, as slime's) in a worker thread, while this thread's
+    event loop holds an engine session and a rollout context: slime's `GenerateState`,
+    `generate_and_rm` and `abort` inside it then reach the campaign's engines, their coroutines
+    submitted to this loop by slime's `run` (`slime_wf.compat.utils.async_utils`)."""
+    import contextlib
+
+    from slime_wf.rollout import rm_hub
+
+    if tokenizer is None:
+        from slime_wf.rollout.dataset import load_tokenizer
+
+        tokenizer = load_tokenizer(engines.model_path)
+
+    async def _run() -> RolloutOutput:
+        async with contextlib.AsyncExitStack() as stack:
+            hub = reward_hub or await stack.enter_async_context(rm_hub.RewardHub())
+            hub.reset_cache()
+            session = await stack.enter_async_context(engines.session())
+            ctx = RolloutContext(
+                args=args,
+                session=session,
+                tokenizer=tokenizer,
+                rollout_id=rollout_id,
+                reward_kwargs={"hub": hub},
+            )
+            ctx.plugin_state["event_loop"] = asyncio.get_running_loop()
+            with rollout_context(ctx), rm_hub.using_hub(hub):
+                try:
+                    return await asyncio.to_thread(_custom_rollout, args, rollout_id, data_source)
+                finally:
+                    await engines.wait_restarts()
 
     return asyncio.run(_run())
 

@@ -56,7 +56,7 @@ def test_campaign_runs_resumes_and_accounts_for_every_group(assets, store_root, 
         for name in ("samples.jsonl", "ledger.json", "metrics.json", "data_source.json"):
             assert store.exists(RunStore.rollout_file(rid, name)), (rid, name)
         metrics = store.read_json(RunStore.rollout_file(rid, "metrics.json"))
-        assert {"rollout/raw_reward", "time/rollout_s", "time/train_s", "time/sync_s", "pg_loss"} <= set(
+        assert {"rollout/raw_reward", "time/rollout_s", "time/train_s", "time/sync_s", "train/loss"} <= set(
             metrics
         )
     assert store.exists(RunStore.checkpoint_dir(1))
@@ -117,8 +117,10 @@ def test_ppo_campaign_keeps_its_critic_across_a_restart(assets, s3_bucket, tmp_p
     store = RunStore.for_campaign(cfg)
     assert store.exists(RunStore.checkpoint_dir(1) + "/critic/trainer_state.json")
     first = store.read_json(RunStore.rollout_file(0, "metrics.json"))
-    assert "critic/value_loss" in first and "pg_loss" not in first  # rollout 0 trains the critic alone
-    assert {"critic/value_loss", "pg_loss"} <= set(store.read_json(RunStore.rollout_file(1, "metrics.json")))
+    # rollout 0 trains the critic alone
+    assert "train/critic/value_loss" in first and "train/loss" not in first
+    second = store.read_json(RunStore.rollout_file(1, "metrics.json"))
+    assert {"train/critic/value_loss", "train/loss"} <= set(second)
 
     more = campaign_config(
         assets,

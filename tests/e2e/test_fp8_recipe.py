@@ -321,7 +321,7 @@ def test_recipe_serves_fp8_in_the_checkpoints_layout_at_every_version(recipe_ass
             }
             assert_in_layout(infos[0]["model_path"], fmt)
             merged = campaign.finish(rid, metrics)
-            assert "init_from_dequantized_fp8" not in merged and merged["step"] == rid + 1
+            assert "init_from_dequantized_fp8" not in merged and merged["train/optimizer_step"] == rid + 1
     assert RunStore(f"{store}/recipe").read_manifest()["last_completed_rollout_id"] == 2
 
 
@@ -359,7 +359,8 @@ def test_recipe_resumes_after_kill_9(recipe_assets, tmp_path, prefect_server):
     assert check_campaign_invariant(store)["trained"] == num_rollout * 2
     # resumed from the committed checkpoint, not restarted from ref_load: the optimizer steps go on
     steps = [
-        store.read_json(RunStore.rollout_file(rid, "metrics.json"))["step"] for rid in range(num_rollout)
+        store.read_json(RunStore.rollout_file(rid, "metrics.json"))["train/optimizer_step"]
+        for rid in range(num_rollout)
     ]
     assert steps == [1.0, 2.0, 3.0], steps
     # every version the engines were given, before and after the kill, is FP8 in the checkpoint's layout

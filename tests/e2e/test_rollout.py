@@ -219,10 +219,8 @@ def test_filter_that_keeps_too_little_trains_on_what_it_kept(fleet, model_dir, p
     # group 0 kept, group 1 filled in (whether it finished early and was set aside, or late), 2-5 dropped
     assert out.ledger["trained"] == [0, 1] and [g[0].group_index for g in out.groups] == [0, 1]
     assert out.ledger["dropped"] == {"rejected": [2, 3, 4, 5]} and out.ledger["drawn_new"] == list(range(6))
-    assert (
-        out.metrics["rollout/filter/shortfall_groups"] == 1 and out.metrics["rollout/filter/kept_groups"] == 2
-    )
-    assert out.metrics["rollout/dynamic_filter/drop_rejected"] == 4
+    assert out.metrics["filter/shortfall_groups"] == 1 and out.metrics["filter/kept_groups"] == 2
+    assert out.metrics["filter/drop_rejected"] == 4
     assert "kept only 2 of 3" in caplog.text and "'rejected': 4" in caplog.text
     assert all(s.reward is not None for g in out.groups for s in g)
     # a retry or resume of the same rollout, with the same policy, trains on the same groups again
@@ -258,7 +256,7 @@ def test_prompt_the_engine_rejects_drops_only_its_group(fleet, model_dir, prompt
         "surplus",
     }  # the others: not needed once 3 were kept
     assert out.metrics["rollout/request_rejected"] == 4  # every sample of the group was refused, once
-    assert out.metrics["rollout/dynamic_filter/drop_engine_rejected"] == 1
+    assert out.metrics["filter/drop_engine_rejected"] == 1
 
 
 def test_unrequested_engine_abort_is_continued(fleet, model_dir, prompts):
@@ -579,10 +577,42 @@ def test_evaluation_per_dataset(fleet, model_dir, prompts):
     for name in ("greedy", "sampled"):
         assert 0.0 <= metrics[f"eval/{name}/reward"] <= 1.0
         assert metrics[f"eval/{name}/failed"] == 0
-    assert metrics["eval/greedy/response_len"] <= 6
+    assert metrics["eval/greedy/response_len/mean"] <= 6
     # greedy decoding is deterministic: a second evaluation gives the same reward
     again = evaluate(args, 1, fleet, tokenizer=AutoTokenizer.from_pretrained(model_dir))
     assert again["eval/greedy/reward"] == metrics["eval/greedy/reward"]
+
+
+EVALUATION_CALLS: list[bool] = []
+
+
+async def generate_told_if_evaluating(args, sample, sampling_params, evaluation=False):
+    """A custom generate function with slime's optional `evaluation` argument."""
+    from slime_wf.rollout.generate import generate as default_generate
+
+    EVALUATION_CALLS.append(evaluation)
+    return await default_generate(args, sample, sampling_params)
+
+
+def test_evaluation_runs_the_campaigns_generate_function(fleet, model_dir, prompts):
+    """As slime's eval_rollout: a multi-turn or tool generate function evaluates as it rolls out, told so."""
+    from transformers import AutoTokenizer
+
+    from slime_wf.rollout.evaluation import evaluate
+
+    args = make_args(
+        model_dir,
+        prompts,
+        f"custom_generate_function_path={__name__}.generate_told_if_evaluating",
+        f"eval.eval_datasets=[{{name: greedy, path: '{prompts}', max_response_len: 4}}]",
+    )
+    EVALUATION_CALLS.clear()
+    metrics = evaluate(args, 0, fleet, tokenizer=AutoTokenizer.from_pretrained(model_dir))
+    assert metrics["eval/greedy/failed"] == 0
+    assert EVALUATION_CALLS and all(EVALUATION_CALLS)
+    EVALUATION_CALLS.clear()
+    generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
+    assert EVALUATION_CALLS and not any(EVALUATION_CALLS)
 
 
 def test_rollout_and_evaluation_leave_no_context_behind(fleet, model_dir, prompts):

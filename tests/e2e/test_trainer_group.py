@@ -172,7 +172,9 @@ def test_demo_trains_at_tp2_through_the_flow_and_resumes_after_kill_9(demo_asset
     assert store.read_manifest()["last_completed_rollout_id"] == 1
     check_campaign_invariant(store)
     # resumed from the committed checkpoint by a new group: the optimizer steps go on
-    assert [store.read_json(RunStore.rollout_file(r, "metrics.json"))["step"] for r in (0, 1)] == [1.0, 2.0]
+    assert [
+        store.read_json(RunStore.rollout_file(r, "metrics.json"))["train/optimizer_step"] for r in (0, 1)
+    ] == [1.0, 2.0]
     starts = _service_starts(tmp_path / "scratch" / "demo-tp2" / "logs" / "trainer.log")
     assert len(starts) == 2 and all("--nproc-per-node=2" in line for line in starts)
     assert (
@@ -338,8 +340,8 @@ def test_a_killed_rank_restarts_the_group_from_the_committed_checkpoint(tmp_path
     assert store.read_manifest()["last_completed_rollout_id"] == 3
     check_campaign_invariant(store)
     metrics = [store.read_json(RunStore.rollout_file(r, "metrics.json")) for r in range(4)]
-    assert all("critic/value_loss" in m for m in metrics) and "pg_loss" not in metrics[0]
-    steps = [m["step"] for m in metrics]
+    assert all("train/critic/value_loss" in m for m in metrics) and "train/loss" not in metrics[0]
+    steps = [m["train/optimizer_step"] for m in metrics]
     assert steps[3] - steps[2] == steps[2] - steps[1] == 1.0, (
         steps
     )  # rollout 2 was trained once on the new group

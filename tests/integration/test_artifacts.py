@@ -1,7 +1,8 @@
 """The campaign's Prefect artifacts: queued by the flow, sent from one background thread in order;
-every metrics table goes out, a newer curves or progress snapshot replaces a queued older one, a
-failed call is a warning, the flush at the end is bounded; earlier curves are read from the run
-store once."""
+every rollout id's table and sample viewer goes out, a newer summary, curves or progress snapshot
+replaces a queued older one, a failed call is a warning, the flush at the end is bounded; earlier
+ids are read from the run store once; tables round for display only and leave zero counters out;
+against a real server each key is one artifact of the run, updated in place."""
 
 from __future__ import annotations
 
@@ -12,7 +13,16 @@ from collections import defaultdict
 
 import pytest
 
-from flows.artifacts import LENGTH, REWARD, ArtifactPublisher, CurveHistory, artifact_key, curves_markdown
+from flows.artifacts import (
+    LENGTH,
+    REWARD,
+    ArtifactPublisher,
+    MetricsHistory,
+    artifact_key,
+    metrics_table,
+    summary_table,
+)
+from slime_wf.metrics import describe, numeric
 from slime_wf.store import RunStore
 
 LOG = logging.getLogger("test.artifacts")
@@ -39,7 +49,17 @@ class Recorder:
 
 
 def metrics(rid: int) -> dict:
-    return {REWARD: rid / 10, LENGTH: 5.0 + rid, "pg_loss": -0.5, "note": "not a number"}
+    return {
+        REWARD: rid / 10,
+        LENGTH: 5.0 + rid,
+        "train/loss": -0.5,
+        "train/grad_norm": 0.007638888888888862,
+        "filter/drop_fraction": 0.25,
+        "rollout/request_timeouts": 0.0,  # a sparse counter at zero: not shown
+        "time/rollout_s": 1.25,
+        "time/train_s": 2.0,
+        "note": "not a number",
+    }
 
 
 def test_artifact_keys_are_lowercase_letters_digits_and_dashes():
@@ -66,18 +86,53 @@ def test_every_table_goes_out_and_a_newer_snapshot_replaces_a_queued_one():
         ("table", "camp-1-rollout-000000-metrics"),
         ("table", "camp-1-rollout-000001-metrics"),
         ("table", "camp-1-rollout-000002-metrics"),
+        ("table", "camp-1-summary"),
         ("markdown", "camp-1-curves"),
         ("progress", "camp-1-progress"),
     ]
-    assert counts == {"queued": 10, "sent": 6, "replaced": 4, "failed": 0, "unsent": 0}
+    assert counts == {"queued": 13, "sent": 7, "replaced": 6, "failed": 0, "unsent": 0}
     content = [c for _, _, c in send.sent]
     assert content[0] == 0.0 and content[-1] == 100.0
-    assert content[2] == [
-        {"metric": "pg_loss", "value": -0.5},
-        {"metric": REWARD, "value": 0.1},
-        {"metric": LENGTH, "value": 6.0},
+    assert [r["rollout"] for r in content[4]] == [0, 1, 2]
+    assert "![Camp_1 curves](data:image/png;base64," in content[5]
+
+
+def test_tables_round_for_display_and_leave_zero_counters_out():
+    rows = {r["metric"]: r for r in metrics_table(metrics(3))}
+    assert set(rows) == {REWARD, LENGTH, "train/loss", "train/grad_norm", "filter/drop_fraction"} | {
+        "time/rollout_s",
+        "time/train_s",
+    }
+    assert rows["train/grad_norm"]["value"] == 0.007639 and rows[LENGTH]["value"] == 8
+    assert rows[REWARD]["meaning"].startswith("Mean reward of the trained samples")
+    history = {rid: numeric(metrics(rid)) for rid in (0, 1)}
+    history[1]["eval/test/reward"] = 0.123456
+    assert summary_table(history) == [
+        {
+            "rollout": 0,
+            "reward": 0,
+            "eval test": "",
+            "response len": 5,
+            "loss": -0.5,
+            "entropy": "",
+            "rollout_kl": "",
+            "grad norm": 0.007639,
+            "dropped": "25%",
+            "seconds": 3.2,
+        },
+        {
+            "rollout": 1,
+            "reward": 0.1,
+            "eval test": 0.1235,
+            "response len": 6,
+            "loss": -0.5,
+            "entropy": "",
+            "rollout_kl": "",
+            "grad norm": 0.007639,
+            "dropped": "25%",
+            "seconds": 3.2,
+        },
     ]
-    assert "| 0 | 0.0000 | 5.0 |\n| 1 | 0.1000 | 6.0 |\n| 2 | 0.2000 | 7.0 |\n" in content[4]
 
 
 def test_a_failed_artifact_is_a_warning_and_the_rest_still_go_out(caplog):
@@ -103,8 +158,8 @@ def test_the_flush_at_the_end_gives_up_after_its_timeout(caplog):
     with caplog.at_level(logging.WARNING, logger=LOG.name):
         counts = publisher.close(timeout_s=0.5)  # returns although the call in flight never does
     assert not send.release.is_set()
-    assert counts["unsent"] == 3 and counts["sent"] == 0  # the table in flight, the curves, the progress
-    assert any("3 artifact(s) of campaign c not sent within 0.5 s" in r.getMessage() for r in caplog.records)
+    assert counts["unsent"] == 4 and counts["sent"] == 0  # the table in flight, summary, curves, progress
+    assert any("4 artifact(s) of campaign c not sent within 0.5 s" in r.getMessage() for r in caplog.records)
     with pytest.raises(RuntimeError, match="closed"):
         publisher.progress(1, 1)
     send.release.set()  # the call in flight returns; nothing after it goes out
@@ -123,11 +178,16 @@ def test_leaving_with_an_error_still_sends_what_was_queued():
         publisher.progress(1, 2)
         threading.Timer(0.3, send.release.set).start()  # the API answers only after the flow failed
         raise ValueError("training diverged")
-    assert [key for _, key, _ in send.sent] == ["c-rollout-000000-metrics", "c-curves", "c-progress"]
-    assert publisher.counts["sent"] == 3
+    assert [key for _, key, _ in send.sent] == [
+        "c-rollout-000000-metrics",
+        "c-summary",
+        "c-curves",
+        "c-progress",
+    ]
+    assert publisher.counts["sent"] == 4
 
 
-def test_curves_read_earlier_metrics_once_then_grow_in_memory(tmp_path, monkeypatch):
+def test_earlier_ids_are_read_once_then_the_history_grows_in_memory(tmp_path, monkeypatch):
     store = RunStore(str(tmp_path / "run"))
     for rid in (0, 2):  # id 1 has no metrics file: a gap in the curves
         store.write_json(RunStore.rollout_file(rid, "metrics.json"), metrics(rid))
@@ -148,9 +208,9 @@ def test_curves_read_earlier_metrics_once_then_grow_in_memory(tmp_path, monkeypa
     publisher.close(timeout_s=30)
 
     assert sorted(reads) == [RunStore.rollout_file(rid, "metrics.json") for rid in range(3)]
-    curves = [content for kind, _, content in send.sent if kind == "markdown"]
-    assert curves and curves[-1] == curves_markdown("c", *CurveHistory.from_store(store, 6).series(5))
-    assert "| 0 | 0.0000 | 5.0 |\n| 2 | 0.2000 | 7.0 |\n| 3 |" in curves[-1]
+    summaries = [content for _, key, content in send.sent if key == "c-summary"]
+    assert summaries and summaries[-1] == summary_table(MetricsHistory.from_store(store, 6).points)
+    assert [row["rollout"] for row in summaries[-1]] == [0, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
@@ -164,6 +224,11 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
 
     store = RunStore(str(tmp_path / "run"))
     store.write_json(RunStore.rollout_file(0, "metrics.json"), metrics(0))
+    for rid in (1, 2):
+        store.write_jsonl(
+            RunStore.rollout_file(rid, "samples.jsonl"),
+            [{"group_index": rid, "index": 0, "prompt": "2+2?", "response": "4 | `x`", "reward": 1.0}],
+        )
 
     @flow(name="artifact-publisher")
     def publish() -> str:
@@ -189,16 +254,22 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
         by_key[artifact.key].append(artifact)
     assert set(by_key) == {
         "pub-test-rollout-000001-metrics",
+        "pub-test-rollout-000001-samples",
         "pub-test-rollout-000002-metrics",
+        "pub-test-rollout-000002-samples",
+        "pub-test-summary",
         "pub-test-curves",
         "pub-test-progress",
     }
+    # one artifact per key in the run: the campaign-wide ones are updated in place
+    assert {key: len(artifacts) for key, artifacts in by_key.items()} == dict.fromkeys(by_key, 1)
     assert {str(a.flow_run_id) for a in found} == {flow_run_id}
     (table,) = by_key["pub-test-rollout-000002-metrics"]
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
-    assert {"metric": "pg_loss", "value": -0.5} in rows and {"metric": LENGTH, "value": 7.0} in rows
-    curves = by_key["pub-test-curves"][-1].data
-    assert (
-        "| 0 | 0.0000 | 5.0 |" in curves and "| 2 | 0.2000 | 7.0 |" in curves
-    )  # id 0 came from the run store
-    assert by_key["pub-test-progress"][-1].data == 100.0
+    assert {"metric": "train/loss", "value": -0.5, "meaning": describe("train/loss").meaning} in rows
+    (summary,) = by_key["pub-test-summary"]
+    summary_rows = json.loads(summary.data) if isinstance(summary.data, str) else summary.data
+    assert [r["rollout"] for r in summary_rows] == [0, 1, 2]  # id 0 came from the run store
+    assert by_key["pub-test-curves"][0].data.startswith("## Pub Test: curves by rollout id")
+    assert "```text\n4 | `x`\n```" in by_key["pub-test-rollout-000002-samples"][0].data
+    assert by_key["pub-test-progress"][0].data == 100.0

@@ -32,6 +32,7 @@ FLOWS = ("train", "prepare", "evaluate")
 
 def test_prefect_yaml_describes_the_three_flows_with_the_example_campaign():
     import flows.campaign
+    from deployments.serve import deployment_name
 
     spec = yaml.safe_load(PREFECT_YAML.read_text())
     by_flow = {d["entrypoint"].rsplit(":", 1)[1]: d for d in spec["deployments"]}
@@ -43,7 +44,7 @@ def test_prefect_yaml_describes_the_three_flows_with_the_example_campaign():
         assert CampaignConfig.from_dict(d["parameters"]["config"]) == expected, (
             f"deployments/prefect.yaml ({name}) and {EXAMPLE.relative_to(REPO)} differ: copy the campaign over"
         )
-        assert d["name"] == expected.campaign  # as serve-deployments names them
+        assert d["name"] == deployment_name(name, expected.campaign)  # as serve-deployments names them
         assert d["work_pool"]["name"]
     assert [s["cron"] for s in by_flow["train"]["schedules"]] and "schedules" not in by_flow["prepare"]
 
@@ -184,6 +185,8 @@ def _deployment(client, name: str):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_served_train_deployment_runs_an_override_to_completion(prefect_server, campaign_file, tmp_path):
+    from deployments.serve import deployment_name
+
     env = prefect_env(prefect_server, tmp_path / "prefect-home")
     log = tmp_path / "serve.log"
     with open(log, "wb") as out:
@@ -209,7 +212,10 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
         with _client(prefect_server) as client:
             deployments = _wait_for(
                 "serve-deployments registers train, prepare and evaluate",
-                lambda: all(d := [_deployment(client, f"{f}/served") for f in FLOWS]) and d,
+                lambda: (
+                    all(d := [_deployment(client, f"{f}/{deployment_name(f, 'served')}") for f in FLOWS])
+                    and d
+                ),
                 timeout=240,
                 proc=serve,
                 log=log,
@@ -252,7 +258,16 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
             check=True,
         ).stdout
         triggered = subprocess.run(
-            [sys.executable, "-m", "prefect", "deployment", "run", "train/served", "--params", "-"],
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "deployment",
+                "run",
+                "train/served-run-or-resume",
+                "--params",
+                "-",
+            ],
             input=params,
             env=env,
             cwd=tmp_path,
@@ -272,6 +287,7 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
             (run,) = _wait_for("the triggered train run finishes", finished, timeout=420, proc=serve, log=log)
             assert run.state.is_completed(), f"{run.state}\n{_tail(log)}"
             assert run.parameters["config"]["rollout"]["num_rollout"] == 1
+            assert run.name == "served@0" and "campaign:served" in run.tags
             keys = {a.key for a in client.read_artifacts()}
             assert {"served-rollout-000000-metrics", "served-curves", "served-progress"} <= keys, keys
 
@@ -294,7 +310,7 @@ def test_served_train_deployment_runs_an_override_to_completion(prefect_server, 
     leftovers += _processes_mentioning(campaign_file.parent, timeout=20)
     assert not leftovers, f"processes left running after serve-deployments stopped: {leftovers}"
     with _client(prefect_server) as client:
-        assert client.read_deployment_by_name("train/served").paused  # stopping serve pauses its schedule
+        assert client.read_deployment_by_name("train/served-run-or-resume").paused  # stopping serve pauses it
 
 
 @pytest.mark.slow
@@ -314,16 +330,18 @@ def test_prefect_yaml_deploys_to_a_process_work_pool(prefect_server, tmp_path):
         assert done.returncode == 0, f"prefect {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
         return done.stdout
 
+    from deployments.serve import deployment_name
+
     prefect("work-pool", "create", "slime-wf", "--type", "process", "--overwrite")
     prefect("--no-prompt", "deploy", "--all", "--prefect-file", str(PREFECT_YAML.relative_to(REPO)))
     example = CampaignConfig.from_yaml(str(EXAMPLE))
     with _client(prefect_server) as client:
         for flow in FLOWS:
-            d = client.read_deployment_by_name(f"{flow}/{example.campaign}")
+            d = client.read_deployment_by_name(f"{flow}/{deployment_name(flow, example.campaign)}")
             assert d.work_pool_name == "slime-wf" and d.entrypoint == f"flows/campaign.py:{flow}"
             assert CampaignConfig.model_validate(d.parameters["config"]) == example
             # runs go to the directory deployed from, where the campaign's relative paths resolve
             (step,) = d.pull_steps
             assert Path(step["prefect.deployments.steps.set_working_directory"]["directory"]) == REPO
-        train = client.read_deployment_by_name(f"train/{example.campaign}")
+        train = client.read_deployment_by_name(f"train/{example.campaign}-run-or-resume")
         assert [(s.schedule.cron, s.active) for s in train.schedules] == [("0 3 * * *", False)]

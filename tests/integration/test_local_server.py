@@ -509,10 +509,7 @@ def test_pause_abort_mode_aborts_in_flight_and_queued(server):
         ({"input_ids": [5], "sampling_params": {"n": 2}}, "one sample per request"),
         ({"input_ids": [5], "sampling_params": {"top_p": 0.0}}, "top_p must be in (0, 1]"),
         ({"input_ids": [5], "sampling_params": {"temperature": -1.0}}, "temperature must be"),
-        (
-            {"input_ids": [5], "sampling_params": {"repetition_penalty": 1.2}},
-            "not supported by the local engine",
-        ),
+        ({"input_ids": [5], "sampling_params": {"regex": "[0-9]+"}}, "needs a grammar backend"),
         ({"input_ids": [[5], [6]]}, "batched inputs"),
         ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
         ({"input_ids": []}, "prompt is empty"),
@@ -775,6 +772,60 @@ def test_fault_in_one_request_fails_only_that_request(local_engine, reference, m
             srv.url, {"rid": "bad-decode", "input_ids": [7, 8], "sampling_params": {"max_new_tokens": 3}}
         )
         assert again["meta_info"]["id"] == "bad-decode"
+
+
+def test_prompts_sent_n_times_are_prefilled_once_per_length(local_engine, reference, monkeypatch):
+    """GRPO sends each prompt n times: admitted together, the prompts of one length share one prefill
+    forward pass, each prompt computed once; every request still samples with its own seed and decodes
+    exactly as a plain forward pass says."""
+    prefills = []
+    forward = local_engine.model.forward
+
+    def counting_forward(*args, input_ids=None, **kwargs):
+        if input_ids.shape[1] > 1:
+            prefills.append(tuple(input_ids.shape))
+        return forward(*args, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(local_engine.model, "forward", counting_forward)
+    short, other, longer = prompt_of(5, seed=400), prompt_of(5, seed=401), prompt_of(9, seed=402)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 6}
+    bodies = [
+        {"rid": f"{name}-{i}", "input_ids": prompt, "return_logprob": True, "sampling_params": greedy}
+        for name, prompt in (("short", short), ("other", other), ("longer", longer))
+        for i in range(2)
+    ]
+    sampled = [
+        {
+            "rid": f"seeded-{i}",
+            "input_ids": short,
+            "sampling_params": {
+                "temperature": 1.0,
+                "max_new_tokens": 6,
+                "ignore_eos": True,
+                "sampling_seed": i,
+            },
+        }
+        for i in range(2)
+    ]
+    from slime_wf.engine_server.requests import build_request
+
+    def submit(body: dict):
+        return local_engine.submit(build_request(body, local_engine))
+
+    # Paused, all of them are admitted in one step.
+    local_engine.pause("in_place")
+    futures = [submit(body) for body in bodies + sampled]
+    local_engine.resume()
+    outs = [f.result(REQUEST_TIMEOUT) for f in futures]
+
+    # one pass for the two distinct prompts of length 5, one for the prompt of length 9
+    assert sorted(prefills) == [(1, 9), (2, 5)]
+    for body, out in zip(bodies, outs[: len(bodies)], strict=True):
+        reference.assert_greedy(body["input_ids"], out)
+    # each seeded request alone draws what it drew beside the others
+    alone = [submit({**body, "rid": body["rid"] + "-alone"}).result(REQUEST_TIMEOUT) for body in sampled]
+    assert [out["output_ids"] for out in outs[len(bodies) :]] == [out["output_ids"] for out in alone]
+    assert alone[0]["output_ids"] != alone[1]["output_ids"]
 
 
 def test_large_prompt_is_tokenized_off_the_event_loop(local_engine, monkeypatch):

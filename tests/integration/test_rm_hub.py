@@ -241,7 +241,7 @@ def test_calls_without_a_hub_use_the_rollouts_and_there_is_no_process_wide_one()
             many = await batched_async_rm(args, [Sample(response="\\boxed{2}", label="3")])
         with pytest.raises(RuntimeError, match=r"no reward hub: outside a rollout, pass hub=RewardHub\(\)"):
             await async_rm(args, Sample(response="\\boxed{2}", label="2"))  # the block is over
-        return one, many, hub.metrics()["rollout/rm/samples"]
+        return one, many, hub.metrics()["rm/samples"]
 
     assert run(with_hub(body)) == (1, [0], 2.0)
     with pytest.raises(RuntimeError, match="no reward hub"):
@@ -302,7 +302,7 @@ def test_hanging_custom_reward_does_not_stall_the_batch(plugins):
     events = rm_test_plugins.EVENTS
     assert events[0] == "2 started" and events[-1] == "2 abandoned"
     assert sorted(events[1:-1]) == ["0 done", "1 done", "3 done", "4 done"]
-    assert metrics["rollout/rm/timeouts"] == 1 and metrics["rollout/rm/failure_rewards"] == 1
+    assert metrics["rm/timeouts"] == 1 and metrics["rm/failure_rewards"] == 1
     assert samples[2].metadata["rm_failure"].startswith("timeout")
 
 
@@ -320,7 +320,7 @@ def test_raising_custom_reward_raises_or_gives_failure_reward(plugins):
 
     rewards, metrics = run(with_hub(lenient))
     assert rewards[3] == {"score": -7.0} and rewards[:3] == [1.0, 1.0, 1.0]
-    assert metrics["rollout/rm/errors"] == 1
+    assert metrics["rm/errors"] == 1
     assert "cannot grade this one" in samples[3].metadata["rm_failure"]
     with pytest.raises(RewardError, match="expected a number or a dict"):
         run(
@@ -355,7 +355,7 @@ def test_non_finite_rewards_get_the_failure_reward_and_are_counted(plugins):
             assert rewards == [1.0, -7.0, -7.0, -7.0], name
         assert failures[0] is None and all(f.startswith("non_finite") for f in failures[1:]), (name, failures)
         assert "nan" in failures[1] and "inf" in failures[2] and "-inf" in failures[3]
-        assert metrics["rollout/rm/non_finite"] == 3 and metrics["rollout/rm/failure_rewards"] == 3, name
+        assert metrics["rm/non_finite"] == 3 and metrics["rm/failure_rewards"] == 3, name
 
 
 def test_non_finite_remote_reward_gets_the_failure_reward():
@@ -366,7 +366,7 @@ def test_non_finite_remote_reward_gets_the_failure_reward():
             return await hub.async_rm(args, sample), sample.metadata, hub.metrics()
 
     reward, metadata, metrics = run(with_hub(body))
-    assert reward == {"score": -7.0} and metrics["rollout/rm/non_finite"] == 1
+    assert reward == {"score": -7.0} and metrics["rm/non_finite"] == 1
     assert metadata["rm_failure"].startswith("non_finite") and "score=nan" in metadata["rm_failure"]
 
 
@@ -404,8 +404,8 @@ def test_plain_def_custom_reward_runs_in_killable_workers(plugins):
     assert spin_meta["rm_failure"].startswith("timeout: killed after")
     assert failed == -7.0
     assert crashed == [-7.0, 4.0, 4.0] and "exit code 3" in crash_meta["rm_failure"]
-    assert metrics["rollout/rm/timeouts"] == 1 and metrics["rollout/rm/errors"] == 1
-    assert metrics["rollout/rm/worker_crashes"] == 1
+    assert metrics["rm/timeouts"] == 1 and metrics["rm/errors"] == 1
+    assert metrics["rm/worker_crashes"] == 1
 
 
 def test_async_reward_that_blocks_the_loop_is_reported(plugins, caplog):
@@ -415,7 +415,7 @@ def test_async_reward_that_blocks_the_loop_is_reported(plugins, caplog):
         return await hub.async_rm(args, Sample(index=0)), hub.metrics()
 
     reward, metrics = run(with_hub(body))
-    assert reward == 5.0 and metrics["rollout/rm/loop_stalls"] == 1
+    assert reward == 5.0 and metrics["rm/loop_stalls"] == 1
     assert "without yielding to the event loop" in caplog.text
 
 
@@ -446,7 +446,7 @@ def test_sympy_bomb_is_killed_and_the_worker_replaced():
     wait_until(
         lambda: not os.path.exists(f"/proc/{before[0]}"), "the killed reward worker reaped", timeout_s=60
     )
-    assert metrics["rollout/rm/timeouts"] == 1 and metrics["rollout/rm/max_seconds"] >= 1.0
+    assert metrics["rm/timeouts"] == 1 and metrics["rm/max_seconds"] >= 1.0
     assert samples[1].metadata["rm_failure"].startswith("timeout: killed after")
 
 
@@ -469,8 +469,8 @@ def test_identical_gradings_are_computed_once():
     first, again, n1, n2, n3, metrics = run(with_hub(body))
     assert first == again == [0, 1] * 4
     assert (n1, n2, n3) == (2, 2, 3)  # two distinct answers; the repeat is free; a reset forgets
-    assert metrics["rollout/rm/cache_hits"] == 6 + 8
-    assert metrics["rollout/rm/gradings"] == 3
+    assert metrics["rm/cache_hits"] == 6 + 8
+    assert metrics["rm/gradings"] == 3
 
 
 class Unreadable:
@@ -614,7 +614,7 @@ def test_remote_rm_retries_500_and_a_dropped_connection():
     reward, requests, metrics = run(with_hub(body))
     assert reward == {"score": 0.75}
     assert requests == [{"prompt": "1+1?", "response": "2", "label": "2"}] * 3
-    assert metrics["rollout/rm/remote_retries"] == 2 and metrics["rollout/rm/timeouts"] == 0
+    assert metrics["rm/remote_retries"] == 2 and metrics["rm/timeouts"] == 0
 
 
 def test_remote_rm_is_bounded_and_4xx_is_not_retried():
@@ -634,7 +634,7 @@ def test_remote_rm_is_bounded_and_4xx_is_not_retried():
     assert failed == -7.0 and n_down == 3
     assert metadata["rm_failure"].startswith("timeout") and "3 attempt(s)" in metadata["rm_failure"]
     assert "still running at the time limit" in metadata["rm_failure"]
-    assert n_bad == 1 and metrics["rollout/rm/timeouts"] == 1
+    assert n_bad == 1 and metrics["rm/timeouts"] == 1
 
 
 # ---- no orphans ----------------------------------------------------------------------------------

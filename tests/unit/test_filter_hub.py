@@ -99,10 +99,10 @@ def test_drop_reasons_become_metrics():
         counter.add(check_reward_nonzero_std(ARGS, group(*rewards)))
     counter.add(DynamicFilterOutput(keep=False))
     assert counter.metrics() == {
-        "rollout/dynamic_filter/drop_unspecified": 1,
-        "rollout/dynamic_filter/drop_zero_std_0": 2,
-        "rollout/dynamic_filter/drop_zero_std_0.0": 1,
-        "rollout/dynamic_filter/drop_zero_std_1": 1,
+        "filter/drop_unspecified": 1,
+        "filter/drop_zero_std_0": 2,
+        "filter/drop_zero_std_0.0": 1,
+        "filter/drop_zero_std_1": 1,
     }
     counter.reset()
     assert counter.metrics() == {}
@@ -115,9 +115,9 @@ def test_the_rollout_loops_own_drops_share_the_filters_counter():
         counter.drop(reason)
     assert counter.counts() == {"aborted": 2, "zero_std_1": 1, "surplus": 1}  # most frequent first
     assert counter.metrics() == {
-        "rollout/dynamic_filter/drop_aborted": 2.0,
-        "rollout/dynamic_filter/drop_surplus": 1.0,
-        "rollout/dynamic_filter/drop_zero_std_1": 1.0,
+        "filter/drop_aborted": 2.0,
+        "filter/drop_surplus": 1.0,
+        "filter/drop_zero_std_1": 1.0,
     }
 
 

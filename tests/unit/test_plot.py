@@ -1,58 +1,90 @@
-"""The PNG line chart of the curves artifact: a valid image whose lines span the x range, for a
-handful of rollout ids and for thousands."""
+"""The campaign chart (matplotlib): a panel per quantity chosen by metric name, each with labelled axes,
+tick values and a legend; evaluation reward beside the training reward; drop shares by reason; a PNG
+of a readable size, for a handful of rollout ids and for thousands."""
 
 from __future__ import annotations
 
+import io
 import math
-import struct
-import zlib
 
 import pytest
+from matplotlib.image import imread
 
-from slime_wf.plot import _COLORS, data_uri, line_chart
-
-
-def decode(png: bytes) -> tuple[int, int, list[bytes]]:
-    """(width, height, rows of RGB bytes) of a PNG written by line_chart (8-bit RGB, filter 0)."""
-    assert png.startswith(b"\x89PNG\r\n\x1a\n")
-    width, height = struct.unpack(">II", png[16:24])
-    data, pos = b"", 8
-    while pos < len(png):
-        (length,) = struct.unpack(">I", png[pos : pos + 4])
-        kind = png[pos + 4 : pos + 8]
-        if kind == b"IDAT":
-            data += png[pos + 8 : pos + 8 + length]
-        pos += 12 + length
-    raw = zlib.decompress(data)
-    stride = 1 + 3 * width
-    rows = [raw[y * stride : (y + 1) * stride] for y in range(height)]
-    assert all(r[0] == 0 for r in rows)
-    return width, height, [r[1:] for r in rows]
+from slime_wf.plot import campaign_panels, chart_png, data_uri, figure
 
 
-def columns_with(color: tuple[int, int, int], width: int, rows: list[bytes]) -> set[int]:
-    want = bytes(color)
-    return {x for row in rows for x in range(width) if row[3 * x : 3 * x + 3] == want}
+def history(n: int, eval_every: int = 5) -> dict[int, dict[str, float]]:
+    out = {}
+    for i in range(n):
+        metrics = {
+            "rollout/raw_reward": 0.3 + 0.5 * (1 - math.exp(-i / max(n / 4, 1))),
+            "rollout/response_len/mean": 3.2 + 0.5 * math.sin(i),
+            "rollout/response_len/max": 8.0,
+            "train/entropy": 1.2 - 0.001 * i,
+            "train/rollout_kl": 0.0005,
+            "train/ppo_kl": 0.0,
+            "train/grad_norm": 0.5 + 0.1 * math.cos(i),
+            "filter/kept_groups": 16.0,
+            "filter/drop_fraction": 7 / 23,
+            "filter/drop_zero_std_0": 3.0,
+            "filter/drop_zero_std_1": 4.0,
+            "filter/drop_surplus": 2.0,  # not a share of the finished groups
+        }
+        if i % eval_every == eval_every - 1:
+            metrics["eval/test/reward"] = 0.6 + 0.01 * i
+            metrics["eval/hard/reward"] = 0.1
+        out[i] = metrics
+    out[n // 2].pop("rollout/raw_reward")  # an id without the metric is a gap, not an error
+    out[n // 2]["train/grad_norm"] = float("nan")
+    return out
+
+
+def labels(panel) -> list[str]:
+    return [s.label for s in panel.series if s.points]
+
+
+def test_series_are_chosen_by_metric_name():
+    panels = {p.title: p for p in campaign_panels(history(20))}
+    assert list(panels) == ["Reward", "Response length", "Entropy", "KL", "Gradient norm", "Groups dropped"]
+    reward = panels["Reward"]
+    assert labels(reward) == ["train (rollout/raw_reward)", "eval: hard", "eval: test"]
+    train, _, test = reward.series
+    assert len(train.points) == 19 and 10 not in dict(train.points)
+    assert [rid for rid, _ in test.points] == [4, 9, 14, 19] and test.sparse
+    assert labels(panels["KL"]) == [
+        "engine vs trainer (train/rollout_kl)",
+        "old vs new policy (train/ppo_kl)",
+    ]
+    assert len(panels["Gradient norm"].series[0].points) == 19  # NaN left out
+    drops = panels["Groups dropped"]
+    assert labels(drops) == ["all reasons", "zero_std_0", "zero_std_1"] and drops.percent
+    assert drops.series[1].points[0] == (0, pytest.approx(3 / 23))
 
 
 @pytest.mark.parametrize("n", [6, 3000])
-def test_each_series_spans_the_x_range(n):
-    rewards = [0.3 + 0.5 * (1 - math.exp(-i / max(n / 4, 1))) + 0.05 * math.sin(i) for i in range(n)]
-    lengths = [40.0 - 0.01 * i for i in range(n)]
-    lengths[n // 2] = None  # a rollout without the metric is a gap, not an error
-    for k, series in enumerate([[rewards, []], [[], lengths]]):  # one at a time: a crossing hides a line
-        width, height, rows = decode(line_chart(series, width=200, height=80, margin=10))
-        assert (width, height) == (200, 80)
-        drawn = columns_with(_COLORS[k], width, rows)
-        assert set(range(10, 190)) <= drawn, sorted(set(range(10, 190)) - drawn)[:10]
+def test_every_panel_has_labelled_axes_ticks_and_a_legend(n):
+    fig = figure(campaign_panels(history(n)), "demo")
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert len(axes) == 6
+    for ax in axes:
+        assert ax.get_title(loc="left") and ax.get_xlabel() == "rollout id" and ax.get_ylabel()
+        assert ax.get_legend() is not None and ax.get_legend().get_texts()
+        fig.canvas.draw()
+        assert [t.get_text() for t in ax.get_yticklabels() if t.get_text()]
+        xticks = [t.get_text() for t in ax.get_xticklabels() if t.get_text()]
+        assert xticks and all(t.lstrip("−-").isdigit() for t in xticks)  # whole rollout ids
+        low, high = ax.get_xlim()
+        assert low <= 0 and high >= n - 1
+    reward = axes[0]
+    assert reward.get_ylim()[0] < 0.31 and reward.get_ylim()[1] > 0.6  # both curves on one y scale
 
 
-def test_rising_series_is_drawn_rising():
-    width, height, rows = decode(line_chart([[0.0, 0.5, 1.0]], width=100, height=60, margin=6))
-    blue = bytes(_COLORS[0])
-    ys = {x: [y for y, row in enumerate(rows) if row[3 * x : 3 * x + 3] == blue] for x in (8, 50, 92)}
-    assert min(ys[8]) > min(ys[50]) > min(ys[92])  # image y grows downwards
-
-
-def test_data_uri_and_empty_input():
-    assert data_uri(line_chart([[], [None, float("nan")]])).startswith("data:image/png;base64,")
+def test_png_is_readable_at_the_ui_width_and_a_panel_without_data_says_so():
+    png = chart_png(campaign_panels({0: {"rollout/raw_reward": 0.5}}))
+    image = imread(io.BytesIO(png))
+    height, width = image.shape[:2]
+    assert 1000 <= width <= 1400 and height >= 600
+    fig = figure(campaign_panels({0: {"rollout/raw_reward": 0.5}}))
+    entropy = [ax for ax in fig.axes if ax.get_title(loc="left") == "Entropy"][0]
+    assert [t.get_text() for t in entropy.texts] == ["not reported yet"]
+    assert data_uri(png).startswith("data:image/png;base64,iVBOR")

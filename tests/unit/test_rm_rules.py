@@ -1,6 +1,6 @@
 """Rule-based reward graders: pinned against slime's deepscaler / math / dapo / f1 semantics.
 
-Every expectation below is what slime (with pylatexenc 2.10 and sympy 1.14) returns for the
+Every expectation below is what slime (with pylatexenc 2.11 and sympy 1.14) returns for the
 same input, unless a comment says otherwise.
 """
 
@@ -8,7 +8,7 @@ import pytest
 
 from slime_wf.config import RULE_RM_TYPES, CampaignConfig, ConfigError
 from slime_wf.rollout.rm_hub import deepscaler, f1, math_dapo_utils, math_utils
-from slime_wf.rollout.rm_hub._latex_text import latex_to_text
+from slime_wf.rollout.rm_hub.math_utils import latex_to_text
 from slime_wf.rollout.rm_hub.rules import GRADERS, UnknownRewardTypeError, grade
 
 reward = deepscaler.get_deepscaler_rule_based_reward

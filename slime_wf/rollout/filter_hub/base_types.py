@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import collections
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ from slime_wf.plugins import load_function
 
 
 class FilterError(TypeError):
-    """A filter returned something other than a DynamicFilterOutput or a bool."""
+    """A filter returned something that is neither a bool nor has a `keep`."""
 
 
 @dataclass
@@ -61,31 +61,59 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def as_filter_output(output: Any, name: str) -> DynamicFilterOutput:
+    """A filter's result read by its shape, not its class: anything with `keep` (a bool or a 0-d
+    tensor/array), optional `reason` and `keep_when_insufficient` (an attribute or a mapping key), or a
+    plain bool meaning keep. So slime's own `DynamicFilterOutput`, a plugin's dataclass and a dict all
+    work. Anything else raises FilterError naming the filter (`name`)."""
+    value = _plain(output)
+    if isinstance(value, bool):
+        return DynamicFilterOutput(keep=value)
+
+    def part(key: str, default: Any) -> Any:
+        if isinstance(output, Mapping):
+            return output.get(key, default)
+        return getattr(output, key, default)
+
+    has_keep = ("keep" in output) if isinstance(output, Mapping) else hasattr(output, "keep")
+    if not has_keep:
+        raise FilterError(
+            f"dynamic sampling filter {name!r} returned {type(output).__name__} {str(output)[:100]!r}; it must "
+            "return a bool, or something with `keep` (a bool or a 0-d tensor) and optionally `reason` and "
+            "`keep_when_insufficient`, such as slime_wf.rollout.filter_hub.DynamicFilterOutput"
+        )
+    keep = _plain(part("keep", None))
+    fallback = _plain(part("keep_when_insufficient", False))
+    reason = part("reason", None)
+    if not isinstance(keep, bool):
+        raise FilterError(
+            f"dynamic sampling filter {name!r} returned keep={keep!r} ({type(keep).__name__}); keep must be a "
+            "bool or a 0-d tensor/array holding one"
+        )
+    if not isinstance(fallback, bool):
+        raise FilterError(
+            f"dynamic sampling filter {name!r} returned keep_when_insufficient={fallback!r}; it must be a bool"
+        )
+    if reason is not None and not isinstance(reason, str):
+        raise FilterError(
+            f"dynamic sampling filter {name!r} returned reason={reason!r}; it must be a str or None"
+        )
+    return DynamicFilterOutput(keep=keep, reason=reason, keep_when_insufficient=fallback)
+
+
 def call_dynamic_filter(
     fn: Callable[..., Any] | None, args: Any, samples: list[Any], *, path: str | None = None, **kwargs: Any
 ) -> DynamicFilterOutput:
-    """Call a filter (None keeps everything) and return its verdict as a DynamicFilterOutput.
-
-    A bool is taken as `keep` (slime's older filters return one); anything else raises
-    FilterError naming the filter (`path`, or the function's own name).
-    """
+    """Call a filter (None keeps everything) and return its verdict as a DynamicFilterOutput, read by
+    shape (`as_filter_output`); a result of another shape raises FilterError naming the filter (`path`,
+    or the function's own name)."""
     if fn is None:
         return DynamicFilterOutput(keep=True)
-    output = fn(args, samples, **kwargs)
-    if isinstance(output, DynamicFilterOutput):
-        output.keep = bool(_plain(output.keep))  # slime's own filters put a torch bool here
-        return output
-    output = _plain(output)
-    if isinstance(output, bool):
-        return DynamicFilterOutput(keep=output)
-    raise FilterError(
-        f"dynamic sampling filter {_name(fn, path)!r} returned {type(output).__name__} {str(output)[:100]!r}; "
-        "it must return a DynamicFilterOutput (slime_wf.rollout.filter_hub.DynamicFilterOutput) or a bool"
-    )
+    return as_filter_output(fn(args, samples, **kwargs), _name(fn, path))
 
 
 class DropReasonCounter:
-    """Counts dropped groups by reason, as `rollout/dynamic_filter/drop_<reason>` metrics.
+    """Counts dropped groups by reason, as `filter/drop_<reason>` metrics.
 
     The filter's verdicts come in through `add`; the rollout loop's own drops (failed, aborted,
     surplus groups) through `drop`, so that every reason shares one metric family."""
@@ -105,9 +133,7 @@ class DropReasonCounter:
         return dict(self._drops.most_common())
 
     def metrics(self) -> dict[str, float]:
-        return {
-            f"rollout/dynamic_filter/drop_{reason}": float(n) for reason, n in sorted(self._drops.items())
-        }
+        return {f"filter/drop_{reason}": float(n) for reason, n in sorted(self._drops.items())}
 
     def reset(self) -> None:
         self._drops.clear()

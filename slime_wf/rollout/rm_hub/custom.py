@@ -4,7 +4,7 @@
   share sessions and clients with the rest of the rollout, and is bounded with
   `asyncio.timeout`. A coroutine only yields at an `await`: one that computes for minutes
   without awaiting stalls the loop, and no timer can interrupt it. Such stalls are measured and
-  reported (`rollout/rm/loop_stalls`, with the function and sample named).
+  reported (`rm/loop_stalls`, with the function and sample named).
 - `def rm(args, sample)` (plain, CPU-bound: sympy, regexes) runs in the grader worker pool,
   where the timeout is enforced by killing the worker. This is the way to write an expensive
   grader. The sample travels to the worker and back, so changes the function makes to it (e.g.

@@ -19,7 +19,7 @@ reason in `sample.metadata["rm_failure"]`. A call that raises does the same with
 the function (this holds for custom functions, rule-based graders and remote_rm alike).
 
 A reward that is NaN or infinite (the number, or a dict reward's `reward_key` entry) also gets
-`rm_failure_reward` and is counted (`rollout/rm/non_finite`): one NaN would make its whole
+`rm_failure_reward` and is counted (`rm/non_finite`): one NaN would make its whole
 group's advantages NaN.
 
 Size: one module over 400 lines because `RewardHub` is one object whose dispatch, timeout, cache
@@ -126,10 +126,10 @@ class RewardHub:
         self._cache.clear()
 
     def metrics(self, reset: bool = False) -> dict[str, float]:
-        """Counters under `rollout/rm/...`, and the longest single call in seconds."""
+        """Counters under `rm/...`, and the longest single call in seconds."""
         with self._lock:
-            out = {f"rollout/rm/{name}": float(self._counts[name]) for name in COUNTERS}
-            out["rollout/rm/max_seconds"] = self._max_seconds
+            out = {f"rm/{name}": float(self._counts[name]) for name in COUNTERS}
+            out["rm/max_seconds"] = self._max_seconds
             if reset:
                 self._counts.clear()
                 self._max_seconds = 0.0

@@ -9,17 +9,17 @@ Two graders are combined, as in slime / deepscaler:
 
 Every decision (normalization order, regexes, guards against slow sympy input) mirrors the
 reference so that rewards are identical for the same strings.  LaTeX is rendered to text by
-:mod:`._latex_text`, which reproduces ``pylatexenc``'s output.
+``pylatexenc``'s ``LatexNodes2Text``, as slime does.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 import sympy
+from pylatexenc import latex2text  # type: ignore[import-untyped]
 from sympy.parsing import sympy_parser
-
-from ._latex_text import latex_to_text
 
 __all__ = [
     "extract_answer",
@@ -28,11 +28,26 @@ __all__ = [
     "grade_answer_sympy",
     "grade_answer_verl",
     "last_boxed_only_string",
+    "latex_to_text",
     "mathd_normalize_answer",
     "remove_boxed",
 ]
 
 _ENCLOSING_TEXT = re.compile(r"^\\text\{(?P<text>.+?)\}$")
+
+# Model answers are often malformed LaTeX (a macro short of its arguments); pylatexenc warns about each and
+# renders them all the same, so its warnings would only flood the graders' logs.
+logging.getLogger("pylatexenc").setLevel(logging.ERROR)
+_LATEX_TO_TEXT: latex2text.LatexNodes2Text | None = None
+
+
+def latex_to_text(latex: str) -> str:
+    """``pylatexenc``'s plain text of ``latex`` with its default settings, as slime's grader gets it (one
+    converter per process: it holds only its settings, and building it costs more than a conversion)."""
+    global _LATEX_TO_TEXT
+    if _LATEX_TO_TEXT is None:
+        _LATEX_TO_TEXT = latex2text.LatexNodes2Text()
+    return _LATEX_TO_TEXT.latex_to_text(latex)
 
 
 # ------------------------------------------------------------------------------ boxed answers

@@ -1,0 +1,1 @@
+"""`slime.utils`: the helpers slime's plugins import."""

@@ -1,0 +1,121 @@
+"""A `/generate` body checked as SGLang checks it, then turned into the engine's `Request`.
+
+`parse_generate` decodes and checks a raw body (off the event loop: tokenizing a prompt of many
+megabytes takes seconds); `check_generate_body` runs SGLang's own schema (`schema`) and then
+`build_request`, the checks SGLang makes past its schema (one prompt, no streaming, ids inside the
+vocabulary, prompt plus `max_new_tokens` within the context) and the ones this engine adds for what it
+cannot do. The HTTP side (`server`) and the OpenAI endpoints (`openai_api`) share them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from slime_wf.engine_server.sampling import InvalidRequest, Request, SamplingParams
+from slime_wf.engine_server.schema import generate_request_error
+
+if TYPE_CHECKING:
+    from slime_wf.engine_server.engine import LocalEngine
+
+_UNSUPPORTED_TOP_LEVEL = (
+    "image_data",
+    "video_data",
+    "audio_data",
+    "lora_path",
+    "session_params",
+    "custom_logit_processor",
+)
+
+
+class ContractViolation(ValueError):
+    """The body breaks SGLang's schema; the text is SGLang's own."""
+
+
+def parse_generate(raw: bytes, engine: LocalEngine) -> Request:
+    """Decode, schema-check and tokenize a `/generate` body. Runs off the event loop: a prompt of many
+    megabytes takes seconds to tokenize, and `/health` must answer meanwhile."""
+    if not raw:
+        body: Any = {}
+    else:
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError as err:
+            raise InvalidRequest(f"the request body of /generate is not valid JSON: {err}") from err
+    return check_generate_body(body, engine)
+
+
+def check_generate_body(body: Any, engine: LocalEngine) -> Request:
+    """A decoded `/generate` body checked with SGLang's schema, then turned into an engine `Request`."""
+    contract_error = generate_request_error(body)
+    if contract_error is not None:
+        raise ContractViolation(contract_error)
+    return build_request(body, engine)
+
+
+def build_request(body: Any, engine: LocalEngine) -> Request:
+    """Check a `/generate` body (already past SGLang's schema) and turn it into an engine `Request`."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("the /generate body must be a JSON object")
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if (text is None) == (input_ids is None):
+        raise InvalidRequest("Either text or input_ids should be provided, not both or neither.")
+    if isinstance(text, list) or (
+        isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
+    ):
+        raise InvalidRequest(
+            "batched inputs (a list of prompts) are not supported: send one request per prompt"
+        )
+    if body.get("stream"):
+        raise InvalidRequest("stream=true is not supported by the local engine; send stream=false")
+    for key in _UNSUPPORTED_TOP_LEVEL:
+        if body.get(key) is not None:
+            raise InvalidRequest(f"{key} is not supported by the local engine")
+    top_num = body.get("top_logprobs_num") or 0
+    if not isinstance(top_num, int) or isinstance(top_num, bool) or top_num < 0:
+        raise InvalidRequest(f"top_logprobs_num must be a non-negative integer, got {top_num!r}")
+    rid = body.get("rid")
+    if isinstance(rid, list):
+        raise InvalidRequest("rid must be a string (batched requests are not supported)")
+    sampling = body.get("sampling_params")
+    if sampling is not None and not isinstance(sampling, dict):
+        raise InvalidRequest("sampling_params must be one object (batched requests are not supported)")
+    params = SamplingParams.from_request(sampling, engine.vocab_size)
+    if input_ids is None:
+        if not isinstance(text, str):
+            raise InvalidRequest("text must be a string")
+        assert (
+            engine.tokenizer is not None
+        )  # /generate takes requests only once the model loaded (_not_ready)
+        input_ids = engine.tokenizer.encode(text)
+    if not isinstance(input_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in input_ids
+    ):
+        raise InvalidRequest("input_ids must be a list of integers")
+    if not input_ids:
+        raise InvalidRequest("the prompt is empty: give at least one token")
+    bad = [t for t in input_ids if not 0 <= t < engine.vocab_size]
+    if bad:
+        raise InvalidRequest(
+            f"input_ids contain {len(bad)} token id(s) outside the vocabulary [0, {engine.vocab_size}), e.g. {bad[:5]}"
+        )
+    n, ctx = len(input_ids), engine.context_length
+    if n >= ctx:
+        raise InvalidRequest(
+            f"The input ({n} tokens) is longer than the model's context length ({ctx} tokens)."
+        )
+    if n + params.max_new_tokens > ctx:
+        raise InvalidRequest(
+            f"Requested token count exceeds the model's maximum context length of {ctx} tokens. You requested "
+            f"a total of {n + params.max_new_tokens} tokens: {n} tokens from the input messages and "
+            f"{params.max_new_tokens} tokens for the completion. Reduce max_new_tokens or the prompt."
+        )
+    return Request(
+        rid=rid if rid is not None else uuid.uuid4().hex,
+        input_ids=list(input_ids),
+        params=params,
+        return_logprob=bool(body.get("return_logprob")),
+        return_text_in_logprobs=bool(body.get("return_text_in_logprobs")),
+        top_logprobs_num=top_num,
+    )
