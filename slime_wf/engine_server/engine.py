@@ -22,6 +22,11 @@ response reports `meta_info.weight_versions` (the spans of output tokens each ve
 and `meta_info.weight_version`, the version of the last span: the version current when the
 request finished, unless it was aborted before producing a token on the new weights (then the
 version that produced its last token).
+
+Size: one module over 400 lines because it is one scheduler loop read top to bottom (admission,
+shared prefill, batched decode, fault isolation per request, weight swaps between steps), whose
+steps share the batch and its KV cache; the model side (loading, the cache) is in `model.py` and
+sampling in `sampling.py`.
 """
 
 from __future__ import annotations

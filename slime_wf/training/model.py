@@ -2,9 +2,9 @@
 
 `describe_hf_config` reads and validates the HF config into an `Architecture` (everything the
 model and the weight converter need); `build_gpt_model` turns it into a `GPTModel` with
-Megatron's local (pure-torch) layer spec, or into a critic whose output layer is a `ValueHead`;
-`forward_logits` runs it with an explicit causal +
-padding mask and position ids, and returns full-vocabulary logits with the same meaning as
+Megatron's local (pure-torch) layer spec and fused attention (`sdpa_attention`), or into a critic
+whose output layer is a `ValueHead`; `forward_logits` runs it with an explicit causal + padding
+mask and position ids, and returns full-vocabulary logits with the same meaning as
 the HF model's.
 """
 
@@ -266,11 +266,14 @@ def build_gpt_model(
     )
     options.update(config_overrides)
     config = TransformerConfig(**options)
+    layer_spec = get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    # The local spec's unfused attention materializes the scores; the fused kernel computes the same.
+    from slime_wf.training.sdpa_attention import SdpaAttention
+
+    layer_spec.submodules.self_attention.submodules.core_attention = SdpaAttention
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(
-            qk_layernorm=arch.qk_layernorm, normalization="RMSNorm"
-        ),
+        transformer_layer_spec=layer_spec,
         vocab_size=arch.padded_vocab_size(tp_size, make_vocab_size_divisible_by),
         max_sequence_length=arch.max_position_embeddings,
         pre_process=True,

@@ -244,8 +244,12 @@ def test_padding_on_either_side_matches_unpadded(hf_checkpoint, tp1):
         right = forward_logits(model, torch.cat([ids, pad], 1), torch.cat([ones, zeros], 1))[:, :7]
         left = forward_logits(model, torch.cat([pad, ids], 1), torch.cat([zeros, ones], 1))[:, 4:]
     assert alone.shape == (1, 7, VOCAB)
-    assert (right - alone).abs().max() < 1e-5
-    assert (left - alone).abs().max() < 1e-5
+    # fp32 rounding only: the fused attention kernel sums in an order that depends on the sequence
+    # length, which moves logits of magnitude ~14 by about ten float32 ulps (1e-6 each); a padding
+    # fault (a padded key attended, a position shifted) moves them by far more than this bound.
+    bound = 32 * torch.finfo(torch.float32).eps * alone.abs().max()
+    assert (right - alone).abs().max() < bound
+    assert (left - alone).abs().max() < bound
 
 
 def test_gradients_match_hf(hf_checkpoint, tp1):

@@ -64,18 +64,29 @@ class _LogProbAndEntropy(torch.autograd.Function):
         logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         inv_t, chunk = ctx.inv_t, ctx.chunk
+        # In place where it can be: at a large vocabulary this loop is a sizeable share of the backward
+        # pass, and every temporary [chunk, V] tensor is one more pass over memory.
         for s in range(0, logits.size(0), chunk):
-            z = logits[s : s + chunk].float() * inv_t
+            z = logits[s : s + chunk].float()
+            if inv_t != 1.0:
+                z = z * inv_t
             p = torch.softmax(z, dim=-1)
-            gz = torch.zeros_like(z)
+            gz = None
             if grad_log_probs is not None:
                 g = grad_log_probs[s : s + chunk, None].float()
-                gz = gz - p * g
+                gz = p.mul(g).neg_()
                 gz.scatter_add_(-1, targets[s : s + chunk, None], g)
             if grad_entropy is not None and grad_entropy.numel():
                 g = grad_entropy[s : s + chunk, None].float()
-                gz = gz - g * p * (z - (p * z).sum(-1, keepdim=True))
-            grad[s : s + chunk] = (gz * inv_t).to(logits.dtype)
+                term = p * (z - (p * z).sum(-1, keepdim=True))
+                term.mul_(g)
+                gz = term.neg_() if gz is None else gz.sub_(term)
+            if gz is None:
+                grad[s : s + chunk] = 0
+                continue
+            if inv_t != 1.0:
+                gz.mul_(inv_t)
+            grad[s : s + chunk] = gz
         return grad, None, None, None, None
 
 
