@@ -16,7 +16,10 @@ Numbers are rounded for display only; the run store's metrics.json keeps them wh
 The flow's thread only queues artifacts. One background thread makes the API calls, in the order
 they were queued, so neither the round trips nor drawing the chart hold up the rollout loop. A
 newer snapshot of a campaign-wide artifact (progress, summary, curves) that is queued before an
-older one went out replaces it; every rollout id's artifacts are sent. An artifact that cannot be
+older one went out replaces it; every rollout id's artifacts are sent. Drawing the chart takes
+CPU that the campaign's own processes want on a small machine, so the curves are drawn again only
+after `CURVES_CPU_SHARE` of the time since the last drawing was spent drawing it (with short
+steps: every few ids; at the end, always); the other artifacts go out at once. An artifact that cannot be
 sent is a warning in the flow's log and never fails the campaign: the run store holds the same.
 
     with ArtifactPublisher(campaign_name) as artifacts:    # inside the flow run
@@ -34,6 +37,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -185,6 +189,12 @@ class _Job:
     description: str
     content: Callable[[], Any]  # made in the publisher's thread: only the jobs that go out pay for it
     replaceable: bool
+    throttled: bool = False  # made at most CURVES_CPU_SHARE of the time (the chart), and at the end
+
+
+# The share of the publisher thread's time that drawing the curves may take: after a drawing that took
+# t seconds, the next waits until t / CURVES_CPU_SHARE seconds from the last one's start.
+CURVES_CPU_SHARE = 0.05
 
 
 class ArtifactPublisher:
@@ -218,6 +228,7 @@ class ArtifactPublisher:
         self._in_flight: _Job | None = None
         self._cond = threading.Condition()
         self._closing = self._abandoned = False
+        self._due: dict[str, float] = {}  # a throttled key's next drawing may start then (time.monotonic)
         context = contextvars.copy_context()
         self._thread = threading.Thread(
             target=context.run, args=(self._work,), daemon=True, name=f"artifacts-{campaign}"
@@ -278,6 +289,7 @@ class ArtifactPublisher:
                 f"{name}: curves up to rollout {rollout_id}",
                 lambda: curves_markdown(name, self._series(rollout_id)),
                 replaceable=True,
+                throttled=True,
             )
         )
 
@@ -355,18 +367,39 @@ class ArtifactPublisher:
             self.history.add(rid, metrics)
         return self.history.upto(upto)
 
+    def _next_job(self) -> tuple[_Job | None, float | None]:
+        """The first queued job that may go now, else None and the seconds until one may (None: no job).
+        Called with the lock held."""
+        now, wait = time.monotonic(), None
+        for job in self._jobs:
+            due = self._due.get(job.key, 0.0) if job.throttled and not self._closing else 0.0
+            if due <= now:
+                return job, None
+            wait = due - now if wait is None else min(wait, due - now)
+        return None, wait
+
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._jobs and not self._closing:
-                    self._cond.wait()
-                if self._abandoned or not self._jobs:
+                while True:
+                    if self._abandoned:
+                        return
+                    job, wait = self._next_job()
+                    if job is not None or (self._closing and not self._jobs):
+                        break
+                    self._cond.wait(None if wait is None else min(wait, 60.0))
+                if job is None:
                     return
-                job = self._in_flight = self._jobs.popleft()
+                self._jobs.remove(job)
+                self._in_flight = job
                 if self._replaceable.get(job.key) is job:
                     del self._replaceable[job.key]
+            started = time.monotonic()
             try:
-                self._send(job.kind, job.key, job.description, job.content())
+                content = job.content()
+                if job.throttled:
+                    self._due[job.key] = started + (time.monotonic() - started) / CURVES_CPU_SHARE
+                self._send(job.kind, job.key, job.description, content)
                 outcome = "sent"
             except (
                 Exception

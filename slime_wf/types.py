@@ -45,6 +45,24 @@ class RewardKeyError(KeyError):
     """A dict reward has no entry for the configured `reward_key`."""
 
 
+_ATOMS = (str, int, float, bool, type(None))
+
+
+def _copied(value: Any) -> Any:
+    """A deep copy of a JSON-like value (dicts, lists, atoms) built directly, several times faster than
+    `copy.deepcopy`; other objects inside go through `copy.deepcopy`."""
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is list:
+        if all(type(v) in _ATOMS for v in value):
+            return list(value)
+        return [_copied(v) for v in value]
+    if kind is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    return copy.deepcopy(value)
+
+
 @dataclass
 class Sample:
     """One prompt/response pair, as it moves from the data source to the trainer."""
@@ -112,7 +130,7 @@ class Sample:
                 isinstance(value, list) and (not value or type(value[0]) in (int, float))
             ):
                 out[name] = meta.plain(value)
-        return copy.deepcopy(out)
+        return _copied(out)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Sample:
@@ -195,7 +213,14 @@ class Sample:
             self.status = status
 
     def clone(self) -> Sample:
-        return copy.deepcopy(self)
+        """A deep copy (a rollout clones each prompt's sample n times, so this is on the hot path:
+        JSON-like values are copied directly, anything else through `copy.deepcopy`)."""
+        new = copy.copy(self)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if type(value) not in _ATOMS and not isinstance(value, Enum):
+                setattr(new, f.name, _copied(value))
+        return new
 
     def append_response_tokens(
         self,

@@ -159,6 +159,10 @@ class PrefectScorer:
     client the flow run has open. (An async task run would open a client of its own in each new
     event loop, one per rollout, which costs about 0.1 s on a busy machine.)"""
 
+    # Each task run costs Prefect's bookkeeping (its states, the result file): groups completed within
+    # this many seconds share one wave (never past the moment they could fill the batch, see the loop).
+    wave_wait_s = 1.0
+
     def __init__(self, campaign_name: str, result_storage: Any = None, *, remote: bool = False):
         self.campaign_name = campaign_name
         self.remote = remote  # the campaign's reward is a remote model: its failures are retried

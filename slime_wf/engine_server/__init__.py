@@ -16,14 +16,16 @@ on load) with the request and response shapes of SGLang 0.5.23: `/generate`, `/a
 OpenAI-compatible `/v1/completions`, `/v1/chat/completions` and `/v1/models` (`openai_api`), and
 the weight-update group endpoints of the `distributed` weight sync (`weight_update`). Every
 `/generate` body is checked against SGLang's own schema when it is installed (unknown
-`sampling_params` keys are a 400, as in SGLang). Every SGLang sampling parameter works except
+`sampling_params` keys are a 400, as in SGLang). A batched `/generate` (`text` or `input_ids` as
+a list of prompts; `sampling_params`, `rid`, `return_logprob` and `top_logprobs_num` one for all or
+a list of one per prompt) answers the list of the prompts' responses, as SGLang does. Every SGLang sampling parameter works except
 those refused below, penalties, `min_p`, `min_new_tokens`, `logit_bias`, `stop_regex` and
 `top_logprobs_num` included (`penalties`, `sampling`); `custom_params` is accepted as opaque data.
 
 Refused with a 400 naming the field, because this engine cannot do them: constrained decoding
 (`json_schema`, `regex`, `ebnf`, `structural_tag`, `choice`), `beam_width`, `watermark`,
-`n` > 1 and batched (list) inputs on `/generate` (send one request per sample; the OpenAI
-endpoints fan out `n` and prompt lists themselves), `stream` on `/generate`, multimodal data,
+`n` > 1 (send the prompt n times in a batched request, each with its own rid; the OpenAI
+endpoints fan out `n` themselves), `stream` on `/generate`, multimodal data,
 LoRA, sessions and custom logit processors. Other differences from SGLang: no prefix cache
 (`cached_tokens` is 0, `/flush_cache` has nothing to drop, but like SGLang it answers 400 while
 requests run), no input-token log-probs (`logprob_start_len` is accepted and ignored),

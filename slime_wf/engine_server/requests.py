@@ -2,7 +2,7 @@
 
 `parse_generate` decodes and checks a raw body (off the event loop: tokenizing a prompt of many
 megabytes takes seconds); `check_generate_body` runs SGLang's own schema (`schema`) and then
-`build_request`, the checks SGLang makes past its schema (one prompt, no streaming, ids inside the
+`build_request`, the checks SGLang makes past its schema (no streaming, ids inside the
 vocabulary, prompt plus `max_new_tokens` within the context) and the ones this engine adds for what it
 cannot do. The HTTP side (`server`) and the OpenAI endpoints (`openai_api`) share them.
 """
@@ -33,9 +33,10 @@ class ContractViolation(ValueError):
     """The body breaks SGLang's schema; the text is SGLang's own."""
 
 
-def parse_generate(raw: bytes, engine: LocalEngine) -> Request:
-    """Decode, schema-check and tokenize a `/generate` body. Runs off the event loop: a prompt of many
-    megabytes takes seconds to tokenize, and `/health` must answer meanwhile."""
+def parse_generate(raw: bytes, engine: LocalEngine) -> Request | list[Request]:
+    """Decode, schema-check and tokenize a `/generate` body: one `Request`, or a list of them for a
+    batched body (`split_batch`). Runs off the event loop: a prompt of many megabytes takes seconds to
+    tokenize, and `/health` must answer meanwhile."""
     if not raw:
         body: Any = {}
     else:
@@ -43,7 +44,50 @@ def parse_generate(raw: bytes, engine: LocalEngine) -> Request:
             body = json.loads(raw)
         except json.JSONDecodeError as err:
             raise InvalidRequest(f"the request body of /generate is not valid JSON: {err}") from err
-    return check_generate_body(body, engine)
+    contract_error = generate_request_error(body)
+    if contract_error is not None:
+        raise ContractViolation(contract_error)
+    items = split_batch(body)
+    if items is None:
+        return build_request(body, engine)
+    return [build_request(item, engine) for item in items]
+
+
+# Fields of a batched body that may hold one value per prompt (a list) or one value for all.
+_PER_PROMPT = ("sampling_params", "rid", "return_logprob", "top_logprobs_num", "logprob_start_len")
+
+
+def split_batch(body: Any) -> list[dict[str, Any]] | None:
+    """A batched `/generate` body (SGLang's `text` or `input_ids` given as a list of prompts) as one body
+    per prompt, in order; None for a body of one prompt.
+
+    As in SGLang, each per-prompt field is either one value for every prompt or a list of one value per
+    prompt (`sampling_params`, `rid`, `return_logprob`, `top_logprobs_num`, `logprob_start_len`);
+    the other fields are shared. The answer is a list of the prompts' responses, in the same order."""
+    if not isinstance(body, dict):
+        return None
+    text, input_ids = body.get("text"), body.get("input_ids")
+    if isinstance(text, list) and input_ids is None:
+        key, prompts = "text", text
+    elif isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list) and text is None:
+        key, prompts = "input_ids", input_ids
+    else:
+        return None
+    if not prompts:
+        raise InvalidRequest(f"{key} is an empty batch: give at least one prompt")
+    items = [dict(body, **{key: prompt}) for prompt in prompts]
+    for field in _PER_PROMPT:
+        value = body.get(field)
+        if not isinstance(value, list) or (field == "input_ids"):
+            continue
+        if len(value) != len(prompts):
+            raise InvalidRequest(
+                f"{field} has {len(value)} entries for a batch of {len(prompts)} prompts: give one value "
+                "for all of them or one per prompt"
+            )
+        for item, one in zip(items, value, strict=True):
+            item[field] = one
+    return items
 
 
 def check_generate_body(body: Any, engine: LocalEngine) -> Request:
@@ -64,9 +108,7 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
     if isinstance(text, list) or (
         isinstance(input_ids, list) and input_ids and isinstance(input_ids[0], list)
     ):
-        raise InvalidRequest(
-            "batched inputs (a list of prompts) are not supported: send one request per prompt"
-        )
+        raise InvalidRequest("a list of prompts is taken by /generate only (a batched request)")
     if body.get("stream"):
         raise InvalidRequest("stream=true is not supported by the local engine; send stream=false")
     for key in _UNSUPPORTED_TOP_LEVEL:
@@ -77,10 +119,14 @@ def build_request(body: Any, engine: LocalEngine) -> Request:
         raise InvalidRequest(f"top_logprobs_num must be a non-negative integer, got {top_num!r}")
     rid = body.get("rid")
     if isinstance(rid, list):
-        raise InvalidRequest("rid must be a string (batched requests are not supported)")
+        raise InvalidRequest(
+            "rid must be a string for one prompt (a list of rids goes with a list of prompts)"
+        )
     sampling = body.get("sampling_params")
     if sampling is not None and not isinstance(sampling, dict):
-        raise InvalidRequest("sampling_params must be one object (batched requests are not supported)")
+        raise InvalidRequest(
+            "sampling_params must be one object for one prompt (a list goes with a list of prompts)"
+        )
     params = SamplingParams.from_request(sampling, engine.vocab_size)
     if input_ids is None:
         if not isinstance(text, str):

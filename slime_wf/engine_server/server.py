@@ -141,14 +141,32 @@ async def run_request(engine: LocalEngine, req: Request) -> dict:
     return result
 
 
+async def run_batch(engine: LocalEngine, reqs: list[Request]) -> list[dict]:
+    """A batched request's prompts, generated concurrently (each one is a request of the scheduler, with
+    its own rid to abort): their responses in order. As in SGLang, the batch fails as a whole with the
+    first error, and its other requests are aborted."""
+    runs = [asyncio.ensure_future(run_request(engine, req)) for req in reqs]
+    try:
+        return list(await asyncio.gather(*runs))
+    except BaseException:
+        for run, req in zip(runs, reqs, strict=True):
+            if not run.done():
+                run.cancel()
+                engine.abort(only=req)
+        await asyncio.gather(*runs, return_exceptions=True)
+        raise
+
+
 async def generate(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if (resp := _not_ready(engine)) is not None:
         return resp
     raw = await request.read()
     try:
-        req = await asyncio.to_thread(parse_generate, raw, engine)
-        result = await run_request(engine, req)
+        parsed = await asyncio.to_thread(parse_generate, raw, engine)
+        if isinstance(parsed, list):
+            return web.json_response(await run_batch(engine, parsed))
+        result = await run_request(engine, parsed)
     except ContractViolation as err:
         return web.json_response({"error": str(err)}, status=400)
     except QueueFull as err:

@@ -16,11 +16,12 @@ than the `Retry-After` the engine asks for; the engine is not marked down for it
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -71,6 +72,36 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+def _prompts_in(payload: dict[str, Any]) -> int:
+    """How many prompts a `/generate` body carries: more than one for SGLang's batched form."""
+    ids, text = payload.get("input_ids"), payload.get("text")
+    if isinstance(ids, list) and ids and isinstance(ids[0], list):
+        return len(ids)
+    return len(text) if isinstance(text, list) else 1
+
+
+class _Capacity:
+    """A semaphore whose holders take several units at once: a batched request holds one per prompt.
+    A request larger than the whole capacity waits until nothing else is in flight, then goes alone."""
+
+    def __init__(self, units: int):
+        self.units = units
+        self.used = 0
+        self._changed = asyncio.Condition()
+
+    @contextlib.asynccontextmanager
+    async def take(self, weight: int = 1) -> AsyncIterator[None]:
+        async with self._changed:
+            await self._changed.wait_for(lambda: self.used == 0 or self.used + weight <= self.units)
+            self.used += weight
+        try:
+            yield
+        finally:
+            async with self._changed:
+                self.used -= weight
+                self._changed.notify_all()
 
 
 class EngineClient:
@@ -252,13 +283,13 @@ class EngineSession:
         self.session: aiohttp.ClientSession | None = None
         self.in_flight = dict.fromkeys(self.worker_urls, 0)
         self.down: set[str] = set()
-        self._capacity: asyncio.Semaphore | None = None
+        self._capacity: _Capacity | None = None
         self._up_event: asyncio.Event | None = None
 
     async def __aenter__(self) -> EngineSession:
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
         self.session = aiohttp.ClientSession(connector=connector)
-        self._capacity = asyncio.Semaphore(self.concurrency_per_engine * len(self.worker_urls))
+        self._capacity = _Capacity(self.concurrency_per_engine * len(self.worker_urls))
         self._up_event = asyncio.Event()
         self._up_event.set()
         return self
@@ -267,7 +298,7 @@ class EngineSession:
         if self.session is not None:
             await self.session.close()
 
-    def _opened(self) -> tuple[aiohttp.ClientSession, asyncio.Semaphore, asyncio.Event]:
+    def _opened(self) -> tuple[aiohttp.ClientSession, _Capacity, asyncio.Event]:
         """The HTTP session, the capacity and the engine-up event, which `async with` creates."""
         if self.session is None or self._capacity is None or self._up_event is None:
             raise RuntimeError(
@@ -284,6 +315,13 @@ class EngineSession:
             busy_retries=self.busy_retries,
             on_busy=self._count_busy,
         )
+
+    @property
+    def takes_batches(self) -> bool:
+        """Whether the rollout may send a group's samples as one batched `/generate` (SGLang's list of
+        prompts): yes when the session spreads requests over the engines itself; through a router, which
+        spreads requests over the engines, each sample goes as a request of its own."""
+        return self.router_url is None
 
     def _count_busy(self) -> None:
         self.busy_answers += 1
@@ -316,18 +354,22 @@ class EngineSession:
     ) -> tuple[dict[str, Any], str]:
         """Send one request; returns (response, url of the engine that served it).
 
+        A batched request (a list of prompts: `input_ids` or `text`) counts as one request per prompt
+        against `concurrency_per_engine` and the engines' load, and answers a list.
+
         Raises EngineUnavailable only when the chosen engine is unreachable (it is marked down
         first, so a retry goes elsewhere); EngineTimeout when the request took too long; EngineBusy
         when the engine refused it as busy through every retry (it stays up).
         """
-        async with self._opened()[1]:
+        weight = _prompts_in(payload)
+        async with self._opened()[1].take(weight):
             if self.router_url is not None:
                 url, target = self.router_url, self.router_url
             else:
                 url = await self._pick()
                 target = url
             if url in self.in_flight:
-                self.in_flight[url] += 1
+                self.in_flight[url] += weight
             try:
                 response = await self.client(target).generate(payload, timeout=timeout)
             except EngineUnavailable:
@@ -336,7 +378,7 @@ class EngineSession:
                 raise
             finally:
                 if url in self.in_flight:
-                    self.in_flight[url] -= 1
+                    self.in_flight[url] -= weight
         return response, url
 
     async def for_each_engine(

@@ -3,7 +3,8 @@
 While fewer than `rollout_batch_size` groups are kept or in flight, `over_sampling_batch_size`
 more groups are drawn from the data source. Each group is generated concurrently; completed groups
 are rewarded and filtered in waves as they complete (a wave: the groups that completed while the
-previous one was scored; the scorer that runs a wave is injected, `slime_wf.rollout.scoring`); once
+previous one was scored; the scorer that runs a wave is injected, `slime_wf.rollout.scoring`, and
+may ask for fewer, larger waves with its `wave_wait_s`); once
 `rollout_batch_size` groups are kept, everything still running is aborted. With `partial_rollout` the unfinished (and finished but unneeded) groups go
 back to the buffer with their tokens, log-probs and loss masks, to be continued next time;
 without it they are dropped with the reason `aborted`.
@@ -96,6 +97,9 @@ class _Loop:
         self.unscored: list[tuple[Group, int]] = []  # completed, waiting for the next wave
         self.scoring: tuple[asyncio.Task, list[tuple[Group, int]]] | None = None  # the wave in flight
         self.waves = 0
+        # How long a completed group may wait for others to join its wave (`scoring.Scorer.wave_wait_s`).
+        self.wave_wait = float(getattr(self.scorer, "wave_wait_s", 0.0) or 0.0)
+        self.unscored_since = 0.0  # when the oldest group of `unscored` completed (time.monotonic)
         self.rollout_id = rollout_id
         self.data_source = data_source
         self.ctx = ctx
@@ -172,7 +176,18 @@ class _Loop:
             self._drop_failed(group, gi, reason)
             self.remaining -= 1
             return
+        if not self.unscored:
+            self.unscored_since = time.monotonic()
         self.unscored.append((group, gi))
+
+    def _wave_wait_left(self) -> float:
+        """Seconds until the completed groups must be scored (0: now). With `wave_wait` 0 (the library's
+        scorer), a wave starts as soon as the last one is scored. Otherwise completed groups wait for
+        others to join them, but never past the moment they could matter: once they would fill the rest
+        of the batch if all were kept, once nothing else is generating, or after `wave_wait` seconds."""
+        if self.wave_wait <= 0 or not self.pending or len(self.unscored) >= self.target - len(self.kept):
+            return 0.0
+        return max(0.0, self.unscored_since + self.wave_wait - time.monotonic())
 
     def _start_wave(self) -> None:
         wave, self.unscored = self.unscored, []
@@ -227,12 +242,18 @@ class _Loop:
             while len(self.kept) < self.target:
                 while self.remaining < self.target and self._draw():
                     pass
+                wave_due_in = None  # seconds until the waiting groups' wave starts
                 if self.scoring is None and self.unscored:
-                    self._start_wave()
+                    wave_due_in = self._wave_wait_left()
+                    if wave_due_in <= 0:
+                        self._start_wave()
+                        wave_due_in = None
                 waiting = set(self.pending) | ({self.scoring[0]} if self.scoring else set())
                 if not waiting:  # the draw budget is spent and every drawn group has been scored
                     break
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    waiting, timeout=wave_due_in, return_when=asyncio.FIRST_COMPLETED
+                )
                 for task in sorted(done & self.pending.keys(), key=lambda t: self.pending[t]):
                     gi = self.pending.pop(task)
                     self._on_generated(task.result(), gi)

@@ -38,6 +38,12 @@ WaveVerdicts = list[dict[str, Any]]
 
 
 class Scorer(Protocol):
+    """Runs one wave's scoring. A scorer whose every wave has a fixed cost of its own (a task run of an
+    orchestrator) may set `wave_wait_s`: how long a completed group may wait for others to join its
+    wave. The loop never waits past the moment the groups could matter (they would fill the batch, or
+    nothing else is generating), so the abort of the rest is not delayed; without the attribute (the
+    library's scorer) each wave starts as soon as the last one is scored."""
+
     def __call__(
         self,
         rollout_id: int,

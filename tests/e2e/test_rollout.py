@@ -94,7 +94,8 @@ def fleet(model_dir, prompts, tmp_path_factory):
 @pytest.fixture
 def sglang_contract(monkeypatch):
     """Every `/generate` body the rollout sends, and every answer, checked against SGLang's own schema;
-    the list of checked requests comes back, so a test can see that the check ran."""
+    the list of checked requests comes back, one entry per prompt (a batched request, a group's fresh
+    samples, answers a list), so a test can see that the check ran."""
     if not schema_available():
         pytest.skip("SGLang's schema (sglang --no-deps) is not installed")
     send = EngineSession.generate
@@ -103,8 +104,10 @@ def sglang_contract(monkeypatch):
     async def generate_checked(self, payload, *, timeout=None):
         validate_generate_request(payload)
         response, url = await send(self, payload, timeout=timeout)
-        validate_generate_response(response)
-        checked.append(payload)
+        answers = response if isinstance(response, list) else [response]
+        for answer in answers:
+            validate_generate_response(answer)
+        checked.extend([payload] * len(answers))
         return response, url
 
     monkeypatch.setattr(EngineSession, "generate", generate_checked)
@@ -334,12 +337,44 @@ class AbortingSession:
         await self.session.abort_all()
 
 
-def test_engine_that_keeps_aborting_drops_the_group_as_engine_abort(fleet, model_dir, prompts):
+class BatchAbortingSession(AbortingSession):
+    """`AbortingSession` that takes a group's fresh samples in one batched request, as the real session
+    does: the first prompt's items of a batch are aborted after one token, and so is every request that
+    continues them."""
+
+    takes_batches = True
+
+    async def generate(self, payload, *, timeout=None):
+        if not isinstance(payload["input_ids"][0], list):
+            return await super().generate(payload, timeout=timeout)
+        items = [
+            {"input_ids": ids, "sampling_params": params, "rid": rid}
+            for ids, params, rid in zip(
+                *(payload[k] for k in ("input_ids", "sampling_params", "rid")), strict=True
+            )
+        ]
+        mine = [item["input_ids"][: len(self.prompt_ids)] == self.prompt_ids for item in items]
+        self.aborted_payloads += [item for item, m in zip(items, mine, strict=True) if m]
+        params = [
+            {**item["sampling_params"], "max_new_tokens": 1} if m else item["sampling_params"]
+            for item, m in zip(items, mine, strict=True)
+        ]
+        outputs, url = await self.session.generate({**payload, "sampling_params": params}, timeout=timeout)
+        for output, m in zip(outputs, mine, strict=True):
+            if m:
+                output["meta_info"]["finish_reason"] = {"type": "abort", "message": "Aborted"}
+        return outputs, url
+
+
+@pytest.mark.parametrize("session_type", [AbortingSession, BatchAbortingSession])
+def test_engine_that_keeps_aborting_drops_the_group_as_engine_abort(fleet, model_dir, prompts, session_type):
+    """Whether a group's samples go one request each or in one batched request, an engine abort is
+    continued from the partial tokens, and a sample aborted 1 + MAX_ENGINE_ABORT_RETRIES times fails."""
     sessions = []
     out = rollout_through(
         fleet,
         make_args(model_dir, prompts),
-        lambda real, ids: sessions.append(AbortingSession(real, ids)) or sessions[-1],
+        lambda real, ids: sessions.append(session_type(real, ids)) or sessions[-1],
     )
     payloads = sessions[0].aborted_payloads
     check_ledger(out.ledger)
@@ -686,3 +721,40 @@ def test_real_sglang_server_launch(model_dir, prompts, tmp_path, sglang_contract
         out = generate_rollout(args, 0, RolloutDataSourceWithBuffer(args), fleet)
         assert sglang_contract
         assert len(out.groups) == 3
+
+
+class CountingScorer:
+    """Scores inline and records each wave's group indices; `wave_wait_s` as an orchestrator's scorer sets it."""
+
+    def __init__(self, wave_wait_s: float):
+        self.wave_wait_s = wave_wait_s
+        self.waves: list[list[int]] = []
+
+    async def __call__(self, rollout_id, wave, group_indices, score):
+        self.waves.append(list(group_indices))
+        return await score()
+
+
+@pytest.mark.parametrize(
+    "overrides", [(), ("over_sampling_batch_size=5", f"dynamic_sampling_filter_path={FILTER}")]
+)
+def test_a_scorer_with_a_wave_wait_gets_the_groups_in_few_waves(fleet, model_dir, prompts, overrides):
+    """A scorer whose waves cost something of their own (a task run) asks the loop to wait for groups to
+    join a wave. However long it asks, the loop starts a wave once the waiting groups could fill the batch
+    or nothing else is generating, so the rollout completes; without a filter that is one wave."""
+    args = make_args(model_dir, prompts, *overrides)
+    tokenizer = load_tokenizer(args.hf_checkpoint)
+    ds = RolloutDataSourceWithBuffer(args)
+    scorer = CountingScorer(wave_wait_s=1e6)
+
+    async def run():
+        async with fleet.session() as session:
+            return await generate_rollout_async(args, 0, ds, session, tokenizer, scorer=scorer)
+
+    out = asyncio.run(run())
+    check_ledger(out.ledger)
+    assert len(out.groups) == args.rollout_batch_size
+    scored = [gi for wave in scorer.waves for gi in wave]
+    assert len(scored) == len(set(scored)) and set(out.ledger["trained"]) <= set(scored)
+    if not overrides:
+        assert len(scorer.waves) == 1 and len(scorer.waves[0]) == args.rollout_batch_size

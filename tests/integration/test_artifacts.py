@@ -12,6 +12,7 @@ import threading
 from collections import defaultdict
 
 import pytest
+from helpers.campaign_killer import wait_until
 
 from flows.artifacts import (
     LENGTH,
@@ -95,6 +96,31 @@ def test_every_table_goes_out_and_a_newer_snapshot_replaces_a_queued_one():
     assert content[0] == 0.0 and content[-1] == 100.0
     assert [r["rollout"] for r in content[4]] == [0, 1, 2]
     assert "![Camp_1 curves](data:image/png;base64," in content[5]
+
+
+def test_the_curves_are_drawn_again_only_after_their_cpu_share_and_at_the_end(monkeypatch):
+    """Drawing the chart is throttled to CURVES_CPU_SHARE of the time: with a share so small that the
+    next drawing is never due during the run, the curves go out once at the first id and once more,
+    with every id, when the publisher closes; every id's table goes out meanwhile."""
+    import flows.artifacts as artifacts_module
+
+    monkeypatch.setattr(artifacts_module, "CURVES_CPU_SHARE", 1e-12)
+    send = Recorder()
+    publisher = ArtifactPublisher("c", send=send, logger=LOG)
+    publisher.rollout(0, metrics(0))
+    wait_until(lambda: any(key == "c-curves" for _, key, _ in send.sent), what="the first curves")
+    for rid in range(1, 4):
+        publisher.rollout(rid, metrics(rid))
+    wait_until(
+        lambda: {"c-rollout-000003-metrics", "c-summary"} <= {key for _, key, _ in send.sent[-3:]},
+        what="the last id's table and summary",
+    )
+    assert sum(key == "c-curves" for _, key, _ in send.sent) == 1  # the later ones wait
+    counts = publisher.close(timeout_s=30)
+    curves = [content for _, key, content in send.sent if key == "c-curves"]
+    assert len(curves) == 2
+    assert "rollout ids 0 to 0;" in curves[0] and "rollout ids 0 to 3;" in curves[1]
+    assert counts["failed"] == counts["unsent"] == 0
 
 
 def test_tables_round_for_display_and_leave_zero_counters_out():

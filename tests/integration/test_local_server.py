@@ -281,6 +281,34 @@ def test_text_prompt_equals_its_token_ids(server, served_model):
     assert by_text["meta_info"]["prompt_tokens"] == len(tok.encode(text))
 
 
+def test_a_batched_request_answers_each_prompt_in_order(server):
+    """SGLang's batched /generate: a list of prompts with per-prompt sampling params and rids (or one
+    value for all) answers a list of responses in prompt order, each what the prompt alone gets."""
+    prompts = [prompt_of(5, seed=200), prompt_of(7, seed=201), prompt_of(5, seed=200)]
+    params = [{"max_new_tokens": n, "temperature": 0.0, "ignore_eos": True} for n in (3, 5, 4)]
+    body = {
+        "input_ids": prompts,
+        "sampling_params": params,
+        "rid": ["b0", "b1", "b2"],
+        "return_logprob": True,
+    }
+    if schema_available():
+        validate_generate_request(body)
+    status, out = call(server, "/generate", body)
+    assert status == 200, out
+    assert isinstance(out, list) and len(out) == 3
+    for item, prompt, p, rid in zip(out, prompts, params, body["rid"], strict=True):
+        check_response(item)
+        assert item["meta_info"]["id"] == rid
+        assert len(item["output_ids"]) == p["max_new_tokens"] == item["meta_info"]["completion_tokens"]
+        assert item["meta_info"]["prompt_tokens"] == len(prompt)
+        alone = generate(server, {"input_ids": prompt, "sampling_params": p, "return_logprob": True})
+        assert alone["output_ids"] == item["output_ids"]
+    # one sampling_params object for every prompt
+    status, shared = call(server, "/generate", {"input_ids": prompts[:2], "sampling_params": params[0]})
+    assert status == 200 and [len(x["output_ids"]) for x in shared] == [3, 3]
+
+
 def test_sampling_seed_reproducible_and_logprobs_before_truncation(server, reference):
     prompt = prompt_of(9, seed=100)
     params = {"max_new_tokens": 24, "temperature": 0.7, "top_k": 6, "top_p": 0.9, "ignore_eos": True}
@@ -510,7 +538,9 @@ def test_pause_abort_mode_aborts_in_flight_and_queued(server):
         ({"input_ids": [5], "sampling_params": {"top_p": 0.0}}, "top_p must be in (0, 1]"),
         ({"input_ids": [5], "sampling_params": {"temperature": -1.0}}, "temperature must be"),
         ({"input_ids": [5], "sampling_params": {"regex": "[0-9]+"}}, "needs a grammar backend"),
-        ({"input_ids": [[5], [6]]}, "batched inputs"),
+        ({"input_ids": [[5], [6]], "rid": ["a"]}, "1 entries for a batch of 2 prompts"),
+        ({"input_ids": [[5], []]}, "prompt is empty"),
+        ({"input_ids": [[5], [5, 100000]]}, "outside the vocabulary"),
         ({"input_ids": [5], "stream": True}, "stream=true is not supported"),
         ({"input_ids": []}, "prompt is empty"),
     ],

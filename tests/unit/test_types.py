@@ -109,3 +109,26 @@ def test_update_from_meta_info_records_every_version_of_a_mixed_request():
         }
     )
     assert sample.weight_versions == ["2", "3", "4"]
+
+
+def test_clone_is_a_deep_copy():
+    """What a clone holds is its own: nested JSON values, sets and other objects, tuples of lists."""
+    original = Sample(
+        index=3,
+        prompt=[{"role": "user", "content": "2+2?"}],
+        label="4",
+        tokens=[1, 2, 3],
+        metadata={"nested": {"a": [1, {"b": 2}]}, "tags": {"x"}, "pair": ([1], 2)},
+    )
+    clone = original.clone()
+    assert clone == original and clone is not original
+    clone.prompt[0]["content"] = "changed"
+    clone.tokens.append(4)
+    clone.metadata["nested"]["a"][1]["b"] = 99
+    clone.metadata["tags"].add("y")
+    clone.metadata["pair"][0].append(5)
+    clone.spec_info.spec_verify_ct += 1
+    assert original.prompt[0]["content"] == "2+2?" and original.tokens == [1, 2, 3]
+    assert original.metadata == {"nested": {"a": [1, {"b": 2}]}, "tags": {"x"}, "pair": ([1], 2)}
+    assert original.spec_info == Sample().spec_info
+    assert original.status is clone.status
