@@ -44,9 +44,7 @@ def parse_generate(raw: bytes, engine: LocalEngine) -> Request | list[Request]:
             body = json.loads(raw)
         except json.JSONDecodeError as err:
             raise InvalidRequest(f"the request body of /generate is not valid JSON: {err}") from err
-    contract_error = generate_request_error(body)
-    if contract_error is not None:
-        raise ContractViolation(contract_error)
+    _check_contract(body)
     items = split_batch(body)
     if items is None:
         return build_request(body, engine)
@@ -78,7 +76,7 @@ def split_batch(body: Any) -> list[dict[str, Any]] | None:
     items = [dict(body, **{key: prompt}) for prompt in prompts]
     for field in _PER_PROMPT:
         value = body.get(field)
-        if not isinstance(value, list) or (field == "input_ids"):
+        if not isinstance(value, list):
             continue
         if len(value) != len(prompts):
             raise InvalidRequest(
@@ -92,10 +90,15 @@ def split_batch(body: Any) -> list[dict[str, Any]] | None:
 
 def check_generate_body(body: Any, engine: LocalEngine) -> Request:
     """A decoded `/generate` body checked with SGLang's schema, then turned into an engine `Request`."""
+    _check_contract(body)
+    return build_request(body, engine)
+
+
+def _check_contract(body: Any) -> None:
+    """Raise `ContractViolation` with SGLang's own text when `body` breaks SGLang's schema."""
     contract_error = generate_request_error(body)
     if contract_error is not None:
         raise ContractViolation(contract_error)
-    return build_request(body, engine)
 
 
 def build_request(body: Any, engine: LocalEngine) -> Request:

@@ -144,15 +144,14 @@ async def run_request(engine: LocalEngine, req: Request) -> dict:
 async def run_batch(engine: LocalEngine, reqs: list[Request]) -> list[dict]:
     """A batched request's prompts, generated concurrently (each one is a request of the scheduler, with
     its own rid to abort): their responses in order. As in SGLang, the batch fails as a whole with the
-    first error, and its other requests are aborted."""
+    first error, and its other requests are aborted (a cancelled request frees its slot itself, see
+    `_await_generation`)."""
     runs = [asyncio.ensure_future(run_request(engine, req)) for req in reqs]
     try:
         return list(await asyncio.gather(*runs))
     except BaseException:
-        for run, req in zip(runs, reqs, strict=True):
-            if not run.done():
-                run.cancel()
-                engine.abort(only=req)
+        for run in runs:
+            run.cancel()
         await asyncio.gather(*runs, return_exceptions=True)
         raise
 

@@ -313,7 +313,7 @@ async def _generate_fresh_in_one_request(
 
     Only an answer for every sample is applied. Anything else (an error, a refusal, a timeout, a dead
     engine) leaves the samples as they were, and `generate` then sends them one by one, with its
-    retries and failure reasons per sample; a sample the engine aborted is continued there too. With
+    retries and failure reasons per sample; a sample the engine aborted is continued there too.
     Only a session that says it takes batched requests (`EngineSession.takes_batches`: not through a
     router, which spreads requests itself) gets them. Returns the samples it generated."""
     args = ctx.args
@@ -329,11 +329,11 @@ async def _generate_fresh_in_one_request(
     for sample in fresh:
         if not sample.tokens:
             sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
-    payloads = [_payload(ctx, sample, sampling_params) for sample in fresh]
-    if any(p is None for p in payloads):
+    payloads = [p for p in (_payload(ctx, sample, sampling_params) for sample in fresh) if p is not None]
+    if len(payloads) < len(fresh):  # fresh samples have their whole budget, unless max_new_tokens is 0
         return []
     body: dict[str, Any] = {
-        key: [p[key] for p in payloads if p is not None] for key in ("input_ids", "sampling_params", "rid")
+        key: [p[key] for p in payloads] for key in ("input_ids", "sampling_params", "rid")
     }
     body["return_logprob"] = True
     try:
