@@ -57,7 +57,7 @@ from slime_wf.engine_server.model import (
 )
 from slime_wf.engine_server.penalties import LogitAdjuster
 from slime_wf.engine_server.response import error_response, generate_response, waiting_abort_response
-from slime_wf.engine_server.sampling import InvalidRequest, Request, sample
+from slime_wf.engine_server.sampling import InvalidRequest, Request, Uniforms, sample
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -74,7 +74,7 @@ class QueueFull(RuntimeError):
 @dataclasses.dataclass(eq=False)  # identity: list.remove must not compare tensors field by field
 class _Active:
     req: Request
-    generator: torch.Generator | None
+    uniforms: Uniforms | None  # its own draws (sampling_seed), else the engine's stream
     adjuster: LogitAdjuster | None = None  # penalties, min_new_tokens, logit_bias
     output_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -113,8 +113,8 @@ class LocalEngine:
         self._active_rids: dict[str, Request] = {}
         self._paused = False
         self._stopping = False
-        self._default_generator = torch.Generator().manual_seed(
-            int.from_bytes(uuid.uuid4().bytes[:8], "little")
+        self._default_uniforms = Uniforms(
+            torch.Generator().manual_seed(int.from_bytes(uuid.uuid4().bytes[:8], "little"))
         )
         self._thread = threading.Thread(target=self._run, name="local-engine", daemon=True)
 
@@ -375,7 +375,7 @@ class LocalEngine:
                 while self._waiting and len(self._batch) + len(self._admitting) < self.max_running_requests:
                     req = self._waiting.popleft()
                     adjuster = LogitAdjuster.build(req.params, self.vocab_size, self.eos_token_ids)
-                    self._admitting.append(_Active(req, req.params.make_generator(), adjuster))
+                    self._admitting.append(_Active(req, req.params.make_uniforms(), adjuster))
         for fn, fut in actions:
             try:
                 fut.set_result(fn())
@@ -456,26 +456,39 @@ class LocalEngine:
 
     def _prefill_shared(self, group: list[_Active]) -> list[tuple[_Active, Any]]:
         """One forward pass over the distinct prompts of `group` (all of one length); each request's first
-        token, and its single-row cache (a view of the shared one) or None when it already finished."""
+        token, and its single-row cache (a view of the shared one) or None when it already finished.
+
+        The first tokens are sampled in one call; when that fails, each request samples on its own, so
+        that only one that fails again is answered with an error."""
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
         rows: dict[tuple[int, ...], int] = {}
         for active in group:
             rows.setdefault(tuple(active.req.input_ids), len(rows))
         cache = new_cache(self.num_layers)
         out = self.model(input_ids=torch.tensor(list(rows)), cache=cache, use_cache=True, logits_to_keep=1)
+        last = out.logits[:, -1, :].float()
+        row_of = [rows[tuple(active.req.input_ids)] for active in group]
         row_caches = [cache_row(cache, row) for row in range(len(rows))]
-        results: list[tuple[_Active, Any]] = []
-        for active in group:
-            row = rows[tuple(active.req.input_ids)]
-            try:
-                # a copy: logit adjusters write into their row
-                self._append_tokens([active], out.logits[row : row + 1, -1, :].float().clone())
-            except Exception as err:
-                self._fail(active, err, "prefill")
-                results.append((active, None))
-                continue
-            results.append((active, None if self._check_finished_safely(active) else row_caches[row]))
-        return results
+        failed: set[int] = set()
+        try:
+            # index_select copies: logit adjusters write into their row
+            self._append_tokens(group, last.index_select(0, torch.tensor(row_of)))
+        except Exception:
+            for active, row in zip(group, row_of, strict=True):
+                if active.output_ids:
+                    continue  # sampled before the fault
+                try:
+                    self._append_tokens([active], last[row : row + 1].clone())
+                except Exception as err:
+                    self._fail(active, err, "prefill")
+                    failed.add(id(active))
+        return [
+            (
+                active,
+                None if id(active) in failed or self._check_finished_safely(active) else row_caches[row],
+            )
+            for active, row in zip(group, row_of, strict=True)
+        ]
 
     def _prefill_alone(self, active: _Active):
         """`active`'s own prefill: its single-row cache, or None when it finished or failed (answered)."""
@@ -563,8 +576,7 @@ class LocalEngine:
         tokens, logprobs, tops = sample(
             logits,
             [a.req.params for a in actives],
-            [a.generator for a in actives],
-            self._default_generator,
+            [a.uniforms or self._default_uniforms for a in actives],
             [a.req.top_logprobs_num if a.req.return_logprob else 0 for a in actives],
         )
         for active, tok, lp, top in zip(actives, tokens, logprobs, tops, strict=True):

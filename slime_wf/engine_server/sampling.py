@@ -5,8 +5,8 @@
   before top-k / top-p / min-p truncation (`srt/layers/sampler.py`);
 - truncation order is top-k, then top-p, then min-p on the sorted probabilities, as in SGLang's
   torch-native sampler;
-- `sampling_seed` draws from a per-request `torch.Generator`, so a request is reproducible
-  whatever else is in the batch (given the same logits);
+- `sampling_seed` draws from a per-request `torch.Generator` (`Uniforms`), so a request is
+  reproducible whatever else is in the batch (given the same logits);
 - penalties, `min_new_tokens` and `logit_bias` change the logits before all of this
   (`penalties`), so returned log-probs include them, as in SGLang;
 - `custom_params` is opaque data, accepted and not read (SGLang hands it to custom logit
@@ -189,11 +189,40 @@ class SamplingParams:
         if self.sampling_seed is not None and not -(2**63) <= self.sampling_seed <= 2**63 - 1:
             raise InvalidRequest(f"sampling_seed must be in [-2**63, 2**63 - 1], got {self.sampling_seed}.")
 
-    def make_generator(self) -> torch.Generator | None:
+    def make_uniforms(self) -> Uniforms | None:
+        """The request's own stream of draws when it has a `sampling_seed` (None: the engine's stream)."""
         if self.sampling_seed is None:
             return None
         # torch seeds are unsigned 64-bit; fold negative seeds into that range.
-        return torch.Generator().manual_seed(self.sampling_seed % (1 << 64))
+        return Uniforms(torch.Generator().manual_seed(self.sampling_seed % (1 << 64)))
+
+    @property
+    def truncates(self) -> bool:
+        """Whether top-k, top-p or min-p can drop a token (top_k at or past the vocabulary drops none)."""
+        return self.top_k < TOP_K_ALL or self.top_p < 1.0 or self.min_p > 0.0
+
+
+class Uniforms:
+    """A stream of uniform draws in [0, 1) from one `torch.Generator`, drawn a block at a time.
+
+    A sampled token costs one draw; drawing blocks keeps the per-row cost of a decode step to a list
+    lookup instead of a tensor call per row. The sequence is fixed by the generator's seed, so a seeded
+    request samples the same tokens whatever else is in the batch (given the same logits)."""
+
+    BLOCK = 64
+
+    def __init__(self, generator: torch.Generator):
+        self._generator = generator
+        self._block: list[float] = []
+        self._next = 0
+
+    def next(self) -> float:
+        if self._next == len(self._block):
+            self._block = torch.rand(self.BLOCK, generator=self._generator, dtype=torch.float64).tolist()
+            self._next = 0
+        value = self._block[self._next]
+        self._next += 1
+        return value
 
 
 def _logit_bias(raw: Any, vocab_size: int) -> dict[int, float]:
@@ -273,36 +302,45 @@ def _truncate_(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> N
 def sample(
     logits: torch.Tensor,
     params: list[SamplingParams],
-    generators: list[torch.Generator | None],
-    default_generator: torch.Generator,
+    uniforms: list[Uniforms],
     top_nums: list[int] | None = None,
 ) -> tuple[list[int], list[float], list[list[tuple[float, int]] | None]]:
     """Next token, its log-prob and, for rows with `top_nums[row] > 0`, that many top (log-prob,
     token) pairs of the same distribution, for each row of `logits` ([rows, vocab], float32).
 
-    Sampled rows draw one uniform number from their own generator and invert the cumulative
-    distribution (batched), which costs far less than a `torch.multinomial` call per row.
+    Sampled rows take one draw from their stream in `uniforms` and invert the cumulative distribution
+    (batched), which costs far less than a `torch.multinomial` call per row.
     """
-    temps = torch.tensor([p.temperature for p in params], dtype=logits.dtype)[:, None]
-    logprobs = torch.log_softmax(logits / temps, dim=-1)
+    temperatures = [p.temperature for p in params]
+    if min(temperatures) == max(temperatures):
+        scaled = logits / temperatures[0]
+    else:
+        scaled = logits / torch.tensor(temperatures, dtype=logits.dtype)[:, None]
+    logprobs = torch.log_softmax(scaled, dim=-1)
     tokens = torch.argmax(logits, dim=-1)
     sampled = [row for row, p in enumerate(params) if not p.greedy]
     if sampled:
-        index = torch.tensor(sampled)
-        probs = logprobs.index_select(0, index).exp()
+        every_row = len(sampled) == len(params)
+        index = None if every_row else torch.tensor(sampled)
+        probs = (logprobs if index is None else logprobs.index_select(0, index)).exp()
         for i, row in enumerate(sampled):
             p = params[row]
-            _truncate_(probs[i], p.top_k, p.top_p, p.min_p)
-        draws = torch.cat([torch.rand(1, generator=generators[row] or default_generator) for row in sampled])
+            if p.truncates:
+                _truncate_(probs[i], p.top_k, p.top_p, p.min_p)
+        draws = torch.tensor([uniforms[row].next() for row in sampled], dtype=torch.float64)
         cdf = probs.double().cumsum(-1)
-        target = (draws.double() * cdf[:, -1])[:, None]
+        target = (draws * cdf[:, -1])[:, None]
         picks = torch.searchsorted(cdf, target, right=True)[:, 0].clamp(max=logits.shape[-1] - 1)
-        tokens[index] = picks
+        if index is None:
+            tokens = picks
+        else:
+            tokens[index] = picks
     floor = torch.finfo(logprobs.dtype).min
     chosen = logprobs.gather(1, tokens[:, None])[:, 0].clamp(min=floor)
     tops: list[list[tuple[float, int]] | None] = [None] * len(params)
-    for row, num in enumerate(top_nums or []):
-        if num > 0:
-            values, ids = logprobs[row].topk(min(num, logprobs.shape[-1]))
-            tops[row] = list(zip(values.clamp(min=floor).tolist(), ids.tolist(), strict=True))
+    if top_nums and any(top_nums):
+        for row, num in enumerate(top_nums):
+            if num > 0:
+                values, ids = logprobs[row].topk(min(num, logprobs.shape[-1]))
+                tops[row] = list(zip(values.clamp(min=floor).tolist(), ids.tolist(), strict=True))
     return tokens.tolist(), chosen.tolist(), tops

@@ -1105,3 +1105,40 @@ def test_config_file_gives_flags_and_the_command_line_wins(tmp_path):
     (tmp_path / "bad.yaml").write_text("no_such_flag: 1\n")
     with pytest.raises(SystemExit):
         parse_args(["--model-path", "m", "--config", str(tmp_path / "bad.yaml")])
+
+
+def test_a_first_token_that_fails_to_sample_fails_only_its_request(local_engine, reference, monkeypatch):
+    """The first tokens of a shared prefill are sampled together; when one request's logit adjuster
+    raises there, that request alone is answered with an error and the others of its prompt finish as a
+    plain forward pass says."""
+    from slime_wf.engine_server.penalties import LogitAdjuster
+    from slime_wf.engine_server.requests import build_request
+
+    apply_ = LogitAdjuster.apply_
+
+    def failing_apply_(self, logits):
+        if self.params.presence_penalty == 0.5:  # only the request built to fail has this penalty
+            raise RuntimeError("injected sampling fault")
+        return apply_(self, logits)
+
+    monkeypatch.setattr(LogitAdjuster, "apply_", failing_apply_)
+    prompt = prompt_of(6, seed=410)
+    greedy = {"temperature": 0, "ignore_eos": True, "max_new_tokens": 5}
+    bodies = [
+        {"rid": "bad-sample", "input_ids": prompt, "sampling_params": {**greedy, "presence_penalty": 0.5}},
+        *(
+            {"rid": f"good-{i}", "input_ids": prompt, "return_logprob": True, "sampling_params": greedy}
+            for i in range(2)
+        ),
+    ]
+    local_engine.pause("in_place")  # all three admitted in one step: one shared prefill
+    futures = [local_engine.submit(build_request(body, local_engine)) for body in bodies]
+    local_engine.resume()
+    bad, *good = [f.result(REQUEST_TIMEOUT) for f in futures]
+
+    assert bad["meta_info"]["finish_reason"]["status_code"] == 500
+    assert "injected sampling fault" in bad["meta_info"]["finish_reason"]["message"]
+    for out in good:
+        assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
+        reference.assert_greedy(prompt, out)
+    assert local_engine._active_rids == {}
