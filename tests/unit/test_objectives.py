@@ -152,6 +152,43 @@ def test_response_slicing_packed_padded_and_chunked_agree_with_hand_alignment():
         response_log_probs_and_entropy(packed, [torch.tensor([5, 1, 9]), tokens[1]], total, resp)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("used", ["log_probs", "entropy", "both"])
+def test_backward_of_only_what_the_loss_reads_on_cropped_logits(used, temperature):
+    """The log-prob or entropy alone reaching the loss (the other a metric or unused) gets the same
+    gradient as torch's autograd, also for logits that are a vocabulary crop of wider ones (a model
+    whose vocabulary is padded): strided rows, written back without a copy of the whole batch."""
+    wide = torch.randn(2, 5, 9, generator=torch.Generator().manual_seed(3))
+    tokens = torch.tensor([[5, 1, 2, 0, 3], [0, 3, 4, 1, 2]])
+    total, resp = [4, 5], [2, 3]
+    x, ref = (wide.clone().requires_grad_() for _ in range(2))
+    lp, ent = response_log_probs_and_entropy(
+        x[..., :6], tokens, total, resp, temperature=temperature, entropy_grad=used != "log_probs"
+    )
+    w_lp, w_ent = torch.arange(1.0, 6.0), torch.arange(5.0, 0.0, -1.0) / 3
+    loss = 0
+    if used != "entropy":
+        loss = loss + (torch.cat(lp) * w_lp).sum()
+    if used != "log_probs":
+        loss = loss + (torch.cat(ent) * w_ent).sum()
+    loss.backward()
+
+    lsm = torch.log_softmax(ref[..., :6] / temperature, dim=-1)
+    rows = [(0, 1), (0, 2), (1, 1), (1, 2), (1, 3)]  # (sample, logit row) of each response token
+    lp_ref = torch.stack([lsm[b, r, tokens[b, r + 1]] for b, r in rows])
+    ent_ref = torch.stack([-(lsm[b, r].exp() * lsm[b, r]).sum() for b, r in rows])
+    loss_ref = 0
+    if used != "entropy":
+        loss_ref = loss_ref + (lp_ref * w_lp).sum()
+    if used != "log_probs":
+        loss_ref = loss_ref + (ent_ref * w_ent).sum()
+    loss_ref.backward()
+    close(torch.cat(lp), lp_ref.tolist())
+    close(torch.cat(ent), ent_ref.tolist())
+    assert torch.allclose(x.grad, ref.grad, atol=1e-6), (x.grad - ref.grad).abs().max()
+    assert x.grad[..., 6:].abs().sum() == 0
+
+
 # ---- KL, clipping, reductions, TIS -----------------------------------------------------------
 
 

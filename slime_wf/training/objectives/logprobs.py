@@ -38,56 +38,78 @@ _AUTO_CHUNK_ELEMENTS = 1 << 26  # float32 temporaries of at most 256 MB per chun
 class _LogProbAndEntropy(torch.autograd.Function):
     """log p(target) and H(p) of softmax(logits * inv_t) row by row, in chunks of rows.
 
-    Only the input logits are kept for backward; each chunk's float32 softmax is recomputed
-    there, with the closed-form gradients d log p_y / dz = onehot(y) - p and
-    dH / dz = -p * (z - sum(p * z)).
+    Only the input logits and each row's log-sum-exp are kept for backward; each chunk's float32
+    softmax is recomputed there, with the closed-form gradients d log p_y / dz = onehot(y) - p and
+    dH / dz = -p * (z - sum(p * z)). An output that reaches no loss gets no gradient work: with the
+    entropy a metric only (no entropy term in the loss), backward computes the log-prob term alone.
     """
 
     @staticmethod
     def forward(ctx, logits, targets, inv_t, chunk, with_entropy):
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None
         n = logits.size(0)
         log_probs = torch.empty(n, dtype=torch.float32, device=logits.device)
+        lses = torch.empty(n, dtype=torch.float32, device=logits.device)
         entropy = torch.empty(n if with_entropy else 0, dtype=torch.float32, device=logits.device)
         for s in range(0, n, chunk):
-            z = logits[s : s + chunk].float() * inv_t
+            z = _scaled(logits[s : s + chunk], inv_t)
             lse = torch.logsumexp(z, dim=-1)
+            lses[s : s + chunk] = lse
             log_probs[s : s + chunk] = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - lse
             if with_entropy:
-                p = torch.exp(z - lse[:, None])
-                entropy[s : s + chunk] = lse - (p * z).sum(-1)
-        ctx.save_for_backward(logits, targets)
+                p = (z - lse[:, None]).exp_()
+                entropy[s : s + chunk] = lse - _row_dot(p, z)
+        ctx.save_for_backward(logits, targets, lses)
         ctx.inv_t, ctx.chunk = inv_t, chunk
         return log_probs, entropy
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
-        logits, targets = ctx.saved_tensors
-        grad = torch.empty_like(logits)
+        logits, targets, lses = ctx.saved_tensors
+        if grad_entropy is not None and not grad_entropy.numel():
+            grad_entropy = None
+        if grad_log_probs is None and grad_entropy is None:
+            return None, None, None, None, None
+        # contiguous, whatever the logits' strides: each chunk's gradient is written in place
+        grad = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         inv_t, chunk = ctx.inv_t, ctx.chunk
         # In place where it can be: at a large vocabulary this loop is a sizeable share of the backward
         # pass, and every temporary [chunk, V] tensor is one more pass over memory.
         for s in range(0, logits.size(0), chunk):
-            z = logits[s : s + chunk].float()
-            if inv_t != 1.0:
-                z = z * inv_t
-            p = torch.softmax(z, dim=-1)
-            gz = None
+            z = _scaled(logits[s : s + chunk], inv_t)
+            out = grad[s : s + chunk]
+            gz = out if out.dtype == torch.float32 else torch.empty_like(z)
+            torch.sub(z, lses[s : s + chunk, None], out=gz).exp_()  # p
+            term = None
+            if grad_entropy is not None:
+                term = z - _row_dot(gz, z)[:, None]
+                term.mul_(gz).mul_(grad_entropy[s : s + chunk, None].float())
             if grad_log_probs is not None:
                 g = grad_log_probs[s : s + chunk, None].float()
-                gz = p.mul(g).neg_()
+                gz.mul_(g).neg_()
                 gz.scatter_add_(-1, targets[s : s + chunk, None], g)
-            if grad_entropy is not None and grad_entropy.numel():
-                g = grad_entropy[s : s + chunk, None].float()
-                term = p * (z - (p * z).sum(-1, keepdim=True))
-                term.mul_(g)
-                gz = term.neg_() if gz is None else gz.sub_(term)
-            if gz is None:
-                grad[s : s + chunk] = 0
-                continue
+                if term is not None:
+                    gz.sub_(term)
+            else:
+                assert term is not None  # one of the two gradients is there
+                torch.neg(term, out=gz)
             if inv_t != 1.0:
                 gz.mul_(inv_t)
-            grad[s : s + chunk] = gz
+            if gz is not out:
+                out.copy_(gz)
         return grad, None, None, None, None
+
+
+def _scaled(logits: torch.Tensor, inv_t: float) -> torch.Tensor:
+    """float32 `logits * inv_t` (the logits themselves, not a copy, when they are float32 and inv_t is 1:
+    never written to)."""
+    z = logits.float()
+    return z if inv_t == 1.0 else z * inv_t
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum(a * b, -1) per row, without an [N, V] temporary."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def gather_log_probs_and_entropy(
