@@ -66,17 +66,37 @@ def build_trainer(
         else:
             local_copy = os.path.join(os.path.dirname(work_dir), "restore", os.path.basename(checkpoint))
             settings["load"] = store.get_dir(checkpoint, local_copy)
+    ranks = args.actor_num_gpus_per_node
+    beside_engines = trainer_cpu_threads(args)
     try:
         return make_trainer(
             settings,
             args.hf_checkpoint,
             work_dir=work_dir,
             log_path=os.path.join(log_dir, "trainer.log"),
-            threads_per_rank=threads_per_rank(args.actor_num_gpus_per_node),
+            threads_per_rank=threads_per_rank(ranks)
+            if beside_engines is None
+            else max(1, beside_engines // ranks),
+            local_threads=beside_engines,
         )
     finally:
         if local_copy is not None:
             shutil.rmtree(local_copy, ignore_errors=True)
+
+
+def trainer_cpu_threads(args: argparse.Namespace) -> int | None:
+    """The trainer's torch threads on this node under `rollout.train_async` with local engines and no GPU:
+    the cores the engines leave (`local_engine_threads`), since rollout and training then compute at the
+    same time. None otherwise (the trainer's own default)."""
+    if not args.train_async or args.engine_type != "local":
+        return None
+    import torch
+
+    if torch.cuda.is_available():
+        return None
+    from slime_wf.rollout.engines import local_engine_threads
+
+    return max(1, (os.cpu_count() or 1) - local_engine_threads(args) * args.num_engines)
 
 
 class CampaignTrainer:

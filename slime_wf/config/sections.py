@@ -255,7 +255,11 @@ class EngineConfig(Section):
         "float32", description="Compute dtype of the local engine."
     )
     local_engine_threads: int | None = Field(
-        None, gt=0, description="torch threads per local engine. null: CPU cores / num_engines."
+        None,
+        gt=0,
+        description="torch threads per local engine. null: CPU cores / num_engines; with rollout.train_async, "
+        "half of that, and a trainer on CPU gets the cores the engines leave (rollout and training run at "
+        "the same time: more threads than cores slow both).",
     )
     engine_startup_timeout: float = Field(
         300.0, gt=0, description="Seconds an engine may take to become healthy."

@@ -51,6 +51,18 @@ from slime_wf.servers import ProcessExited, free_port, wait_until
 logger = logging.getLogger(__name__)
 
 
+def local_engine_threads(args: Any) -> int:
+    """torch threads of each local engine: `local_engine_threads`, else this machine's cores shared by the
+    engines; under `train_async` the engines get half of them, since the trainer computes at the same time
+    (more threads than cores slowed both: 12m on 2 cores, 19.1 s per step against 12.3 with one each)."""
+    if args.local_engine_threads:
+        return int(args.local_engine_threads)
+    cores = os.cpu_count() or 1
+    if getattr(args, "train_async", False):
+        cores = max(1, cores // 2)
+    return max(1, cores // args.num_engines)
+
+
 class EngineStartError(RuntimeError):
     """An engine or the router did not come up; the message carries the end of its log."""
 
@@ -168,7 +180,7 @@ class EngineFleet:
         a = self.args
         host = a.engine_host
         if a.engine_type == "local":
-            threads = a.local_engine_threads or max(1, (os.cpu_count() or 1) // a.num_engines)
+            threads = local_engine_threads(a)
             return [
                 sys.executable,
                 "-m",

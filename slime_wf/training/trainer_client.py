@@ -75,11 +75,12 @@ def _with_shape(
 class LocalTrainer:
     """A `Trainer` of world size one in this process, with the service's methods."""
 
-    def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike):
+    def __init__(self, args: Any, hf_checkpoint_dir: str | os.PathLike, *, threads: int | None = None):
         from slime_wf.training.trainer import Trainer
 
         self._args = _with_shape(args, 1, 1)
         self._hf_dir = str(hf_checkpoint_dir)
+        self._threads = threads  # torch threads while training (None: the process's own)
         self.trainer = Trainer(self._args, self._hf_dir)
 
     @property
@@ -87,7 +88,16 @@ class LocalTrainer:
         return self.trainer.initial_weights
 
     def train(self, samples: Sequence[Sample | dict[str, Any]], rollout_id: int) -> dict[str, Any]:
-        return self.trainer.train(list(samples), rollout_id)
+        if self._threads is None:
+            return self.trainer.train(list(samples), rollout_id)
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(self._threads)
+        try:
+            return self.trainer.train(list(samples), rollout_id)
+        finally:
+            torch.set_num_threads(before)
 
     def save(self, path: str | os.PathLike, rollout_id: int | None = None) -> str:
         return self.trainer.save(path, rollout_id)
@@ -431,11 +441,14 @@ def make_trainer(
     hf_checkpoint_dir: str | os.PathLike[str],
     *,
     nproc_per_node: int | None = None,
+    local_threads: int | None = None,
     **remote_options: Any,
 ) -> TrainerClient:
     """A `LocalTrainer` for a world of one, a `RemoteTrainer` (torchrun) for more. The group is the
     settings' `actor_num_nodes` x `actor_num_gpus_per_node` (a campaign's), else one node of
-    `nproc_per_node` processes, by default the tensor-parallel size (one data-parallel replica)."""
+    `nproc_per_node` processes, by default the tensor-parallel size (one data-parallel replica).
+    `local_threads`: the torch threads a `LocalTrainer` trains with (None: this process's own); the
+    ranks of a group get `threads_per_rank` (in `remote_options`)."""
     values = args if isinstance(args, dict) else vars(args)
     nnodes = int(values.get("actor_num_nodes") or 1)
     if nproc_per_node is None:
@@ -443,7 +456,7 @@ def make_trainer(
             values.get("actor_num_gpus_per_node") or values.get("tensor_model_parallel_size") or 1
         )
     if nnodes * nproc_per_node == 1:
-        return LocalTrainer(args, hf_checkpoint_dir)
+        return LocalTrainer(args, hf_checkpoint_dir, threads=local_threads)
     if nnodes > 1:
         remote_options.setdefault("rdzv_endpoint", values.get("trainer_rdzv_endpoint"))
         remote_options.setdefault("rdzv_timeout_s", float(values.get("trainer_rdzv_timeout_s") or 900.0))

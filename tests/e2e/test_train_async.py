@@ -56,11 +56,28 @@ def test_the_next_rollout_is_generated_while_this_one_trains(assets, tmp_path, m
             overlapped.append(started[rid + 1].wait(timeout=600))
         return train(self, rid, *args, **kwargs)
 
+    import torch
+
+    from slime_wf.campaign_trainer import trainer_cpu_threads
+    from slime_wf.training.trainer import Trainer
+
+    threads_in_train: list[int] = []
+    trainer_train = Trainer.train
+
+    def observed_trainer_train(self, *args, **kwargs):
+        threads_in_train.append(torch.get_num_threads())
+        return trainer_train(self, *args, **kwargs)
+
     monkeypatch.setattr(Campaign, "rollout", observed_rollout)
     monkeypatch.setattr(Campaign, "train_with_recovery", observed_train)
+    monkeypatch.setattr(Trainer, "train", observed_trainer_train)
+    threads_before = torch.get_num_threads()
     with Campaign(cfg) as campaign:
         manifest = campaign.run()
     assert overlapped == [True] * (NUM_ROLLOUT - 1)
+    # on CPU the trainer trains on the cores the engines leave, and the process keeps its own setting
+    assert set(threads_in_train) == {trainer_cpu_threads(cfg.args()) or threads_before}
+    assert torch.get_num_threads() == threads_before
     assert manifest["last_completed_rollout_id"] == NUM_ROLLOUT - 1
     store = RunStore.for_campaign(cfg)
     report = check_campaign_invariant(store)

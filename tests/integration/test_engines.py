@@ -445,3 +445,35 @@ def test_sglang_servers_run_with_the_configured_python(tmp_path):
     cfg = CampaignConfig.from_dict({}, ["engine_type=sglang", "sglang_python=/opt/sglang-env/bin/python"])
     fleet = EngineFleet(cfg.args(), str(tmp_path), log_dir=str(tmp_path / "logs"))
     assert fleet._server_cmd(30000)[:3] == ["/opt/sglang-env/bin/python", "-m", "sglang.launch_server"]
+
+
+@pytest.mark.parametrize(
+    ("train_async", "engines", "set_threads", "engine_threads", "trainer_threads"),
+    [
+        (False, 1, None, 8, None),  # sync: the engines take every core, the trainer its own default
+        (False, 2, None, 4, None),
+        (True, 1, None, 4, 4),  # async: engines and trainer compute at the same time, half each
+        (True, 2, None, 2, 4),
+        (True, 1, 6, 6, 2),  # an explicit engine count is kept, the trainer gets what is left
+        (True, 2, 5, 5, 1),  # never under one thread
+    ],
+)
+def test_cpu_cores_are_shared_by_engines_and_an_async_trainer(
+    monkeypatch, train_async, engines, set_threads, engine_threads, trainer_threads
+):
+    from slime_wf.campaign_trainer import trainer_cpu_threads
+    from slime_wf.rollout.engines import local_engine_threads
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    args = CampaignConfig.model_validate(
+        {
+            "campaign": "cores",
+            "model": {"hf_checkpoint": "unused"},
+            "data": {"prompt_data": "unused.jsonl"},
+            "rollout": {"train_async": train_async, "max_weight_staleness": 1 if train_async else None},
+            "engine": {"num_engines": engines, "local_engine_threads": set_threads},
+        }
+    ).args()
+    assert local_engine_threads(args) == engine_threads
+    assert trainer_cpu_threads(args) == trainer_threads
