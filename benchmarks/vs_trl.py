@@ -28,7 +28,8 @@ Sides, each in its own process (`--sides`):
 - `plain`: the same campaign in the library loop `Campaign.run` (tiny-math only unless `--plain-all`);
 - `async`: the flow with `rollout.train_async: true` (slime's train_async: rollout id+1 is generated
   while id trains, the engines get the new weights after each step; tokens are at most one weight
-  version behind). Not among the default sides: `--sides trl async`.
+  version behind), the 2 threads shared: one for the engine, one for the trainer. Not among the
+  default sides: `--sides trl async`.
 
 Time per step: TRL's wall time between the ends of consecutive optimizer steps; slime-wf's, the
 wall time between consecutive rollout ids (the write times of `rollouts/<id>/rollout.json`, the
@@ -271,7 +272,13 @@ def campaign_dict(
             "rollout_temperature": 1.0,
             "train_async": train_async,
         },
-        "engine": {"engine_type": "local", "num_engines": 1, "local_engine_threads": THREADS},
+        # train_async: the engine and the trainer compute at the same time, so they share the threads
+        # (the trainer gets the cores the engine leaves: `engine.local_engine_threads`)
+        "engine": {
+            "engine_type": "local",
+            "num_engines": 1,
+            "local_engine_threads": max(1, THREADS // 2) if train_async else THREADS,
+        },
         "reward": {"rm_type": "math"} if chat else {"custom_rm_path": "vs_trl.addition_reward"},
         "train": {
             "advantage_estimator": "grpo",
