@@ -137,7 +137,10 @@ def test_soak_forty_ids_three_kills_hostile_content(tmp_path, prefect_server):
         for rid in range(NUM_ROLLOUT)
         for row in store.read_jsonl(RunStore.rollout_file(rid, "samples.jsonl"))
     )
-    assert {"\u0085", "\u2028"} <= set(responses), "the random model never emitted NEL / U+2028"
+    # Each of them breaks a line for str.splitlines. Which ones a random policy emits, and how often, is
+    # chance (a run's responses held U+2029 38 times and NEL not once), so the check asks for several.
+    emitted = {c for c in HOSTILE_CHARS if c in responses}
+    assert len(emitted) >= 3, f"the random model emitted only {sorted(emitted)} of the line breakers"
     prompts = {row["prompt"] for row in store.read_jsonl(RunStore.rollout_file(0, "samples.jsonl"))}
     assert any("\u2028" in p for p in prompts)
 
