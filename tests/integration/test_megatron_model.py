@@ -543,6 +543,7 @@ def test_cpu_shim_patches_only_megatron_modules():
         cpu_shim.check_trainable(torch.bfloat16, use_distributed_optimizer=False)
 
 
+@pytest.mark.slow  # a fresh interpreter importing Megatron: seconds of the fast tier's two minutes
 def test_megatron_fallback_warnings_are_silenced_only_around_its_import():
     """Importing slime_wf.training installs no process-wide warnings filter; megatron's own import, through
     `cpu_shim.import_megatron` (which the trainer's entry points call), gives no Apex / Transformer

@@ -61,7 +61,7 @@ def test_series_are_chosen_by_metric_name():
     assert drops.series[1].points[0] == (0, pytest.approx(3 / 23))
 
 
-@pytest.mark.parametrize("n", [6, 3000])
+@pytest.mark.parametrize("n", [6, pytest.param(3000, marks=pytest.mark.slow)])  # 3000 ids: seconds
 def test_every_panel_has_labelled_axes_ticks_and_a_legend(n):
     fig = figure(campaign_panels(history(n)), "demo")
     axes = [ax for ax in fig.axes if ax.get_visible()]
