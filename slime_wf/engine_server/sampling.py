@@ -196,10 +196,9 @@ class SamplingParams:
         # torch seeds are unsigned 64-bit; fold negative seeds into that range.
         return Uniforms(torch.Generator().manual_seed(self.sampling_seed % (1 << 64)))
 
-    @property
-    def truncates(self) -> bool:
+    def truncates(self, vocab_size: int) -> bool:
         """Whether top-k, top-p or min-p can drop a token (top_k at or past the vocabulary drops none)."""
-        return self.top_k < TOP_K_ALL or self.top_p < 1.0 or self.min_p > 0.0
+        return self.top_k < vocab_size or self.top_p < 1.0 or self.min_p > 0.0
 
 
 class Uniforms:
@@ -286,9 +285,8 @@ def _custom_params(raw: Any) -> dict[str, Any] | None:
 
 
 def _truncate_(probs: torch.Tensor, top_k: int, top_p: float, min_p: float) -> None:
-    """Zero, in place, the probabilities that top-k, then top-p, then min-p drop (one row)."""
-    if top_k >= probs.numel() and top_p >= 1.0 and min_p <= 0.0:
-        return
+    """Zero, in place, the probabilities that top-k, then top-p, then min-p drop (one row of a request
+    whose `SamplingParams.truncates`)."""
     sorted_probs, ids = torch.sort(probs, descending=True)
     drop = torch.zeros_like(sorted_probs, dtype=torch.bool)
     drop[top_k:] = True
@@ -325,7 +323,7 @@ def sample(
         probs = (logprobs if index is None else logprobs.index_select(0, index)).exp()
         for i, row in enumerate(sampled):
             p = params[row]
-            if p.truncates:
+            if p.truncates(logits.shape[-1]):
                 _truncate_(probs[i], p.top_k, p.top_p, p.min_p)
         draws = torch.tensor([uniforms[row].next() for row in sampled], dtype=torch.float64)
         cdf = probs.double().cumsum(-1)
