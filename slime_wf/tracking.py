@@ -8,7 +8,9 @@ Every metric of a rollout id (`slime_wf.metrics`) goes to each tracker at step =
   redoes, never reaches a tracker, so a redone id cannot appear twice.
 - A tracker's own files say how far it got: when the campaign (re)starts, each tracker reads back the last step
   it holds (TensorBoard's event files, wandb's run files) and receives the committed ids after it. A kill between
-  a tracker's write and anything else therefore neither loses an id nor writes one twice.
+  a tracker's write and anything else therefore neither loses an id nor writes one twice. A kill in the middle
+  of TensorBoard's write of an id leaves some of its scalars on disk: on resume the others are written
+  (`TensorBoardTracker.complete`), still none twice.
 
 A tracker that fails to write logs a warning and is tried again with the same ids at the next commit: curves
 are worth less than the campaign.
@@ -52,6 +54,9 @@ class TensorBoardTracker:
             self._download_missing()
         self._sizes: dict[str, int] = {}
         self._writer: Any = None
+        # (the last step in the event files, its tags): a kill in the middle of an id's write leaves some
+        # of its tags on disk and not the others; `complete` writes the rest on resume
+        self._last: tuple[int, set[str]] | None = None
 
     def _event_files(self) -> list[str]:
         return sorted(n for n in os.listdir(self.log_dir) if n.startswith("events.out.tfevents."))
@@ -77,8 +82,26 @@ class TensorBoardTracker:
             return None
         acc = EventAccumulator(self.log_dir, size_guidance={SCALARS: 0})
         acc.Reload()
-        steps = [e.step for tag in acc.Tags()[SCALARS] for e in acc.Scalars(tag)]
-        return max(steps) if steps else None
+        at = [(e.step, tag) for tag in acc.Tags()[SCALARS] for e in acc.Scalars(tag)]
+        if not at:
+            return None
+        last = max(step for step, _ in at)
+        self._last = (last, {tag for step, tag in at if step == last})
+        return last
+
+    def complete(self, rollout_id: int, metrics: dict[str, float]) -> None:
+        """Write the tags of `metrics` that the last step read back lacks, when `rollout_id` is that step."""
+        if self._last is None or self._last[0] != rollout_id:
+            return
+        missing = {tag: value for tag, value in metrics.items() if tag not in self._last[1]}
+        self._last = None
+        if missing:
+            logger.info(
+                "tensorboard: rollout id %d was cut short; writing its %d other scalars",
+                rollout_id,
+                len(missing),
+            )
+            self.write(rollout_id, missing)
 
     def write(self, rollout_id: int, metrics: dict[str, float]) -> None:
         if self._writer is None:
@@ -324,6 +347,11 @@ class Tracking:
         for tracker in self.trackers:
             first = self._next[tracker.name]
             try:
+                complete = getattr(tracker, "complete", None)
+                if complete is not None and 0 < first <= last_committed + 1:
+                    cut = cache.setdefault(first - 1, metrics_of(first - 1))
+                    if cut:
+                        complete(first - 1, numeric(cut))
                 for rid in range(first, last_committed + 1):
                     if rid not in cache:
                         cache[rid] = metrics_of(rid)

@@ -120,3 +120,21 @@ def test_wandb_offline_run_resumes_after_the_last_step_it_holds(tmp_path, monkey
     rows = [row for path in files for row in wandb_history(path)]
     assert [row["_step"] for row in rows] == [0, 1, 2, 3]
     assert [row["train/loss"] for row in rows] == [0.0, -1.0, -2.0, -3.0]
+
+
+def test_tensorboard_completes_an_id_whose_write_was_cut_short(tmp_path):
+    """A kill in the middle of an id's write leaves some of its scalars on disk: the resume writes the others
+    of that id, none twice, and goes on after it."""
+    log_dir = tmp_path / "tb"
+    first = Tracking([TensorBoardTracker(str(log_dir))])
+    first.log_committed(1, _metrics)
+    cut = _metrics(2)
+    first.trackers[0].write(2, {"rollout/raw_reward": cut["rollout/raw_reward"]})  # then the process dies
+
+    again = Tracking([TensorBoardTracker(str(log_dir))])
+    again.log_committed(3, _metrics)
+    again.close()
+    written = _tb_steps(log_dir)
+    assert set(written.values()) == {1}
+    assert sorted(step for tag, step in written if tag == "train/loss") == [0, 1, 2, 3]
+    assert sorted(step for tag, step in written if tag == "rollout/raw_reward") == [0, 1, 2, 3]
