@@ -10,6 +10,7 @@ the HF model's.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -294,7 +295,34 @@ def build_gpt_model(
     model.make_vocab_size_divisible_by = make_vocab_size_divisible_by
     if value_head:
         attach_value_head(model)
+    elif tp_size == 1 and model.output_layer.bias is None:
+        model.output_layer.__class__ = _hf_vocab_output_layer()
+        model.output_layer.hf_vocab_size = arch.vocab_size
     return model
+
+
+@functools.cache
+def _hf_vocab_output_layer() -> type:
+    """GPTModel's output layer at tensor-parallel size 1, computing logits the way the loss reads them.
+
+    Megatron's own computes `[s, b, padded vocabulary]` logits, which `GPTModel` then copies to
+    `[b, s, ...]` and `forward_logits` crops to the HF vocabulary: two passes over the largest
+    tensor of a step, each again in backward (with a zero-filled gradient for the padding rows).
+    This one multiplies the hidden states in `[b, s]` order by the HF vocabulary's rows of the
+    weight only, and hands GPTModel a transposed view whose `contiguous()` is then free. Same
+    parameters, same state dict: `build_gpt_model` swaps the class of the layer Megatron built.
+    """
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+
+    class HfVocabOutputLayer(ColumnParallelLinear):
+        hf_vocab_size: int
+
+        def forward(self, input_, weight=None, runtime_gather_output=None):
+            weight = self.weight if weight is None else weight
+            logits = torch.nn.functional.linear(input_.transpose(0, 1), weight[: self.hf_vocab_size])
+            return logits.transpose(0, 1), None
+
+    return HfVocabOutputLayer
 
 
 class ValueHead(torch.nn.Module):
@@ -380,4 +408,5 @@ def forward_logits(
         position_ids = position_ids_from_mask(attention_mask)
     vocab_size = unwrap_model(model).hf_arch.vocab_size
     logits = model(input_ids, position_ids, causal_padding_mask(attention_mask), runtime_gather_output=True)
-    return logits[..., :vocab_size]
+    # at tensor-parallel size 1 the output layer computes the HF vocabulary only (no slice to take)
+    return logits if logits.size(-1) == vocab_size else logits[..., :vocab_size]

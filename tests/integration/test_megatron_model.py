@@ -252,17 +252,25 @@ def test_padding_on_either_side_matches_unpadded(hf_checkpoint, tp1):
     assert (left - alone).abs().max() < bound
 
 
-def test_gradients_match_hf(hf_checkpoint, tp1):
-    path = hf_checkpoint("qwen3", True)
+@pytest.mark.parametrize("tied", [True, False])
+def test_gradients_match_hf(hf_checkpoint, tp1, tied):
+    path = hf_checkpoint("qwen3", tied)
     ids, mask = _batch(1)
     hf = _hf_model(path)
     _loss(hf(input_ids=ids, attention_mask=mask).logits, ids, mask).backward()
     model = _loaded_model(path)
-    _loss(forward_logits(model, ids, mask), ids, mask).backward()
+    logits = forward_logits(model, ids, mask)
+    # the HF vocabulary only, in [b, s] order: no copy or crop of the logits left to make
+    assert logits.shape == (*ids.shape, VOCAB) and logits.is_contiguous()
+    _loss(logits, ids, mask).backward()
+    output_weight = (
+        model.embedding.word_embeddings.weight if tied else model.output_layer.weight
+    )  # its vocabulary-padding rows: no logits, no gradient
+    assert output_weight.size(0) > VOCAB and not output_weight.grad[VOCAB:].any()
     grads = {}
     for name, param in model.named_parameters():
         grads.update(megatron_shards_to_hf(name, [param.grad], model.hf_arch))
-    hf_grads = {name: p.grad for name, p in hf.named_parameters() if name != "lm_head.weight"}
+    hf_grads = {name: p.grad for name, p in hf.named_parameters() if not (tied and name == "lm_head.weight")}
     assert set(grads) == set(hf_grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, hf_grads[name], atol=1e-5, rtol=1e-4, msg=name)
