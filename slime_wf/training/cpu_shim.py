@@ -202,11 +202,32 @@ _MODULES_WARNING_AT_IMPORT = (
 def import_megatron() -> None:
     """Import megatron-core, with the fused-kernel fallback warnings silenced around that import alone
     (a process-wide filter would also hide them from the rest of the process). Call it before any
-    other import of megatron; `install()` does."""
-    with warnings.catch_warnings():
+    other import of megatron; `install()` does.
+
+    megatron-core wraps its optional fused kernels in `torch.compile` when its modules are imported
+    (`megatron.core.jit.jit_fuser`), and that call imports TorchDynamo and Inductor's compiler: about
+    2 s of every trainer process's start on 2 cores (torch.optim imports TorchDynamo later anyway, but
+    not the compiler). slime-wf's models turn those fusions off
+    (`bias_activation_fusion`, `bias_dropout_fusion`, ... in `model.build_gpt_model`), so the kernels
+    are never called; they are left undecorated (plain eager functions, should anything call them)
+    by an identity `torch.compile` during this import alone."""
+    with warnings.catch_warnings(), _identity_torch_compile():
         warnings.filterwarnings("ignore", message=_FUSED_KERNEL_WARNING, category=UserWarning)
         for name in _MODULES_WARNING_AT_IMPORT:
             importlib.import_module(name)
+
+
+@contextlib.contextmanager
+def _identity_torch_compile():
+    def identity(model=None, **_options):
+        return model if model is not None else (lambda fn: fn)
+
+    compile_fn = torch.compile
+    torch.compile = identity
+    try:
+        yield
+    finally:
+        torch.compile = compile_fn
 
 
 def install() -> None:

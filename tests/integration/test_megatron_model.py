@@ -555,7 +555,8 @@ def test_cpu_shim_patches_only_megatron_modules():
 def test_megatron_fallback_warnings_are_silenced_only_around_its_import():
     """Importing slime_wf.training installs no process-wide warnings filter; megatron's own import, through
     `cpu_shim.import_megatron` (which the trainer's entry points call), gives no Apex / Transformer
-    Engine warning and leaves no filter about them. A fresh process: megatron imports once."""
+    Engine warning and leaves no filter about them, and imports no TorchDynamo. A fresh process:
+    megatron imports once."""
     code = """
 import json, sys, warnings
 import torch  # adds filters of its own
@@ -569,11 +570,18 @@ with warnings.catch_warnings(record=True) as seen:
     cpu_shim.import_megatron()
     import megatron.core.models.gpt.gpt_layer_specs, megatron.core.optimizer
 ours = [f for f in warnings.filters if f[1] is not None and "Apex" in f[1].pattern]
+from megatron.core.jit import jit_fuser
 print(json.dumps({"same_at_import": before == after_import, "filters_left": len(ours),
-                  "megatron": "megatron.core" in sys.modules, "warned": [str(w.message) for w in seen]}))
+                  "megatron": "megatron.core" in sys.modules, "warned": [str(w.message) for w in seen],
+                  "dynamo": "torch._dynamo" in sys.modules, "fuser_is_compile": jit_fuser is torch.compile,
+                  "compile_restored": torch.compile.__module__}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["same_at_import"] and got["filters_left"] == 0 and got["megatron"], got
+    # megatron's unused fused kernels were not handed to torch.compile, which imports TorchDynamo and
+    # Inductor (seconds of every trainer start); torch.compile itself is torch's again afterwards
+    assert not got["dynamo"] and not got["fuser_is_compile"], got
+    assert got["compile_restored"].startswith("torch"), got
     assert not [w for w in got["warned"] if "not installed" in w], got["warned"]
