@@ -27,7 +27,7 @@ def tiny_hf_config(family: str, tied: bool, **overrides):
     )
     common.update(overrides)
     if family == "qwen3":
-        return Qwen3Config(**common, head_dim=32)
+        return Qwen3Config(**{"head_dim": 32, **common})
     if family == "qwen2":
         return Qwen2Config(**common)
     if family == "llama":
