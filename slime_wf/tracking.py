@@ -12,7 +12,8 @@ Every metric of a rollout id (`slime_wf.metrics`) goes to each tracker at step =
   of TensorBoard's write of an id leaves some of its scalars on disk: on resume the others are written
   (`TensorBoardTracker.complete`), still none twice.
 
-A tracker that fails to write logs a warning and is tried again with the same ids at the next commit: curves
+A tracker has a `name`, `last_step()`, `complete(id, metrics_of)` (finish the write of the last step read
+back, if it was cut short), `write(id, metrics)` and `close()`. A tracker that fails to write logs a warning and is tried again with the same ids at the next commit: curves
 are worth less than the campaign.
 """
 
@@ -89,12 +90,14 @@ class TensorBoardTracker:
         self._last = (last, {tag for step, tag in at if step == last})
         return last
 
-    def complete(self, rollout_id: int, metrics: dict[str, float]) -> None:
-        """Write the tags of `metrics` that the last step read back lacks, when `rollout_id` is that step."""
+    def complete(self, rollout_id: int, metrics_of: Callable[[int], dict[str, float] | None]) -> None:
+        """When `rollout_id` is the last step read back, write the tags of its metrics (`metrics_of`, read
+        only then) that the event files lack."""
         if self._last is None or self._last[0] != rollout_id:
             return
-        missing = {tag: value for tag, value in metrics.items() if tag not in self._last[1]}
+        held = self._last[1]
         self._last = None
+        missing = {tag: value for tag, value in (metrics_of(rollout_id) or {}).items() if tag not in held}
         if missing:
             logger.info(
                 "tensorboard: rollout id %d was cut short; writing its %d other scalars",
@@ -266,6 +269,9 @@ class WandbTracker:
         known = [s for s in (self._last_local, server) if s is not None]
         return max(known) if known else None
 
+    def complete(self, rollout_id: int, metrics_of: Callable[[int], dict[str, float] | None]) -> None:
+        """Nothing to complete: wandb logs an id's metrics as one history row."""
+
     def write(self, rollout_id: int, metrics: dict[str, float]) -> None:
         self.run.log(metrics, step=rollout_id)
 
@@ -344,20 +350,22 @@ class Tracking:
         if last_committed is None:
             return
         cache: dict[int, dict[str, Any] | None] = {}
+
+        def numeric_metrics(rid: int) -> dict[str, float] | None:
+            if rid not in cache:
+                cache[rid] = metrics_of(rid)
+            metrics = cache[rid]
+            return numeric(metrics) if metrics else None
+
         for tracker in self.trackers:
             first = self._next[tracker.name]
             try:
-                complete = getattr(tracker, "complete", None)
-                if complete is not None and 0 < first <= last_committed + 1:
-                    cut = cache.setdefault(first - 1, metrics_of(first - 1))
-                    if cut:
-                        complete(first - 1, numeric(cut))
+                if first > 0:  # the id before: its write may have been cut short by a kill
+                    tracker.complete(first - 1, numeric_metrics)
                 for rid in range(first, last_committed + 1):
-                    if rid not in cache:
-                        cache[rid] = metrics_of(rid)
-                    metrics = cache[rid]
+                    metrics = numeric_metrics(rid)
                     if metrics:
-                        tracker.write(rid, numeric(metrics))
+                        tracker.write(rid, metrics)
                     self._next[tracker.name] = rid + 1
             except Exception as err:  # a tracker's fault must not stop the campaign
                 logger.warning(

@@ -58,6 +58,9 @@ def test_an_id_without_metrics_stays_a_gap_and_a_failing_tracker_retries(tmp_pat
         def last_step(self):
             return None
 
+        def complete(self, rid, metrics_of):
+            pass
+
         def write(self, rid, metrics):
             if self.fail:
                 raise OSError("disk full")
