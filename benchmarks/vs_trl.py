@@ -37,6 +37,11 @@ last file a rollout writes), so everything a user waits for counts. The median o
 after the first is reported (with `--repeat`, over the steps of every run; the runs of the sides
 alternate their order). Ratio = TRL s/step / side s/step (above 1: faster than TRL). Mean
 response length and the mean reward of the last 5 steps show that the work is the same.
+
+CPU seconds per step, over the same steps: the side's processes (the process and all it started:
+engines, reward workers, trainers) and, for the flow, the Prefect server's (the process listening on
+the API's port; it records each task run's states and each artifact). Where the sides together need
+more CPU seconds per step than there are cores, the steps' wall time is their CPU time over the cores.
 """
 
 from __future__ import annotations
@@ -50,9 +55,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MATH = ROOT / "examples" / "tiny-math" / "assets"
@@ -226,7 +233,7 @@ def run_trl(work: Work, assets: dict[str, str], root: Path, steps: int, seed: in
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            ends.append(time.perf_counter())
+            ends.append(time.time())
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs and "reward" in logs:
@@ -237,6 +244,7 @@ def run_trl(work: Work, assets: dict[str, str], root: Path, steps: int, seed: in
     trainer.train()
     return {
         "step_s": [b - a for a, b in zip(ends, ends[1:], strict=False)],
+        "marks": ends,
         "response_len": [float(entry.get("completions/mean_length", float("nan"))) for entry in logged],
         "reward": [float(entry["reward"]) for entry in logged],
     }
@@ -307,6 +315,7 @@ def slime_results(cfg: dict) -> dict:
         rewards.append(statistics.fmean(float(s["reward"]) for s in samples))
     return {
         "step_s": [b - a for a, b in zip(marks, marks[1:], strict=False)],
+        "marks": marks,
         "response_len": lengths,
         "reward": rewards,
     }
@@ -363,13 +372,80 @@ def run_side(
     args = [sys.executable, __file__, "--_side", side, "--_root", str(root), "--_out", str(out)]
     args += ["--work", work.name, "--steps", str(steps), "--seed", str(seed), "--_assets", json.dumps(assets)]
     t0 = time.perf_counter()
-    done = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True)
-    if done.returncode:
-        print(f"{work.name} {side} failed (exit {done.returncode}):\n{done.stderr[-4000:]}", file=sys.stderr)
+    with subprocess.Popen(
+        args, env=env, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as child:
+        clock = CpuClock(child.pid, api)
+        stderr = clock.run_until_exit(child)
+    if child.returncode:
+        print(f"{work.name} {side} failed (exit {child.returncode}):\n{stderr[-4000:]}", file=sys.stderr)
         return {}
     result = json.loads(out.read_text())
     result["total_s"] = time.perf_counter() - t0
+    result.update(clock.per_step(result["marks"]))  # over the steps counted
     return result
+
+
+class CpuClock:
+    """CPU seconds (user + system) of a side's processes (its process and every descendant) and of the
+    Prefect server the flow reports to (the process listening on the API's port), read every 0.1 s: on a
+    machine of few cores, the server's work for each task run and artifact competes with the campaign's."""
+
+    def __init__(self, pid: int, api: str | None):
+        import psutil
+
+        self.side = psutil.Process(pid)
+        self.server = _listener(api) if api else None
+        self.samples: list[tuple[float, float, float]] = []  # (time, side cpu, server cpu)
+
+    @staticmethod
+    def _cpu(proc) -> float:
+        import psutil
+
+        total = 0.0
+        try:
+            procs = [proc, *proc.children(recursive=True)]
+        except psutil.Error:
+            return float("nan")
+        for each in procs:
+            with contextlib.suppress(psutil.Error):
+                times = each.cpu_times()
+                total += times.user + times.system
+        return total
+
+    def run_until_exit(self, child: subprocess.Popen) -> str:
+        errors: list[str] = []
+        reader = threading.Thread(target=lambda: errors.append(child.stderr.read()), daemon=True)
+        reader.start()
+        while child.poll() is None:
+            server = self._cpu(self.server) if self.server is not None else float("nan")
+            self.samples.append((time.time(), self._cpu(self.side), server))
+            time.sleep(0.1)
+        reader.join()
+        return "".join(errors)
+
+    def per_step(self, marks: list[float]) -> dict[str, float]:
+        """CPU seconds per step between the first and the last of `marks` (the samples nearest to them)."""
+        if len(marks) < 2 or not self.samples:
+            return {}
+
+        def at(t: float) -> tuple[float, float, float]:
+            return min(self.samples, key=lambda sample: abs(sample[0] - t))
+
+        (_, side0, server0), (_, side1, server1) = at(marks[0]), at(marks[-1])
+        steps = len(marks) - 1
+        return {"cpu_side": (side1 - side0) / steps, "cpu_server": (server1 - server0) / steps}
+
+
+def _listener(api: str):
+    """The process listening on the API URL's port (None when it is not on this machine)."""
+    import psutil
+
+    port = urlparse(api).port
+    for conn in psutil.net_connections(kind="tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
+            return psutil.Process(conn.pid)
+    return None
 
 
 def summary(results: list[dict]) -> dict:
@@ -386,6 +462,8 @@ def summary(results: list[dict]) -> dict:
         "response_len": statistics.fmean(x for r in done for x in r["response_len"]),
         "reward_last5": statistics.fmean(tails),
         "runs": len(done),
+        "cpu_side": statistics.fmean(r.get("cpu_side", float("nan")) for r in done),
+        "cpu_server": statistics.fmean(r.get("cpu_server", float("nan")) for r in done),
     }
 
 
@@ -393,13 +471,13 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
     print()
     print(
         "| work | side | s/step (median, first left out) | ratio to TRL | goal | fastest step s | ratio | "
-        "mean response tokens | reward, last 5 steps |"
+        "mean response tokens | reward, last 5 steps | CPU s/step: side | CPU s/step: Prefect server |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     trl = {w: s for w, side, s in rows if side == "trl" and s}
     for work, side, s in rows:
         if not s:
-            print(f"| {work} | {side} | failed | | | | | | |")
+            print(f"| {work} | {side} | failed | | | | | | | | |")
             continue
         ratio = trl[work]["s_step"] / s["s_step"] if work in trl else float("nan")
         goal = GOALS.get((work, side))
@@ -407,7 +485,9 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
         best = trl[work]["best"] / s["best"] if work in trl else float("nan")
         print(
             f"| {work} | {side} | {s['s_step']:.3f} | {ratio:.2f} | {verdict} | {s['best']:.3f} | {best:.2f} | "
-            f"{s['response_len']:.1f} | {s['reward_last5']:.3f} |"
+            f"{s['response_len']:.1f} | {s['reward_last5']:.3f} | {s['cpu_side']:.3f} | "
+            + ("" if side not in ("flow", "async") else f"{s['cpu_server']:.3f}")
+            + " |"
         )
 
 

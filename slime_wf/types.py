@@ -16,6 +16,7 @@ and `to_dict` stores them as lists.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from collections.abc import Iterable
@@ -61,6 +62,11 @@ def _copied(value: Any) -> Any:
     if kind is dict:
         return {k: _copied(v) for k, v in value.items()}
     return copy.deepcopy(value)
+
+
+@functools.cache
+def _field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls))
 
 
 @dataclass
@@ -136,8 +142,8 @@ class Sample:
     def from_dict(cls, data: dict[str, Any]) -> Sample:
         data = dict(data)
         status = data.pop("status", cls.Status.PENDING.value)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        known = _field_names(cls)
+        unknown = sorted(data.keys() - known)
         if unknown:
             raise ValueError(
                 f"Sample.from_dict: unknown field(s) {unknown}; known fields are {sorted(known)}"
@@ -147,7 +153,7 @@ class Sample:
         except ValueError:
             allowed = [s.value for s in cls.Status]
             raise ValueError(f"Sample.from_dict: status {status!r} is not one of {allowed}") from None
-        data = copy.deepcopy(data)
+        data = _copied(data)
         data["spec_info"] = meta.SpecInfo.from_dict(data.get("spec_info") or {})
         data["prefix_cache_info"] = meta.PrefixCacheInfo.from_dict(data.get("prefix_cache_info") or {})
         return cls(status=status, **data)

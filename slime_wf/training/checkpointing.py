@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from slime_wf.training import cpu_shim
 from slime_wf.training.model import unwrap_model
+from slime_wf.training.optimizer import use_fused_adam
 from slime_wf.training.safe_load import UnsafeCheckpointError, install_weights_only_planner, read_dcp_metadata
 
 logger = logging.getLogger(__name__)
@@ -314,6 +315,7 @@ def load_checkpoint(
     gpt.load_state_dict(loaded["model"])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
+        use_fused_adam(optimizer)
 
     state["rng_restored"] = False
     same_layout = all(state.get(k) == v for k, v in _layout().items())

@@ -80,7 +80,29 @@ def build_optimizer(
     )
     options.update(optimizer_overrides)
     optimizer = get_megatron_optimizer(OptimizerConfig(**options), [ddp_model])
+    use_fused_adam(optimizer)
     return ddp_model, optimizer
+
+
+_FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch documents its fused Adam kernel
+
+
+def use_fused_adam(optimizer) -> None:
+    """Run torch's fused Adam kernel under Megatron's optimizer where it falls back to torch's Adam (no
+    Apex or Transformer Engine). Megatron builds that Adam without naming an implementation, and torch then
+    picks the one-tensor-at-a-time loop on CPU: the fused kernel is the same update in one pass over each
+    tensor (12m shape: 31 -> 10 ms a step). Call again after loading an optimizer state: torch restores the
+    implementation flags a checkpoint was saved with."""
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(part, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if not all(p.device.type in _FUSED_ADAM_DEVICES and p.is_floating_point() for p in params):
+            continue
+        for group in inner.param_groups:
+            if not group.get("differentiable"):
+                group.update(fused=True, foreach=False)
 
 
 def step_if_finite(optimizer, loss_is_finite: bool) -> tuple[bool, float]:

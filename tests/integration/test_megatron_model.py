@@ -320,6 +320,44 @@ def test_checkpoint_resumes_exactly(hf_checkpoint, tmp_path, tp1):
         load_checkpoint(tmp_path, model)
 
 
+def _adam_implementations(optimizer) -> set:
+    return {
+        (group["fused"], group["foreach"])
+        for part in optimizer.chained_optimizers
+        for group in part.optimizer.param_groups
+    }
+
+
+def test_adam_runs_torchs_fused_kernel_also_after_loading_an_older_state(hf_checkpoint, tmp_path, tp1):
+    """Megatron falls back to torch's Adam without naming an implementation (on CPU torch then loops over
+    tensors one at a time); slime-wf asks for the fused kernel, and a state saved without it (as by an
+    earlier version) must not turn it off again: torch restores the flags a state was saved with."""
+    path = hf_checkpoint("llama", False)
+    ids, mask = _batch(2)
+    ddp_model, optimizer = build_optimizer(_loaded_model(path), lr=1e-2)
+    assert _adam_implementations(optimizer) == {(True, False)}
+    for part in optimizer.chained_optimizers:
+        for group in part.optimizer.param_groups:
+            group.update(fused=None, foreach=None)  # torch's defaults, as Megatron builds it
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
+    ddp_model.finish_grad_sync()
+    assert optimizer.step()[0]
+    save_checkpoint(tmp_path / "old", ddp_model, optimizer, step=1)
+    destroy_parallel()
+
+    init_parallel(1, seed=123)
+    ddp_model, optimizer = build_optimizer(build_gpt_model(path), lr=1e-2)
+    load_checkpoint(tmp_path / "old", ddp_model, optimizer)
+    assert _adam_implementations(optimizer) == {(True, False)}
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
+    ddp_model.finish_grad_sync()
+    assert optimizer.step()[0]
+
+
 def _trained_checkpoint(hf_checkpoint, path):
     """A llama model and its Adam after one step, saved at `path`, with the python and numpy
     random streams moved away from their defaults."""

@@ -53,6 +53,14 @@ def test_to_dict_is_detached():
     assert sample.tokens == [1, 2, 3, 4, 5] and sample.metadata["nested"]["x"] == [1.5, None, True]
 
 
+def test_from_dict_is_detached():
+    d = full_sample().to_dict()
+    sample = Sample.from_dict(d)
+    sample.tokens.append(99)
+    sample.metadata["nested"]["x"].append(0)
+    assert d["tokens"] == [1, 2, 3, 4, 5] and d["metadata"]["nested"]["x"] == [1.5, None, True]
+
+
 def test_from_dict_rejects_unknown_fields_and_statuses():
     with pytest.raises(ValueError, match="unknown field"):
         Sample.from_dict({"promt": "x"})
