@@ -16,7 +16,6 @@ and `to_dict` stores them as lists.
 from __future__ import annotations
 
 import copy
-import functools
 import json
 import os
 from collections.abc import Iterable
@@ -64,9 +63,14 @@ def _copied(value: Any) -> Any:
     return copy.deepcopy(value)
 
 
-@functools.cache
+_FIELD_NAMES: dict[type, frozenset[str]] = {}  # by class: from_dict is called for every stored sample
+
+
 def _field_names(cls: type) -> frozenset[str]:
-    return frozenset(f.name for f in fields(cls))
+    names = _FIELD_NAMES.get(cls)
+    if names is None:
+        names = _FIELD_NAMES[cls] = frozenset(f.name for f in fields(cls))
+    return names
 
 
 @dataclass

@@ -95,7 +95,7 @@ def use_fused_adam(optimizer) -> None:
     implementation flags a checkpoint was saved with."""
     for part in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = getattr(part, "optimizer", None)
-        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+        if not isinstance(inner, (torch.optim.Adam, torch.optim.AdamW)):
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
         if not all(p.device.type in _FUSED_ADAM_DEVICES and p.is_floating_point() for p in params):
