@@ -61,6 +61,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
+import psutil
+
 ROOT = Path(__file__).resolve().parent.parent
 TINY_MATH = ROOT / "examples" / "tiny-math" / "assets"
 THREADS = 2
@@ -392,16 +394,12 @@ class CpuClock:
     machine of few cores, the server's work for each task run and artifact competes with the campaign's."""
 
     def __init__(self, pid: int, api: str | None):
-        import psutil
-
         self.side = psutil.Process(pid)
         self.server = _listener(api) if api else None
         self.samples: list[tuple[float, float, float]] = []  # (time, side cpu, server cpu)
 
     @staticmethod
     def _cpu(proc) -> float:
-        import psutil
-
         total = 0.0
         try:
             procs = [proc, *proc.children(recursive=True)]
@@ -439,8 +437,6 @@ class CpuClock:
 
 def _listener(api: str):
     """The process listening on the API URL's port (None when it is not on this machine)."""
-    import psutil
-
     port = urlparse(api).port
     for conn in psutil.net_connections(kind="tcp"):
         if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
