@@ -30,7 +30,7 @@ from slime_wf.rollout.rm_hub.math_utils import extract_answer, grade_answer_verl
 from slime_wf.types import Sample
 
 PLUGINS = """
-import asyncio, time
+import asyncio
 
 CALLS = []
 EVENTS = []
@@ -104,7 +104,8 @@ async def group_non_finite(args, samples, **kwargs):
     return [NON_FINITE[s.index] for s in samples]
 
 async def blocks_loop(args, sample, **kwargs):
-    time.sleep(1.2)
+    # 1.2 s of work that never yields, on the test loop's clock (ClockLoop): the loop runs nothing meanwhile
+    asyncio.get_running_loop().work(1.2)
     return 5.0
 """
 
@@ -408,13 +409,27 @@ def test_plain_def_custom_reward_runs_in_killable_workers(plugins):
     assert metrics["rm/worker_crashes"] == 1
 
 
+class ClockLoop(asyncio.SelectorEventLoop):
+    """An event loop whose clock a reward function can move on: `work(s)` stands for s seconds of
+    blocking work, so a test of what a blocked loop reports waits for nothing."""
+
+    worked = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.worked
+
+    def work(self, seconds: float) -> None:
+        self.worked += seconds
+
+
 def test_async_reward_that_blocks_the_loop_is_reported(plugins, caplog):
     args = make_args(custom_rm_path=f"{plugins}.blocks_loop", rm_timeout=0.5)
 
     async def body(hub):
         return await hub.async_rm(args, Sample(index=0)), hub.metrics()
 
-    reward, metrics = run(with_hub(body))
+    with asyncio.Runner(loop_factory=ClockLoop) as runner:
+        reward, metrics = runner.run(with_hub(body))
     assert reward == 5.0 and metrics["rm/loop_stalls"] == 1
     assert "without yielding to the event loop" in caplog.text
 
