@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
 import os
 import signal
 import threading
-import time
 import urllib.request
 
 import pytest
@@ -35,7 +35,7 @@ from slime_wf.rollout.generate import (
     sampling_params_from_args,
 )
 from slime_wf.rollout.rollout import check_ledger, generate_rollout, generate_rollout_async
-from slime_wf.servers import free_port
+from slime_wf.servers import free_port, wait_until
 from slime_wf.types import Sample
 
 pytestmark = pytest.mark.slow
@@ -541,21 +541,21 @@ def test_dead_engine_is_restarted_and_the_rollout_completes(fleet, model_dir, pr
     victim = fleet.engines[0]
     ds = RolloutDataSourceWithBuffer(args)
 
+    def victim_busy() -> bool:
+        try:
+            request = urllib.request.Request(
+                victim.url + "/get_server_info", headers={"Authorization": f"Bearer {fleet.api_key}"}
+            )
+            with urllib.request.urlopen(request, timeout=2) as r:
+                states = json.load(r)["internal_states"][0]
+        except OSError:
+            return False
+        return states["num_running_reqs"] + states["num_waiting_reqs"] > 0
+
     def killer():
         # mid-generation on the victim: it holds requests that the rollout must retry elsewhere
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                request = urllib.request.Request(
-                    victim.url + "/get_server_info", headers={"Authorization": f"Bearer {fleet.api_key}"}
-                )
-                with urllib.request.urlopen(request, timeout=2) as r:
-                    states = json.load(r)["internal_states"][0]
-                if states["num_running_reqs"] + states["num_waiting_reqs"] > 0:
-                    break
-            except OSError:
-                pass
-            time.sleep(0.02)
+        with contextlib.suppress(TimeoutError):
+            wait_until(victim_busy, "requests on the victim engine", timeout_s=30, interval_s=0.02)
         os.killpg(victim.process.pid, signal.SIGKILL)
 
     threading.Thread(target=killer, daemon=True).start()

@@ -12,7 +12,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,17 +54,16 @@ def file_grew(path: Path, size_before: int) -> Callable[[], bool]:
 
 def kill_when(proc: subprocess.Popen, condition: Callable[[], bool], what: str) -> bool:
     """SIGKILL `proc` as soon as `condition()` holds; False when the process ended first."""
-    deadline = time.monotonic() + STALL_S
-    while proc.poll() is None:
-        if condition():
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait()
-            return True
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"no progress towards {what!r} in {STALL_S} s")
-        time.sleep(POLL_S)
-    return False
+    try:
+        servers.wait_until(condition, what, timeout_s=STALL_S, interval_s=POLL_S, process=proc)
+    except servers.ProcessExited:
+        return False
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(f"no progress towards {what!r} in {STALL_S} s") from None
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
 
 
 def wait_until(condition: Callable[[], object], what: str, timeout_s: float = 120):

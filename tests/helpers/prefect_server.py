@@ -3,12 +3,12 @@ that need a lasting server (schedules, deployments, history) rather than Prefect
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -87,9 +87,8 @@ def _stop(proc: subprocess.Popen, grace: float = 20.0) -> None:
     that its pid, which names the group, cannot be reused by an unrelated process meanwhile."""
     if proc.returncode is None:
         _signal_group(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while not _exited_unreaped(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: _exited_unreaped(proc.pid), "the Prefect server to exit", timeout_s=grace)
         _signal_group(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
 

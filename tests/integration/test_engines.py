@@ -355,9 +355,10 @@ def test_starting_a_started_fleet_raises_and_leaks_nothing(stand_in, tmp_path):
 
 
 LAUNCHER = r"""
-import json, os, sys, threading, time
+import json, os, sys, threading
 from slime_wf.config import CampaignConfig
 from slime_wf.rollout.engines import EngineFleet
+from slime_wf.servers import wait_until
 
 stand_in, log_dir = sys.argv[1], sys.argv[2]
 
@@ -373,8 +374,9 @@ fleet = StandInFleet(args, "unused", log_dir=log_dir)
 starter = threading.Thread(target=fleet.start)
 starter.start()
 starter.join()
-while os.path.exists(f"/proc/self/task/{starter.native_id}"):  # the OS thread itself is gone
-    time.sleep(0.01)
+# the OS thread itself is gone
+wait_until(lambda: not os.path.exists(f"/proc/self/task/{starter.native_id}"), "the starter's OS thread to end",
+           timeout_s=120, interval_s=0.01)
 print(json.dumps({"groups": [fleet.engines[0].process.pid, fleet.router.process.pid],
                   "urls": [fleet.urls[0], fleet.router_url]}), flush=True)
 threading.Event().wait()

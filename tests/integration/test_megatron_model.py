@@ -276,6 +276,17 @@ def test_gradients_match_hf(hf_checkpoint, tp1, tied):
         torch.testing.assert_close(grad, hf_grads[name], atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _train_step(ddp_model, optimizer, ids, mask):
+    """One optimizer step on the test loss; returns the loss."""
+    ddp_model.zero_grad_buffer()
+    optimizer.zero_grad()
+    loss = _loss(forward_logits(ddp_model, ids, mask), ids, mask)
+    loss.backward()
+    ddp_model.finish_grad_sync()
+    assert optimizer.step()[0]
+    return loss.detach()
+
+
 def test_checkpoint_resumes_exactly(hf_checkpoint, tmp_path, tp1):
     path = hf_checkpoint("llama", False)
     ids, mask = _batch(2)
@@ -283,13 +294,7 @@ def test_checkpoint_resumes_exactly(hf_checkpoint, tmp_path, tp1):
     ddp_model, optimizer = build_optimizer(model, lr=1e-2)
 
     def step():
-        ddp_model.zero_grad_buffer()
-        optimizer.zero_grad()
-        loss = _loss(forward_logits(ddp_model, ids, mask), ids, mask)
-        loss.backward()
-        ddp_model.finish_grad_sync()
-        assert optimizer.step()[0]
-        return loss.detach()
+        return _train_step(ddp_model, optimizer, ids, mask)
 
     step(), step()
     with torch.no_grad():
@@ -339,11 +344,7 @@ def test_adam_runs_torchs_fused_kernel_also_after_loading_an_older_state(hf_chec
     for part in optimizer.chained_optimizers:
         for group in part.optimizer.param_groups:
             group.update(fused=None, foreach=None)  # torch's defaults, as Megatron builds it
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
-    ddp_model.finish_grad_sync()
-    assert optimizer.step()[0]
+    _train_step(ddp_model, optimizer, ids, mask)
     save_checkpoint(tmp_path / "old", ddp_model, optimizer, step=1)
     destroy_parallel()
 
@@ -351,11 +352,7 @@ def test_adam_runs_torchs_fused_kernel_also_after_loading_an_older_state(hf_chec
     ddp_model, optimizer = build_optimizer(build_gpt_model(path), lr=1e-2)
     load_checkpoint(tmp_path / "old", ddp_model, optimizer)
     assert _adam_implementations(optimizer) == {(True, False)}
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
-    ddp_model.finish_grad_sync()
-    assert optimizer.step()[0]
+    _train_step(ddp_model, optimizer, ids, mask)
 
 
 def _trained_checkpoint(hf_checkpoint, path):
@@ -364,11 +361,7 @@ def _trained_checkpoint(hf_checkpoint, path):
     model = _loaded_model(hf_checkpoint("llama", False))
     ddp_model, optimizer = build_optimizer(model, lr=1e-2)
     ids, mask = _batch(3)
-    ddp_model.zero_grad_buffer()
-    optimizer.zero_grad()
-    _loss(forward_logits(ddp_model, ids, mask), ids, mask).backward()
-    ddp_model.finish_grad_sync()
-    assert optimizer.step()[0]
+    _train_step(ddp_model, optimizer, ids, mask)
     random.seed(5)
     random.gauss(0, 1)  # python's cached Gaussian is part of its state
     np.random.seed(6)
