@@ -156,7 +156,11 @@ class RolloutConfig(Section):
     )
     rollout_skip_special_tokens: bool = Field(False, description="Drop special tokens from response text.")
     sglang_server_concurrency: int = Field(
-        64, gt=0, description="Requests in flight per engine at most (the rest wait in the client)."
+        512,
+        gt=0,
+        description="Requests in flight per engine at most (the rest wait in the client); slime's default. "
+        "A local engine decodes this many together at most (its --max-running-requests): lower it for a "
+        "large model on a small machine.",
     )
     rollout_request_timeout: float = Field(
         600.0,

@@ -48,7 +48,6 @@ import torch
 
 from slime_wf.engine_server.model import (
     BatchKV,
-    cache_row,
     check_state_dict,
     copy_weights_,
     load_model,
@@ -419,7 +418,7 @@ class LocalEngine:
 
         Prefilled requests stay in `_admitting` until they join the batch, so that a fault in between
         still finds (and answers) them."""
-        caches, lengths, joined = [], [], []
+        rows, joined = [], []
         by_length: dict[int, list[_Active]] = {}
         for active in list(self._admitting):
             if self._finished_before_prefill(active):
@@ -431,15 +430,14 @@ class LocalEngine:
                 prefilled = self._prefill_shared(group)
             except Exception:
                 prefilled = [(active, self._prefill_alone(active)) for active in group]
-            for active, cache in prefilled:
-                if cache is None:
+            for active, cache_row in prefilled:
+                if cache_row is None:
                     self._leave_admitting([active])
                 else:
-                    caches.append(cache)
-                    lengths.append(len(active.req.input_ids))
+                    rows.append(cache_row)
                     joined.append(active)
         if joined:
-            self._kv.add(caches, lengths)
+            self._kv.add(rows)
             gone = {id(a) for a in joined}
             with self._cond:
                 self._admitting = [a for a in self._admitting if id(a) not in gone]
@@ -456,7 +454,7 @@ class LocalEngine:
 
     def _prefill_shared(self, group: list[_Active]) -> list[tuple[_Active, Any]]:
         """One forward pass over the distinct prompts of `group` (all of one length); each request's first
-        token, and its single-row cache (a view of the shared one) or None when it already finished.
+        token, and its row of the shared cache (`(cache, row)`) or None when it already finished.
 
         The first tokens are sampled in one call; when that fails, each request samples on its own, so
         that only one that fails again is answered with an error."""
@@ -468,7 +466,6 @@ class LocalEngine:
         out = self.model(input_ids=torch.tensor(list(rows)), cache=cache, use_cache=True, logits_to_keep=1)
         last = out.logits[:, -1, :].float()
         row_of = [rows[tuple(active.req.input_ids)] for active in group]
-        row_caches = [cache_row(cache, row) for row in range(len(rows))]
         failed: set[int] = set()
         try:
             # index_select copies: logit adjusters write into their row
@@ -485,13 +482,14 @@ class LocalEngine:
         return [
             (
                 active,
-                None if id(active) in failed or self._check_finished_safely(active) else row_caches[row],
+                None if id(active) in failed or self._check_finished_safely(active) else (cache, row),
             )
             for active, row in zip(group, row_of, strict=True)
         ]
 
     def _prefill_alone(self, active: _Active):
-        """`active`'s own prefill: its single-row cache, or None when it finished or failed (answered)."""
+        """`active`'s own prefill: its single-row cache as `(cache, 0)`, or None when it finished or failed
+        (answered)."""
         try:
             return self._prefill(active)
         except Exception as err:
@@ -499,7 +497,8 @@ class LocalEngine:
             return None
 
     def _prefill(self, active: _Active):
-        """The request's first token; returns its single-row cache, or None when it already finished."""
+        """The request's first token; returns its single-row cache as `(cache, 0)`, or None when it already
+        finished."""
         req = active.req
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
@@ -507,7 +506,7 @@ class LocalEngine:
             input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1
         )
         self._append_tokens([active], out.logits[:, -1, :].float())
-        return None if self._check_finished_safely(active) else cache
+        return None if self._check_finished_safely(active) else (cache, 0)
 
     def _decode_step(self) -> None:
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
@@ -543,7 +542,7 @@ class LocalEngine:
         """One decode step per row, each on a copy of its own cache: a row that fails again is answered
         with an error, the others take their step and form a new batch."""
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
-        caches, lengths, survivors = [], [], []
+        rows, survivors = [], []
         for row, active in enumerate(self._batch):
             try:
                 cache, length = self._kv.row_cache(row)
@@ -559,11 +558,10 @@ class LocalEngine:
                 self._fail(active, err, "decode")
                 continue
             if not self._check_finished_safely(active):
-                caches.append(cache)
-                lengths.append(length + 1)
+                rows.append((cache, 0))
                 survivors.append(active)
         kv = BatchKV(self.num_layers)
-        kv.add(caches, lengths)
+        kv.add(rows)
         self._kv = kv
         with self._cond:
             self._batch = survivors

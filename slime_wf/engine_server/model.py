@@ -203,15 +203,6 @@ def _row_layers(cache: Cache) -> list[_RowLayer]:
     return cast(list[_RowLayer], cache.layers)
 
 
-def cache_row(cache: Cache, row: int) -> Cache:
-    """Row `row` of a prefilled cache (from `new_cache`) as a single-row cache of views, for `BatchKV.add`."""
-    out = new_cache(len(cache.layers))
-    for layer, own in zip(_row_layers(out), _row_layers(cache), strict=True):
-        assert own.k_buf is not None and own.v_buf is not None, "cache_row of a cache that holds nothing"
-        layer.set_buffers(own.k_buf[row : row + 1], own.v_buf[row : row + 1], own.start, own.end)
-    return out
-
-
 class BatchKV:
     """The running batch's KV cache, padding mask and per-row positions."""
 
@@ -232,37 +223,49 @@ class BatchKV:
     def width(self) -> int:
         return self.valid.shape[1]
 
-    def add(self, caches: list[Cache], lengths: list[int]) -> None:
-        """Append prefilled single-row caches as new rows, right-aligned with the existing ones."""
-        if not caches:
+    def add(self, rows: list[tuple[Cache, int]]) -> None:
+        """Append rows of prefilled caches (from `new_cache`) as new rows, right-aligned with the existing
+        ones: `(cache, row)` is row `row` of `cache`, and a row may be taken more than once (the requests
+        that share a prompt share its prefill). Consecutive rows of one cache are copied with one gather
+        per layer, not one copy per row."""
+        if not rows:
             return
+        runs: list[tuple[Cache, list[int]]] = []  # consecutive rows of one cache
+        for cache, row in rows:
+            if runs and runs[-1][0] is cache:
+                runs[-1][1].append(row)
+            else:
+                runs.append((cache, [row]))
+        lengths = torch.tensor([_row_layers(cache)[0].get_seq_length() for cache, _ in rows])
         old_rows, old_width = self.rows, self.width
-        width = max([old_width, *lengths])
-        rows = old_rows + len(caches)
+        width = max(old_width, int(lengths.max()))
+        new_rows = old_rows + len(rows)
         cap = width + 64
-        valid = torch.zeros(rows, width, dtype=torch.bool)
+        valid = torch.zeros(new_rows, width, dtype=torch.bool)
         valid[:old_rows, width - old_width :] = self.valid
-        for i, n in enumerate(lengths):
-            valid[old_rows + i, width - n :] = True
+        valid[old_rows:] = torch.arange(width) >= (width - lengths)[:, None]
         own_layers = _row_layers(self.cache)
         for li in range(self.num_layers):
-            sample_keys, sample_values = _row_layers(caches[0])[li].kv()
+            sample_keys, sample_values = _row_layers(rows[0][0])[li].kv()
             _, heads, _, dim = sample_keys.shape
-            k_buf = sample_keys.new_zeros(rows, heads, cap, dim)
-            v_buf = sample_values.new_zeros(rows, heads, cap, dim)
+            k_buf = sample_keys.new_zeros(new_rows, heads, cap, dim)
+            v_buf = sample_values.new_zeros(new_rows, heads, cap, dim)
             if old_rows:
                 old_keys, old_values = own_layers[li].kv()
                 k_buf[:old_rows, :, width - old_width : width] = old_keys
                 v_buf[:old_rows, :, width - old_width : width] = old_values
-            for i, (cache, n) in enumerate(zip(caches, lengths, strict=True)):
+            at = old_rows
+            for cache, picked in runs:
                 keys, values = _row_layers(cache)[li].kv()
-                k_buf[old_rows + i, :, width - n : width] = keys[0]
-                v_buf[old_rows + i, :, width - n : width] = values[0]
+                index, n = torch.tensor(picked), keys.shape[2]
+                k_buf[at : at + len(picked), :, width - n : width] = keys.index_select(0, index)
+                v_buf[at : at + len(picked), :, width - n : width] = values.index_select(0, index)
+                at += len(picked)
             layer = own_layers[li] if old_rows else _RowLayer()
             layer.set_buffers(k_buf, v_buf, 0, width)
             self.cache.layers[li] = layer
         self.valid = valid
-        self.positions = torch.cat([self.positions, torch.tensor(lengths, dtype=torch.long)])
+        self.positions = torch.cat([self.positions, lengths])
 
     def keep(self, rows: list[int]) -> None:
         """Keep only `rows` (in that order) and drop columns that became padding for every row."""

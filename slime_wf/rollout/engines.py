@@ -199,8 +199,11 @@ class EngineFleet:
                 self.weight_version,
                 "--parent-pid",
                 str(os.getpid()),
-                # The session sends at most sglang_server_concurrency per engine; the bound is for other
-                # clients (a router, slime's own client), who then get 503 + Retry-After and back off.
+                # The session sends at most sglang_server_concurrency per engine, and the engine decodes
+                # them together: a rollout's requests in one wave, not one wave per 64. The queue's bound is
+                # for other clients (a router, slime's own client), who then get 503 + Retry-After and back off.
+                "--max-running-requests",
+                str(a.sglang_server_concurrency),
                 "--max-queued-requests",
                 str(4 * a.sglang_server_concurrency),
                 *self._key_args(),

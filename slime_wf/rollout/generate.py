@@ -326,9 +326,14 @@ async def _generate_fresh_in_one_request(
     ]
     if len(fresh) < 2 or ctx.aborted:
         return []
+    encoded: list[tuple[Any, list[int]]] = []  # a group's samples share their prompt: encode it once
     for sample in fresh:
         if not sample.tokens:
-            sample.tokens = prompt_token_ids(ctx.tokenizer, sample.prompt)
+            ids = next((ids for prompt, ids in encoded if prompt == sample.prompt), None)
+            if ids is None:
+                ids = prompt_token_ids(ctx.tokenizer, sample.prompt)
+                encoded.append((sample.prompt, ids))
+            sample.tokens = list(ids)
     payloads = [p for p in (_payload(ctx, sample, sampling_params) for sample in fresh) if p is not None]
     if len(payloads) < len(fresh):  # fresh samples have their whole budget, unless max_new_tokens is 0
         return []

@@ -449,6 +449,16 @@ def test_sglang_servers_run_with_the_configured_python(tmp_path):
     assert fleet._server_cmd(30000)[:3] == ["/opt/sglang-env/bin/python", "-m", "sglang.launch_server"]
 
 
+def test_a_local_engine_decodes_together_what_the_session_sends_it(tmp_path):
+    """The session keeps sglang_server_concurrency requests in flight per engine (slime's default 512);
+    a local engine runs that many at once, so a rollout's requests are decoded in one wave."""
+    for overrides, running in (([], 512), (["sglang_server_concurrency=96"], 96)):
+        cfg = CampaignConfig.from_dict({}, ["engine_type=local", *overrides])
+        cmd = EngineFleet(cfg.args(), str(tmp_path), log_dir=str(tmp_path / "logs"))._server_cmd(30000)
+        assert cmd[cmd.index("--max-running-requests") + 1] == str(running)
+        assert cmd[cmd.index("--max-queued-requests") + 1] == str(4 * running)
+
+
 @pytest.mark.parametrize(
     ("train_async", "engines", "set_threads", "engine_threads", "trainer_threads"),
     [

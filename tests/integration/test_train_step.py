@@ -213,7 +213,8 @@ def test_micro_batching_does_not_change_the_step(tiny_dir):
         for m, logits in others:
             for key in ("loss", "pg_loss", "entropy", "grad_norm", "train_rollout_logprob_abs_diff"):
                 assert m[key] == pytest.approx(m0[key], rel=1e-5, abs=1e-6), key
-            assert (logits - logits0).abs().max() < 1e-5
+            # fp32 sums in another order (the cut, and the CPU's kernels: 1.07e-5 on an AVX-512 host)
+            assert (logits - logits0).abs().max() < 5e-5
 
 
 @pytest.mark.slow

@@ -68,7 +68,7 @@ class GenerateState:
         self.tokenizer = ctx.tokenizer
         self.processor = None  # text models only: the local engine and the trainer take no images
         self.semaphore = asyncio.Semaphore(
-            int(getattr(args, "sglang_server_concurrency", 64)) * max(1, get_rollout_num_engines(args))
+            int(getattr(args, "sglang_server_concurrency", 512)) * max(1, get_rollout_num_engines(args))
         )
         self.sampling_params: dict[str, Any] = sampling_params_from_args(args)
         seed = int(getattr(args, "rollout_seed", 0) or 0)
