@@ -31,6 +31,13 @@ Sides, each in its own process (`--sides`):
   version behind), the 2 threads shared: one for the engine, one for the trainer. Not among the
   default sides: `--sides trl async`.
 
+A slime-wf side may carry config overrides, to measure a setting against its baseline in one run:
+`plain@rollout.sglang_server_concurrency=64` is the plain loop with that value (YAML, as in the
+campaign file; several joined by `,`). Goals are judged for sides without overrides.
+
+    .venv/bin/python benchmarks/vs_trl.py --work tiny-math --repeat 2 \
+        --sides trl plain plain@rollout.sglang_server_concurrency=64
+
 Time per step: TRL's wall time between the ends of consecutive optimizer steps; slime-wf's, the
 wall time between consecutive rollout ids (the write times of `rollouts/<id>/rollout.json`, the
 last file a rollout writes), so everything a user waits for counts. The median over the steps
@@ -94,6 +101,28 @@ WORKS = {
     "1m": Work("1m", 8, 8, 32, 1e-5, layers=2, hidden=256, heads=4),
     "tiny-math": Work("tiny-math", 16, 8, 8, 3e-4),
 }
+
+SIDES = ("trl", "flow", "plain", "async")
+
+
+def side_spec(spec: str) -> tuple[str, dict[str, dict[str, object]]]:
+    """`flow` -> ("flow", {}); `plain@rollout.x=1,train.lr=2e-5` -> ("plain", {"rollout": {"x": 1}, ...})."""
+    import yaml
+
+    base, _, rest = spec.partition("@")
+    if base not in SIDES or (rest and base == "trl"):
+        raise argparse.ArgumentTypeError(
+            f"side {spec!r}: one of {', '.join(SIDES)}, a slime-wf side optionally with @section.key=value,..."
+        )
+    overrides: dict[str, dict[str, object]] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        section, dot, name = key.partition(".")
+        if not (eq and dot and section and name):
+            raise argparse.ArgumentTypeError(f"side {spec!r}: {item!r} is not section.key=value")
+        overrides.setdefault(section, {})[name] = yaml.safe_load(value)
+    return base, overrides
+
 
 _BOXED = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
 _INTEGER = re.compile(r"-?\d+")
@@ -328,8 +357,11 @@ def run_slime(side: str, work: Work, assets: dict[str, str], root: Path, steps: 
     import yaml
 
     torch.set_num_threads(THREADS)
+    side, overrides = side_spec(side)
     name = f"vs-trl-{work.name}-{side}-{time.strftime('%H%M%S')}"
     cfg = campaign_dict(work, assets, root, name, steps, seed, train_async=side == "async")
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     if side in ("flow", "async"):
@@ -365,7 +397,7 @@ def run_side(
     side: str, work: Work, assets: dict[str, str], root: Path, steps: int, seed: int, api: str | None
 ) -> dict:
     """One side of one work in a fresh process (threads, caches and memory of its own)."""
-    out = root / f"{work.name}-{side}.json"
+    out = root / f"{work.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', side)}.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]))
     env.update(OMP_NUM_THREADS=str(THREADS), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
@@ -482,7 +514,7 @@ def print_table(rows: list[tuple[str, str, dict]]) -> None:
         print(
             f"| {work} | {side} | {s['s_step']:.3f} | {ratio:.2f} | {verdict} | {s['best']:.3f} | {best:.2f} | "
             f"{s['response_len']:.1f} | {s['reward_last5']:.3f} | {s['cpu_side']:.3f} | "
-            + ("" if side not in ("flow", "async") else f"{s['cpu_server']:.3f}")
+            + ("" if side_spec(side)[0] not in ("flow", "async") else f"{s['cpu_server']:.3f}")
             + " |"
         )
 
@@ -496,7 +528,10 @@ def main() -> int:
         "--steps", type=int, default=8, help="steps (rollout ids) per side and work; at least 2"
     )
     parser.add_argument(
-        "--sides", nargs="*", choices=["trl", "flow", "plain", "async"], default=["trl", "flow", "plain"]
+        "--sides",
+        nargs="*",
+        default=["trl", "flow", "plain"],
+        help="of trl, flow, plain, async; a slime-wf side may add config overrides: plain@section.key=value,...",
     )
     parser.add_argument(
         "--plain-all", action="store_true", help="also run the plain loop on the 12m and 1m works"
@@ -516,6 +551,10 @@ def main() -> int:
     ns = parser.parse_args()
     if ns.steps < 2:
         parser.error("--steps must be at least 2: the first step is left out")
+    try:
+        bases = {side_spec(side)[0] for side in ns.sides}
+    except argparse.ArgumentTypeError as err:
+        parser.error(str(err))
 
     if ns._side:  # a child: one side of one work
         work, root, assets = WORKS[ns.work[0]], Path(ns._root), json.loads(ns._assets)
@@ -534,7 +573,7 @@ def main() -> int:
         )
         root = root.absolute()
         root.mkdir(parents=True, exist_ok=True)
-        api = stack.enter_context(prefect_api(root / "prefect", bool({"flow", "async"} & set(ns.sides))))
+        api = stack.enter_context(prefect_api(root / "prefect", bool({"flow", "async"} & bases)))
         rows = []
         for name in ns.work:
             work = WORKS[name]
@@ -543,7 +582,7 @@ def main() -> int:
                 f"{name}: {parameter_count(assets['model']) / 1e6:.2f}M parameters, {asdict(work)}",
                 flush=True,
             )
-            sides = [s for s in ns.sides if s != "plain" or name == "tiny-math" or ns.plain_all]
+            sides = [s for s in ns.sides if side_spec(s)[0] != "plain" or name == "tiny-math" or ns.plain_all]
             runs: dict[str, list[dict]] = {side: [] for side in sides}
             for repeat in range(ns.repeat):
                 # alternate the order, so that no side always meets the machine's quieter moments
