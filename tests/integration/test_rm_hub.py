@@ -513,6 +513,20 @@ def test_pool_keeps_an_affinity_run_on_one_worker_and_fails_only_unsendable_task
         assert pool.stats()["crashes"] == 0
 
 
+def test_a_grader_worker_that_cannot_start_fails_its_tasks_with_the_cause():
+    """A worker that ends before it is ready (as each does when a script without a `__main__` guard
+    starts a campaign at import: Python's forkserver imports the main module again in every worker)
+    fails the pool's tasks with its exit code and the hint, instead of crashing each task twice into
+    a failure reward while replacements die the same way."""
+    with GraderPool(1) as pool:  # the fork server runs: the next pool's workers import their preload
+        pool.submit([("os:getpid", (), 5.0)]).result(timeout=60)
+    with GraderPool(1, preload=("helpers.grader_exits_at_start",)) as pool:
+        future = pool.submit([("os:getpid", (), 5.0)])
+        with pytest.raises(RuntimeError, match=r'(?s)exit code 3.*if __name__ == "__main__"'):
+            future.result(timeout=120)
+        assert pool.stats()["crashes"] == 0
+
+
 def test_uncached_hub_grades_every_sample():
     group = [Sample(index=i, response="\\boxed{1}", label="1") for i in range(4)]
 

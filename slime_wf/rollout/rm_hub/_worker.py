@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import importlib
+import multiprocessing.connection
 import os
 import pickle
 import signal
@@ -20,6 +21,16 @@ from typing import Any
 
 OK, ERROR, TIMEOUT, CRASH = "ok", "error", "timeout", "crash"
 UNREADABLE = "unreadable"  # the chunk's input could not be unpickled here
+READY = "ready"  # a worker's first message
+READY_TIMEOUT_S = (
+    300.0  # a start waits on the fork server and the graders' imports; on a loaded machine, long
+)
+
+
+class WorkerStartError(RuntimeError):
+    """A grader worker ended (or hung) before it was ready to take tasks."""
+
+
 RESULT_FLUSH_S = 0.005
 
 
@@ -108,6 +119,7 @@ def worker_main(conn: Any, slot: Any, owner_pid: int, preload: tuple[str, ...] =
     # The imported graders live as long as the worker: keep them out of the garbage collector's
     # sweeps (which would also copy every page shared with the fork server).
     gc.freeze()
+    conn.send(READY)  # start_worker waits for this: a process that ends before it never took a task
     targets: dict[str, Any] = {}
     while True:
         try:
@@ -170,8 +182,13 @@ class WorkerHandle:
         return None
 
 
-def start_worker(ctx: Any, preload: tuple[str, ...]) -> WorkerHandle:
-    """Start a worker from the multiprocessing context `ctx` (the fork server's)."""
+def start_worker(
+    ctx: Any, preload: tuple[str, ...], ready_timeout_s: float = READY_TIMEOUT_S
+) -> WorkerHandle:
+    """Start a worker from the multiprocessing context `ctx` (the fork server's) and wait until it is
+    ready; raises `WorkerStartError` when it ends or hangs first. A worker that cannot start would die
+    with every task it is given, and so would each replacement: that is an error of the setup, not of
+    the tasks."""
     parent_conn, child_conn = ctx.Pipe(duplex=True)
     slot = ctx.RawArray("d", 2)
     process = ctx.Process(
@@ -179,4 +196,25 @@ def start_worker(ctx: Any, preload: tuple[str, ...]) -> WorkerHandle:
     )
     process.start()
     child_conn.close()
-    return WorkerHandle(process, parent_conn, slot)
+    ready = multiprocessing.connection.wait([parent_conn, process.sentinel], timeout=ready_timeout_s)
+    try:
+        message = parent_conn.recv() if parent_conn in ready else None
+    except (EOFError, OSError):
+        message = None
+    if message == READY:
+        return WorkerHandle(process, parent_conn, slot)
+    parent_conn.close()
+    if not ready:
+        process.kill()
+        process.join()
+        raise WorkerStartError(f"a grader worker process was not ready within {ready_timeout_s:g} s")
+    process.join(10.0)  # its pipe closed or it ended: either way it is ending (the exit code follows)
+    if process.exitcode is None:
+        process.kill()
+        process.join()
+    raise WorkerStartError(
+        f"a grader worker process ended before it was ready (exit code {process.exitcode}); its own error is "
+        "in this process's output above. A common cause: a script that starts the campaign when it is "
+        "imported. Worker processes import the main module again (Python's forkserver start method), so "
+        'a script must run the campaign under `if __name__ == "__main__":`.'
+    )

@@ -232,7 +232,9 @@ class _PoolCore:
             self.starting -= 1
             if future.cancelled() or (self.closed and future.exception() is not None):
                 continue
-            worker = future.result()  # a failed start fails the pool (see _run): nothing would run
+            # a failed start (WorkerStartError) fails the pool and its tasks with the cause (see _run):
+            # every worker would die the same way, and nothing would run
+            worker = future.result()
             if self.closed:
                 worker.process.kill()
                 self.reaping.append(worker.process)
@@ -447,7 +449,7 @@ class _PoolCore:
         for worker in self.workers:
             tasks.extend(worker.inflight.values())
         for task in tasks:
-            self._fail_batch(task.batch, RuntimeError(f"the grader pool failed: {err!r}"))
+            self._fail_batch(task.batch, RuntimeError(f"the grader pool failed: {type(err).__name__}: {err}"))
         self.spawner.shutdown(wait=True, cancel_futures=True)
         self._adopt_born()
         self._shutdown_workers()
