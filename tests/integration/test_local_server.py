@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import subprocess
 import sys
@@ -1142,3 +1143,16 @@ def test_a_first_token_that_fails_to_sample_fails_only_its_request(local_engine,
         assert out["meta_info"]["finish_reason"] == {"type": "length", "length": 5}
         reference.assert_greedy(prompt, out)
     assert local_engine._active_rids == {}
+
+
+def test_the_engine_threads_sleep_between_steps_unless_told_otherwise():
+    """`python -m slime_wf.engine_server` sets OMP_WAIT_POLICY=PASSIVE before torch loads OpenMP (spinning
+    engine threads took the cores of the campaign's other processes), and keeps a value the caller set."""
+    probe = "import os, slime_wf.engine_server.__main__, torch; print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    for given, seen in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        run_env = env if given is None else {**env, "OMP_WAIT_POLICY": given}
+        out = subprocess.run(
+            [sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True
+        )
+        assert out.stdout.strip() == seen
