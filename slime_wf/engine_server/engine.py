@@ -1,8 +1,9 @@
 """The local engine: a continuous-batching scheduler over a transformers causal LM on CPU.
 
 One background thread owns the model. Each iteration it applies control actions (weight swaps,
-pauses), drops aborted requests, prefills newly admitted requests one by one (batch of one, so no
-padded query rows), adds them to the running batch, and runs one batched decode step. Requests
+pauses), drops aborted requests, prefills the newly admitted requests (one forward pass per prompt
+length, each distinct prompt computed once, so no padded query rows), adds them to the running
+batch, and runs one batched decode step. Requests
 finish between steps and leave the batch; callers wait on a `concurrent.futures.Future` that
 resolves to the SGLang-shaped `/generate` response.
 
