@@ -32,6 +32,8 @@ requests run), no input-token log-probs (`logprob_start_len` is accepted and ign
 `sampling_seed` always applies (SGLang needs `--enable-deterministic-inference`), penalties count
 each output token from the next step on (SGLang's `--disable-overlap-schedule` behaviour), and
 OpenAI streams arrive in one piece when the request finishes. `--dtype auto` computes in float32.
+`--num-threads` sets torch's threads; they sleep between steps (`OMP_WAIT_POLICY=PASSIVE`, unless
+the environment sets another policy) rather than spin on cores the campaign's other processes use.
 
 Like SGLang: `--max-queued-requests` bounds the requests waiting for a running slot (no bound by
 default); one more gets HTTP 503 (SGLang's "The request queue is full.") with `Retry-After`, which
