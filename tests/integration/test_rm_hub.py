@@ -513,11 +513,13 @@ def test_pool_keeps_an_affinity_run_on_one_worker_and_fails_only_unsendable_task
         assert pool.stats()["crashes"] == 0
 
 
-def test_a_grader_worker_that_cannot_start_fails_its_tasks_with_the_cause():
-    """A worker that ends before it is ready (as each does when a script without a `__main__` guard
+def test_a_grader_worker_that_cannot_start_fails_its_tasks_with_the_cause(caplog):
+    """Workers that end before they are ready (as each does when a script without a `__main__` guard
     starts a campaign at import: Python's forkserver imports the main module again in every worker)
-    fails the pool's tasks with its exit code and the hint, instead of crashing each task twice into
-    a failure reward while replacements die the same way."""
+    are started again a few times, then fail the pool's tasks with the exit code and the hint, instead
+    of crashing each task twice into a failure reward while replacements die the same way."""
+    from slime_wf.rollout.rm_hub.pool import MAX_START_FAILURES
+
     with GraderPool(1) as pool:  # the fork server runs: the next pool's workers import their preload
         pool.submit([("os:getpid", (), 5.0)]).result(timeout=60)
     with GraderPool(1, preload=("helpers.grader_exits_at_start",)) as pool:
@@ -525,6 +527,8 @@ def test_a_grader_worker_that_cannot_start_fails_its_tasks_with_the_cause():
         with pytest.raises(RuntimeError, match=r'(?s)exit code 3.*if __name__ == "__main__"'):
             future.result(timeout=120)
         assert pool.stats()["crashes"] == 0
+    retried = [r for r in caplog.records if "in a row that failed" in r.getMessage()]
+    assert len(retried) == MAX_START_FAILURES - 1
 
 
 def test_uncached_hub_grades_every_sample():

@@ -22,16 +22,13 @@ from typing import Any
 OK, ERROR, TIMEOUT, CRASH = "ok", "error", "timeout", "crash"
 UNREADABLE = "unreadable"  # the chunk's input could not be unpickled here
 READY = "ready"  # a worker's first message
-READY_TIMEOUT_S = (
-    300.0  # a start waits on the fork server and the graders' imports; on a loaded machine, long
-)
+# a start waits on the fork server and the graders' imports: on a loaded machine, long
+READY_TIMEOUT_S = 300.0
+RESULT_FLUSH_S = 0.005
 
 
 class WorkerStartError(RuntimeError):
     """A grader worker ended (or hung) before it was ready to take tasks."""
-
-
-RESULT_FLUSH_S = 0.005
 
 
 def _resolve_target(target: str) -> Any:

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from multiprocessing.context import ForkServerContext
 from typing import Any
 
-from ._worker import CRASH, ERROR, OK, TIMEOUT, UNREADABLE, WorkerHandle, start_worker
+from ._worker import CRASH, ERROR, OK, TIMEOUT, UNREADABLE, WorkerHandle, WorkerStartError, start_worker
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +57,9 @@ MIN_CHUNK_SECONDS = 0.0025
 WATCH_INTERVAL_S = 0.02
 # A task whose worker died twice while it sat unfinished in the chunk is treated as the cause.
 MAX_CRASH_RETRIES = 2
+# Worker starts in a row that end before the worker is ready: then it is the setup (every start would
+# end so), not a worker killed by bad luck, and the pool fails its tasks with the cause.
+MAX_START_FAILURES = 3
 
 DEFAULT_PRELOAD = ("slime_wf.rollout.rm_hub._preload",)
 
@@ -113,6 +116,7 @@ class _PoolCore:
         self.reaping: list[Any] = []  # killed worker processes not yet reaped
         self.spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="rm-grader-spawn")
         self.starting = 0  # worker starts in progress
+        self.start_failures = 0  # starts in a row that ended before the worker was ready
         self.born: list[concurrent.futures.Future] = []  # finished starts, for the pool thread
         self.closed = False  # no new tasks
         self.released = False  # workers stopped, descriptors closed
@@ -232,9 +236,21 @@ class _PoolCore:
             self.starting -= 1
             if future.cancelled() or (self.closed and future.exception() is not None):
                 continue
-            # a failed start (WorkerStartError) fails the pool and its tasks with the cause (see _run):
-            # every worker would die the same way, and nothing would run
+            failure = future.exception()
+            if isinstance(failure, WorkerStartError):
+                self.start_failures += 1
+                if self.start_failures < MAX_START_FAILURES:
+                    logger.warning(
+                        "%s (start %d of %d in a row that failed)",
+                        failure,
+                        self.start_failures,
+                        MAX_START_FAILURES,
+                    )
+                    continue  # _dispatch asks for another while tasks wait
+            # a start that keeps failing, or any other error, fails the pool and its tasks with the cause
+            # (see _run): every worker would die the same way, and nothing would run
             worker = future.result()
+            self.start_failures = 0
             if self.closed:
                 worker.process.kill()
                 self.reaping.append(worker.process)
