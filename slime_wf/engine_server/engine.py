@@ -3,9 +3,8 @@
 One background thread owns the model. Each iteration it applies control actions (weight swaps,
 pauses), drops aborted requests, prefills the newly admitted requests (one forward pass per prompt
 length, each distinct prompt computed once, so no padded query rows), adds them to the running
-batch, and runs one batched decode step. Requests
-finish between steps and leave the batch; callers wait on a `concurrent.futures.Future` that
-resolves to the SGLang-shaped `/generate` response.
+batch, and runs one batched decode step. Requests finish between steps and leave the batch; callers
+wait on a `concurrent.futures.Future` that resolves to the SGLang-shaped `/generate` response.
 
 Faults stay with the request that caused them: a request whose prefill raises is answered with
 an error and the others are prefilled; when a batched decode step raises, the KV cache is put
@@ -431,11 +430,11 @@ class LocalEngine:
                 prefilled = self._prefill_shared(group)
             except Exception:
                 prefilled = [(active, self._prefill_alone(active)) for active in group]
-            for active, cache_row in prefilled:
-                if cache_row is None:
+            for active, row in prefilled:  # row: (cache, its row), or None
+                if row is None:
                     self._leave_admitting([active])
                 else:
-                    rows.append(cache_row)
+                    rows.append(row)
                     joined.append(active)
         if joined:
             self._kv.add(rows)

@@ -236,7 +236,10 @@ class BatchKV:
                 runs[-1][1].append(row)
             else:
                 runs.append((cache, [row]))
-        lengths = torch.tensor([_row_layers(cache)[0].get_seq_length() for cache, _ in rows])
+        # per run, once for every layer: its rows' index and its length (one cache, one length)
+        indexes = [torch.tensor(picked) for _, picked in runs]
+        run_lengths = [_row_layers(cache)[0].get_seq_length() for cache, _ in runs]
+        lengths = torch.tensor([n for n, (_, picked) in zip(run_lengths, runs, strict=True) for _ in picked])
         old_rows, old_width = self.rows, self.width
         width = max(old_width, int(lengths.max()))
         new_rows = old_rows + len(rows)
@@ -255,9 +258,8 @@ class BatchKV:
                 k_buf[:old_rows, :, width - old_width : width] = old_keys
                 v_buf[:old_rows, :, width - old_width : width] = old_values
             at = old_rows
-            for cache, picked in runs:
+            for (cache, picked), index, n in zip(runs, indexes, run_lengths, strict=True):
                 keys, values = _row_layers(cache)[li].kv()
-                index, n = torch.tensor(picked), keys.shape[2]
                 k_buf[at : at + len(picked), :, width - n : width] = keys.index_select(0, index)
                 v_buf[at : at + len(picked), :, width - n : width] = values.index_select(0, index)
                 at += len(picked)
