@@ -98,6 +98,30 @@ def _two_sample_batch():
     return packed, tokens, [3, 4], [1, 2]
 
 
+def test_the_default_chunks_on_cpu_are_cache_sized_and_agree_with_autograd():
+    from slime_wf.training.objectives.logprobs import auto_chunk_rows, gather_log_probs_and_entropy
+
+    vocab = 5400
+    assert auto_chunk_rows(vocab, torch.device("cpu")) == (1 << 18) // vocab  # 48 rows: about 1 MB
+    assert auto_chunk_rows(vocab, torch.device("cuda")) == (1 << 26) // vocab
+    assert auto_chunk_rows(200_000, torch.device("cpu")) == 16
+    torch.manual_seed(0)
+    logits = (torch.randn(130, vocab) * 3).requires_grad_()  # three chunks of 48 rows, the last short
+    whole, ref = (logits.detach().clone().requires_grad_() for _ in range(2))
+    targets = torch.randint(0, vocab, (130,))
+    weights = torch.randn(130)
+    lp, ent = gather_log_probs_and_entropy(logits, targets, temperature=0.8)
+    lp_whole, ent_whole = gather_log_probs_and_entropy(whole, targets, temperature=0.8, chunk_size=130)
+    lsm = torch.log_softmax(ref / 0.8, dim=-1)
+    lp_ref, ent_ref = lsm[torch.arange(130), targets], -(lsm.exp() * lsm).sum(-1)
+    assert torch.allclose(lp, lp_ref, atol=1e-5) and torch.allclose(ent, ent_ref, atol=1e-4)
+    for a, b in ((lp, ent), (lp_whole, ent_whole), (lp_ref, ent_ref)):
+        ((a * weights).sum() + (b * weights.flip(0)).sum()).backward()
+    assert torch.equal(logits.grad, whole.grad)  # chunks change nothing
+    # the closed form against autograd through log_softmax: float32 rounding, gradients up to ~4
+    assert torch.allclose(logits.grad, ref.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_response_slicing_packed_padded_and_chunked_agree_with_hand_alignment():
     packed, tokens, total, resp = _two_sample_batch()
     rows = packed.tolist()
