@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from slime_wf.checkpoint.dtypes import torch_dtype
 from slime_wf.checkpoint.layout import hf_quantization_config, is_hf_checkpoint, refuse_megatron_checkpoint
+from slime_wf.heap import keep_freed_memory, trim_if_grown
 from slime_wf.training import cpu_shim
 from slime_wf.training.batching import items_from_samples
 from slime_wf.training.checkpointing import (
@@ -170,6 +171,8 @@ class Trainer:
         check_tp_size(describe_hf_config(self.hf_checkpoint_dir), tp)  # before any process group exists
         self.dtype = params_dtype(self.args)
         cpu_shim.check_trainable(self.dtype, use_distributed_optimizer=False)
+        if cpu_shim.is_active():
+            keep_freed_memory()  # a step reuses the pages of the step before (slime_wf.heap)
         try:
             self.info = init_parallel(tp, seed=self.args.seed)
         except BaseException:
@@ -281,6 +284,7 @@ class Trainer:
             self.step += err.applied_steps
             self.consecutive_skipped_steps = err.consecutive
             raise
+        trim_if_grown()  # bounds the heap that keep_freed_memory keeps (slime_wf.heap)
         self.step += int(metrics["applied_steps"])
         self.consecutive_skipped_steps = int(metrics["consecutive_skipped_steps"])
         self.rollout_id = int(rollout_id)
