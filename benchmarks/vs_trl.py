@@ -33,7 +33,8 @@ Sides, each in its own process (`--sides`):
 
 A slime-wf side may carry config overrides, to measure a setting against its baseline in one run:
 `plain@rollout.sglang_server_concurrency=64` is the plain loop with that value (YAML, as in the
-campaign file; several joined by `,`). Goals are judged for sides without overrides.
+campaign file; several joined by `,`); the section `env` sets the side's environment instead:
+`flow@env.SLIME_WF_KEEP_FREED_MEMORY=0`. Goals are judged for sides without overrides.
 
     .venv/bin/python benchmarks/vs_trl.py --work tiny-math --repeat 2 \
         --sides trl plain plain@rollout.sglang_server_concurrency=64
@@ -361,7 +362,8 @@ def run_slime(side: str, work: Work, assets: dict[str, str], root: Path, steps: 
     name = f"vs-trl-{work.name}-{side}-{time.strftime('%H%M%S')}"
     cfg = campaign_dict(work, assets, root, name, steps, seed, train_async=side == "async")
     for section, values in overrides.items():
-        cfg.setdefault(section, {}).update(values)
+        if section != "env":  # the side's environment (run_side)
+            cfg.setdefault(section, {}).update(values)
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     if side in ("flow", "async"):
@@ -399,6 +401,7 @@ def run_side(
     """One side of one work in a fresh process (threads, caches and memory of its own)."""
     out = root / f"{work.name}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', side)}.json"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "benchmarks"), str(ROOT)]))
+    env.update({k: str(v) for k, v in side_spec(side)[1].get("env", {}).items()})
     env.update(OMP_NUM_THREADS=str(THREADS), DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
     env.update(TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
     if api:

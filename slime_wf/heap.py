@@ -5,11 +5,11 @@ activations and theirs) and frees them when it ends. glibc's malloc serves every
 mmap threshold (32 MB at most) with a fresh `mmap` and gives it back with `munmap` on free, and
 gives the heap's free top back once it exceeds twice that threshold; so every step faults in the
 pages of its tensors anew. At the 12m work of `benchmarks/vs_trl.py` (64 samples of 148 tokens,
-vocabulary 5400): 265,000-430,000 page faults and 1.5-3 CPU seconds in the kernel per train step.
+vocabulary 5400): 265,000-550,000 page faults and 1.2-3.1 CPU seconds in the kernel per train step.
 
 `keep_freed_memory()` tells malloc (`mallopt`) to serve every block from the heap, which reuses
 freed blocks, and not to trim the heap's top: a few page faults and 0.2-0.4 kernel seconds per step
-there, the step 4.6-4.8 s instead of 5.3-7.3 s. The process's resident memory then stays at its peak
+there, the step 4.4-4.8 s instead of 5.3-7.3 s. The process's resident memory then stays at its peak
 between steps instead of falling back.
 
 A heap can grow where a small block that lives on lands right after a large freed one: the next
@@ -72,7 +72,7 @@ def keep_freed_memory() -> bool:
         return False
     if platform.libc_ver()[0] != "glibc":
         return False
-    mallopt = ctypes.CDLL(None).mallopt
+    mallopt = _libc().mallopt
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success; both settings apply to blocks allocated from now on
     global _kept
@@ -92,7 +92,7 @@ def trim_if_grown() -> bool:
         return False
     if resident <= _GROWTH * _mark:
         return False
-    ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
+    _libc().malloc_trim(ctypes.c_size_t(0))
     logger.info(
         "resident memory %d MB grew past %.2f x %d MB: free heap pages given back",
         resident >> 20,
@@ -101,6 +101,10 @@ def trim_if_grown() -> bool:
     )
     _mark = None  # set again after the next step, at that step's peak
     return True
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None)  # the C library this process runs on
 
 
 def _resident_bytes() -> int:
