@@ -56,7 +56,7 @@ _MALLOC_ENV = (
 
 def environment_chose() -> str | None:
     """The variable through which the environment set glibc's malloc or turned this off, if any."""
-    if os.environ.get("SLIME_WF_KEEP_FREED_MEMORY", "1").strip() in ("0", "false", "no"):
+    if os.environ.get("SLIME_WF_KEEP_FREED_MEMORY", "1").strip().lower() in ("0", "false", "no", "off"):
         return "SLIME_WF_KEEP_FREED_MEMORY"
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return "GLIBC_TUNABLES"

@@ -72,6 +72,7 @@ def test_a_step_reuses_the_pages_of_the_step_before():
     "env, chosen",
     [
         ({"SLIME_WF_KEEP_FREED_MEMORY": "0"}, "SLIME_WF_KEEP_FREED_MEMORY"),
+        ({"SLIME_WF_KEEP_FREED_MEMORY": "False"}, "SLIME_WF_KEEP_FREED_MEMORY"),
         ({"GLIBC_TUNABLES": "glibc.malloc.perturb=0"}, "GLIBC_TUNABLES"),
         ({"MALLOC_ARENA_MAX": "2"}, "MALLOC_ARENA_MAX"),
     ],
