@@ -83,11 +83,6 @@ def _forward(model, batch: PaddedBatch) -> torch.Tensor:
     return forward_logits(model, batch.input_ids, batch.attention_mask, batch.position_ids)
 
 
-def _chunk_size(args: Any) -> int | None:
-    chunk = getattr(args, "log_probs_chunk_size", -1)
-    return chunk if chunk and chunk > 0 else None
-
-
 @torch.no_grad()
 def _score(model, micro_batches: Sequence[PaddedBatch], key: str, per_response) -> None:
     """Store `per_response(output, micro_batch)` (one `[response_length]` tensor per sample) of
@@ -113,7 +108,7 @@ def score_log_probs(model, micro_batches: Sequence[PaddedBatch], args: Any, key:
             [it.response_length for it in mb.items],
             temperature=args.rollout_temperature,
             with_entropy=False,
-            chunk_size=_chunk_size(args),
+            chunk_size=getattr(args, "log_probs_chunk_size", -1),
             layout="padded",
         )[0]
 

@@ -134,7 +134,7 @@ def gather_log_probs_and_entropy(
     """Row-aligned: `logits[i]` ([N, V]) scores `targets[i]` ([N]).
 
     Returns float32 `(log_probs [N], entropy [N] or None)`. Rows are processed `chunk_size` at a
-    time (default: `auto_chunk_rows`); backward keeps only `logits` and
+    time (None, 0 or negative: `auto_chunk_rows`); backward keeps only `logits` and
     recomputes each chunk, so no [N, V] float32 copy outlives a chunk. `entropy_grad=False`
     returns the entropy detached (a metric only). Double backward is not supported.
     """

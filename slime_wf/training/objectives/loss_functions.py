@@ -100,7 +100,6 @@ def compute_policy_outputs(
         tokens = batch.get("unconcat_tokens", batch.get("tokens"))
         if tokens is None:
             raise KeyError("batch needs 'tokens' (prompt + response per sample) to score logits")
-        chunk = getattr(args, "log_probs_chunk_size", -1)
         log_probs, entropy = response_log_probs_and_entropy(
             logits,
             per_sample_tokens(tokens, total_lengths),
@@ -109,7 +108,7 @@ def compute_policy_outputs(
             temperature=getattr(args, "rollout_temperature", 1.0),
             with_entropy=with_entropy,
             entropy_grad=entropy_grad,
-            chunk_size=chunk if chunk and chunk > 0 else None,
+            chunk_size=getattr(args, "log_probs_chunk_size", -1),
             layout=batch.get("layout"),
         )
         return PolicyOutputs(log_probs, entropy)
