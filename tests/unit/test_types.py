@@ -136,7 +136,9 @@ def test_clone_is_a_deep_copy():
     clone.metadata["tags"].add("y")
     clone.metadata["pair"][0].append(5)
     clone.spec_info.spec_verify_ct += 1
+    clone.prefix_cache_info.add({"cached_tokens": 2, "prompt_tokens": 3})
     assert original.prompt[0]["content"] == "2+2?" and original.tokens == [1, 2, 3]
     assert original.metadata == {"nested": {"a": [1, {"b": 2}]}, "tags": {"x"}, "pair": ([1], 2)}
     assert original.spec_info == Sample().spec_info
+    assert original.prefix_cache_info == Sample().prefix_cache_info
     assert original.status is clone.status
