@@ -256,6 +256,12 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
             [{"group_index": rid, "index": 0, "prompt": "2+2?", "response": "4 | `x`", "reward": 1.0}],
         )
 
+    def summary_artifacts() -> list:
+        with get_client(sync_client=True) as client:
+            return client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["pub-test-summary"]))
+            )
+
     @flow(name="artifact-publisher")
     def publish() -> str:
         with ArtifactPublisher("Pub Test") as artifacts:  # the default sender: Prefect's API
@@ -264,9 +270,17 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
             for rid in (1, 2):
                 artifacts.rollout(rid, metrics(rid))
                 artifacts.progress(rid + 1, 3)
+                if rid == 1:  # the summary exists before id 2's goes: that one is an update in place
+                    wait_until(lambda: summary_artifacts(), what="the first summary artifact")
             counts = artifacts.close(timeout_s=60)
         assert counts["failed"] == counts["unsent"] == 0, counts
         return str(get_run_context().flow_run.id)
+
+    def events(client, name: str, resource: str | None = None) -> list[dict]:
+        body: dict = {"filter": {"event": {"name": [name]}}}
+        if resource is not None:
+            body["filter"]["any_resource"] = {"id": [resource]}
+        return client.request("POST", "/events/filter", json={**body, "limit": 50}).json()["events"]
 
     with temporary_settings({PREFECT_API_URL: prefect_server}):
         flow_run_id = publish()
@@ -275,6 +289,15 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
             found = client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="pub-test-"))
             )
+            # the run's events reach the store in the order they were sent: its end comes after them all
+            wait_until(
+                lambda: events(client, "prefect.flow-run.Completed", f"prefect.flow-run.{flow_run_id}"),
+                what="the flow run's Completed event in the server's event store",
+            )
+            run = f"prefect.flow-run.{flow_run_id}"
+            created = events(client, "prefect.artifact.created", run)
+            # an update in place is no event carrying the whole new table (the store keeps every one)
+            updated = events(client, "prefect.artifact.updated", run)
     by_key = defaultdict(list)
     for artifact in sorted(found, key=lambda a: a.created):
         by_key[artifact.key].append(artifact)
@@ -299,3 +322,5 @@ def test_artifacts_reach_the_prefect_api_attached_to_the_flow_run(prefect_server
     assert by_key["pub-test-curves"][0].data.startswith("## Pub Test: curves by rollout id")
     assert "```text\n4 | `x`\n```" in by_key["pub-test-rollout-000002-samples"][0].data
     assert by_key["pub-test-progress"][0].data == 100.0
+    assert {e["resource"]["prefect.resource.name"] for e in created} >= set(by_key)
+    assert updated == []
