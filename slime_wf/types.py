@@ -62,7 +62,7 @@ def _copied(value: Any) -> Any:
     if kind is dict:
         return {k: _copied(v) for k, v in value.items()}
     if kind in _COUNTERS:  # numbers only: a shallow copy is a deep one, at a tenth of deepcopy's cost
-        counters = kind.__new__(kind)
+        counters = object.__new__(kind)
         counters.__dict__.update(value.__dict__)
         return counters
     return copy.deepcopy(value)
