@@ -265,6 +265,14 @@ class EngineConfig(Section):
         "half of that, and a trainer on CPU gets the cores the engines leave (rollout and training run at "
         "the same time: more threads than cores slow both).",
     )
+    local_engine_min_gflop_per_thread: float = Field(
+        0.5,
+        ge=0,
+        description="A local engine's forward pass gets one of its threads per this many GFLOP of arithmetic "
+        "(2 x the parameters each of its tokens goes through), at least one: its threads sleep between kernels, and "
+        "waking them costs more than a small pass gains (a 1.2M-parameter decode of 64 rows runs faster on one "
+        "thread). 0: every pass gets all of local_engine_threads.",
+    )
     engine_startup_timeout: float = Field(
         300.0, gt=0, description="Seconds an engine may take to become healthy."
     )

@@ -3,6 +3,7 @@
     python -m slime_wf.engine_server --model-path DIR [--host H] [--port P]
         [--dtype auto|float32|bfloat16] [--max-running-requests N] [--max-queued-requests N]
         [--api-key KEY] [--admin-api-key KEY] [--config FILE.yaml] [--num-threads N]
+        [--min-gflop-per-thread G]
 
 A separate program: the engine fleet (`rollout/engines.py`) starts it by module name, as it starts
 `sglang.launch_server`, and talks to it only over HTTP, so the rollout client has one code path for
@@ -34,6 +35,8 @@ each output token from the next step on (SGLang's `--disable-overlap-schedule` b
 OpenAI streams arrive in one piece when the request finishes. `--dtype auto` computes in float32.
 `--num-threads` sets torch's threads; they sleep between steps (`OMP_WAIT_POLICY=PASSIVE`, unless
 the environment sets another policy) rather than spin on cores the campaign's other processes use.
+Waking them costs more than a small forward pass gains, so a pass gets one thread per
+`--min-gflop-per-thread` (default 0.5) of its arithmetic, at least one (0: always all of them).
 
 Like SGLang: `--max-queued-requests` bounds the requests waiting for a running slot (no bound by
 default); one more gets HTTP 503 (SGLang's "The request queue is full.") with `Retry-After`, which

@@ -92,6 +92,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--num-threads", type=int, default=None, help="torch intra-op threads (default: torch's)"
     )
+    parser.add_argument(
+        "--min-gflop-per-thread",
+        type=float,
+        default=0.5,
+        help="a forward pass gets one of the --num-threads per this many GFLOP of its arithmetic, at least one: "
+        "waking sleeping threads costs more than a small pass gains from them (0: always all)",
+    )
     parser.add_argument("--weight-version", default="default", help="initial weight_version reported")
     parser.add_argument("--log-level", default="info")
     parser.add_argument(
@@ -122,6 +129,8 @@ def check_args(args: argparse.Namespace) -> None:
     """Refuse settings that cannot work or would open the engine to the network; the message says what to do."""
     if args.max_running_requests < 1:
         raise SystemExit("--max-running-requests must be at least 1")
+    if args.min_gflop_per_thread < 0:
+        raise SystemExit("--min-gflop-per-thread must be 0 or more (0: every forward pass gets all threads)")
     if args.max_queued_requests is not None and args.max_queued_requests < 1:
         raise SystemExit("--max-queued-requests must be at least 1 (leave it out for no bound)")
     if not (args.api_key or args.admin_api_key) and not is_loopback(args.host):

@@ -3,7 +3,8 @@
 One background thread owns the model. Each iteration it applies control actions (weight swaps,
 pauses), drops aborted requests, prefills the newly admitted requests (one forward pass per prompt
 length, each distinct prompt computed once, so no padded query rows), adds them to the running
-batch, and runs one batched decode step. Requests finish between steps and leave the batch; callers
+batch, and runs one batched decode step. A forward pass runs on as many of torch's threads as its
+arithmetic is worth (`model.ThreadBudget`: a small decode on one). Requests finish between steps and leave the batch; callers
 wait on a `concurrent.futures.Future` that resolves to the SGLang-shaped `/generate` response.
 
 Faults stay with the request that caused them: a request whose prefill raises is answered with
@@ -48,6 +49,7 @@ import torch
 
 from slime_wf.engine_server.model import (
     BatchKV,
+    ThreadBudget,
     check_state_dict,
     copy_weights_,
     load_model,
@@ -92,8 +94,10 @@ class LocalEngine:
         max_running_requests: int = 64,
         weight_version: str = "default",
         max_queued_requests: int | None = None,
+        min_gflop_per_thread: float = 0.5,
     ):
         self.model_path = str(model_path)
+        self.min_gflop_per_thread = min_gflop_per_thread
         self.tokenizer_path = str(tokenizer_path or model_path)
         self.dtype = dtype
         self.max_running_requests = max_running_requests
@@ -153,6 +157,9 @@ class LocalEngine:
             pass  # no generation_config.json
         self.eos_token_ids = eos
         self._kv = BatchKV(self.num_layers)
+        # read on this thread, which runs every forward pass: torch's thread count is the server's --num-threads
+        self._budget = ThreadBudget(model, torch.get_num_threads(), self.min_gflop_per_thread)
+        self._threads_now = self._budget.max_threads
         logger.info(
             "model ready: vocab %d, context %d, eos %s", self.vocab_size, self.context_length, sorted(eos)
         )
@@ -341,6 +348,8 @@ class LocalEngine:
                     # fault outside any one request: answer every request in flight and go on.
                     logger.error("engine step failed: %s\n%s", err, traceback.format_exc())
                     self._fail_all(f"engine error: {type(err).__name__}: {err}")
+        # torch's thread count is process-wide: leave it as found, for a host that runs the engine in-process
+        torch.set_num_threads(self._budget.max_threads)
         self._answer_leftovers()
 
     def _answer_leftovers(self) -> None:
@@ -452,6 +461,15 @@ class LocalEngine:
             active.stop_tail = max(len(s) for s in req.params.stop) + 2
         return False
 
+    def _forward(self, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+        """The model's forward pass over `input_ids`, on the threads its size is worth (`ThreadBudget`)."""
+        assert self.model is not None  # the scheduler thread steps only after _load succeeded
+        threads = self._budget.threads(input_ids.numel())
+        if threads != self._threads_now:
+            torch.set_num_threads(threads)
+            self._threads_now = threads
+        return self.model(input_ids=input_ids, **kwargs)
+
     def _prefill_shared(self, group: list[_Active]) -> list[tuple[_Active, Any]]:
         """One forward pass over the distinct prompts of `group` (all of one length); each request's first
         token, and its row of the shared cache (`(cache, row)`) or None when it already finished.
@@ -463,7 +481,7 @@ class LocalEngine:
         for active in group:
             rows.setdefault(tuple(active.req.input_ids), len(rows))
         cache = new_cache(self.num_layers)
-        out = self.model(input_ids=torch.tensor(list(rows)), cache=cache, use_cache=True, logits_to_keep=1)
+        out = self._forward(torch.tensor(list(rows)), cache=cache, use_cache=True, logits_to_keep=1)
         last = out.logits[:, -1, :].float()
         row_of = [rows[tuple(active.req.input_ids)] for active in group]
         failed: set[int] = set()
@@ -502,9 +520,7 @@ class LocalEngine:
         req = active.req
         assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
-        out = self.model(
-            input_ids=torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1
-        )
+        out = self._forward(torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
         self._append_tokens([active], out.logits[:, -1, :].float())
         return None if self._check_finished_safely(active) else (cache, 0)
 
@@ -514,8 +530,8 @@ class LocalEngine:
         try:
             mask, positions = self._kv.step_inputs()
             input_ids = torch.tensor([[a.output_ids[-1]] for a in self._batch])
-            out = self.model(
-                input_ids=input_ids,
+            out = self._forward(
+                input_ids,
                 attention_mask=mask,
                 position_ids=positions,
                 cache=self._kv.cache,
@@ -546,8 +562,8 @@ class LocalEngine:
         for row, active in enumerate(self._batch):
             try:
                 cache, length = self._kv.row_cache(row)
-                out = self.model(
-                    input_ids=torch.tensor([[active.output_ids[-1]]]),
+                out = self._forward(
+                    torch.tensor([[active.output_ids[-1]]]),
                     position_ids=torch.tensor([[length]]),
                     cache=cache,
                     use_cache=True,

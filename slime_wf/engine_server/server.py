@@ -320,6 +320,7 @@ async def server_info(request: web.Request) -> web.Response:
             "max_queued_requests": engine.max_queued_requests,
             "max_context_length": getattr(engine, "context_length", None),
             "num_threads": args.num_threads,
+            "min_gflop_per_thread": args.min_gflop_per_thread,
             "engine": "slime_wf.engine_server",
             "version": "local",
             "internal_states": [
@@ -397,6 +398,7 @@ def main(argv: list[str] | None = None) -> None:
         max_running_requests=args.max_running_requests,
         max_queued_requests=args.max_queued_requests,
         weight_version=args.weight_version,
+        min_gflop_per_thread=args.min_gflop_per_thread,
     )
     engine.start()
     app = build_app(engine, args)

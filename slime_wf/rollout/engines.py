@@ -195,6 +195,8 @@ class EngineFleet:
                 a.local_engine_dtype,
                 "--num-threads",
                 str(threads),
+                "--min-gflop-per-thread",
+                str(a.local_engine_min_gflop_per_thread),
                 "--weight-version",
                 self.weight_version,
                 "--parent-pid",

@@ -1156,3 +1156,41 @@ def test_the_engine_threads_sleep_between_steps_unless_told_otherwise():
             [sys.executable, "-c", probe], env=run_env, capture_output=True, text=True, check=True
         )
         assert out.stdout.strip() == seen
+
+
+def test_a_forward_pass_gets_the_threads_its_size_is_worth(served_model):
+    """A prompt's prefill of 16 tokens gets both threads where 8 tokens' arithmetic earns one, a one-token
+    decode step gets one; `min_gflop_per_thread` 0 gives every pass all threads; the engine leaves torch's
+    process-wide thread count as it found it."""
+    from slime_wf.engine_server.engine import LocalEngine
+    from slime_wf.engine_server.model import ThreadBudget, load_model
+    from slime_wf.engine_server.sampling import Request, SamplingParams
+
+    flop_per_token = ThreadBudget(load_model(served_model, torch.float32), 2, 0).flop_per_token
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for min_gflop, expected in ((flop_per_token * 8 / 1e9, [2, 1, 1]), (0.0, [2, 2, 2])):
+            engine = LocalEngine(str(served_model), min_gflop_per_thread=min_gflop)
+            engine.start()
+            try:
+                assert engine.ready.wait(60) and engine.load_error is None
+                assert engine.model is not None
+                seen: list[tuple[int, int]] = []  # (tokens, threads) per forward pass
+
+                def record(_module, _args, kwargs, seen=seen):
+                    seen.append((kwargs["input_ids"].numel(), torch.get_num_threads()))
+
+                engine.model.register_forward_pre_hook(record, with_kwargs=True)
+                params = SamplingParams.from_request(
+                    {"max_new_tokens": 3, "temperature": 0, "ignore_eos": True}, engine.vocab_size
+                )
+                req = Request(rid="threads", input_ids=prompt_of(16, seed=5), params=params)
+                engine.submit(req).result(timeout=REQUEST_TIMEOUT)
+            finally:
+                engine.shutdown()
+            assert [tokens for tokens, _ in seen] == [16, 1, 1]
+            assert [threads for _, threads in seen] == expected, min_gflop
+            assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
