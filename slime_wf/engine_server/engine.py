@@ -4,8 +4,9 @@ One background thread owns the model. Each iteration it applies control actions 
 pauses), drops aborted requests, prefills the newly admitted requests (one forward pass per prompt
 length, each distinct prompt computed once, so no padded query rows), adds them to the running
 batch, and runs one batched decode step. A forward pass runs on as many of torch's threads as its
-arithmetic is worth (`model.ThreadBudget`: a small decode on one). Requests finish between steps and leave the batch; callers
-wait on a `concurrent.futures.Future` that resolves to the SGLang-shaped `/generate` response.
+arithmetic is worth (`model.ThreadBudget`: a small decode on one). Requests finish between steps
+and leave the batch; callers wait on a `concurrent.futures.Future` that resolves to the
+SGLang-shaped `/generate` response.
 
 Faults stay with the request that caused them: a request whose prefill raises is answered with
 an error and the others are prefilled; when a batched decode step raises, the KV cache is put
