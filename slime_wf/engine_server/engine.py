@@ -477,7 +477,6 @@ class LocalEngine:
 
         The first tokens are sampled in one call; when that fails, each request samples on its own, so
         that only one that fails again is answered with an error."""
-        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         rows: dict[tuple[int, ...], int] = {}
         for active in group:
             rows.setdefault(tuple(active.req.input_ids), len(rows))
@@ -519,14 +518,12 @@ class LocalEngine:
         """The request's first token; returns its single-row cache as `(cache, 0)`, or None when it already
         finished."""
         req = active.req
-        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         cache = new_cache(self.num_layers)
         out = self._forward(torch.tensor([req.input_ids]), cache=cache, use_cache=True, logits_to_keep=1)
         self._append_tokens([active], out.logits[:, -1, :].float())
         return None if self._check_finished_safely(active) else (cache, 0)
 
     def _decode_step(self) -> None:
-        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         snapshot = self._kv.snapshot()
         try:
             mask, positions = self._kv.step_inputs()
@@ -558,7 +555,6 @@ class LocalEngine:
     def _decode_rows_alone(self) -> None:
         """One decode step per row, each on a copy of its own cache: a row that fails again is answered
         with an error, the others take their step and form a new batch."""
-        assert self.model is not None  # the scheduler thread steps only after _load succeeded
         rows, survivors = [], []
         for row, active in enumerate(self._batch):
             try:
